@@ -1,0 +1,1 @@
+"""The `clipcoco` command-line tool: thin typer wrappers over the library functions."""

@@ -1,0 +1,62 @@
+"""`clipcoco`: the typer app. Each command lives in its own module as a thin wrapper over one
+library function; this module only assembles them and turns a `UserError` into a short message.
+"""
+
+import os
+import sys
+
+import typer
+
+from cli import bench, demo, embed_text, evaluate, plot, search, shards, train
+from pipeline import __version__
+from pipeline.errors import UserError
+
+app = typer.Typer(
+    name="clipcoco",
+    help=(
+        "Train and evaluate a CLIP (ResNet image tower + frozen, cached DistilBERT text tower) on COCO "
+        "Captions.\n\n"
+        "Pipeline: [bold]shards[/] -> [bold]embed-text[/] -> [bold]train[/] -> [bold]eval[/]. "
+        "Try [bold]clipcoco demo[/] first: the whole pipeline on generated data, offline, on a CPU."
+    ),
+    rich_markup_mode="rich",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+    add_completion=False,
+)
+
+app.command("shards", no_args_is_help=True)(shards.command)
+app.command("embed-text", no_args_is_help=True)(embed_text.command)
+app.command("train", no_args_is_help=True)(train.command)
+app.command("eval", no_args_is_help=True)(evaluate.command)
+app.command("search", no_args_is_help=True)(search.command)
+app.command("plot", no_args_is_help=True)(plot.command)
+app.add_typer(bench.app, name="bench")
+app.command("demo")(demo.command)
+
+_debug = {"on": os.environ.get("CLIPCOCO_DEBUG", "") not in ("", "0")}
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"clipcoco {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    debug: bool = typer.Option(False, "--debug", help="Show the full traceback of a user error too."),
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+) -> None:
+    if debug:
+        _debug["on"] = True
+
+
+def main() -> None:
+    try:
+        app(prog_name="clipcoco")
+    except UserError as err:
+        if _debug["on"]:
+            raise
+        typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
+        sys.exit(2)

@@ -1,0 +1,1 @@
+"""clipcoco model side: config, model, loss, training loop, evaluation."""

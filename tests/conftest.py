@@ -1,0 +1,57 @@
+"""Shared fixtures: tiny generated COCO-layout data, the bundled coco-mini, the gpu marker."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+COCO_MINI = Path(__file__).resolve().parents[1].parent / "shared" / "coco-mini"
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+def write_coco(root: Path, n_images: int = 12, *, captions_per_image: int = 5, size=(64, 48), seed: int = 0,
+               first_id: int = 1) -> tuple[Path, Path]:
+    """Write `n_images` random JPEGs and an official-layout captions JSON; returns (annotations, images)."""
+    rng = np.random.default_rng(seed)
+    images_dir = root / "images"
+    images_dir.mkdir(parents=True, exist_ok=True)
+    images, annotations = [], []
+    ann_id = 1000
+    for i in range(n_images):
+        image_id = first_id + i
+        name = f"{image_id:012d}.jpg"
+        pixels = rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(images_dir / name, quality=90)
+        images.append({"id": image_id, "file_name": name, "width": size[0], "height": size[1]})
+        for c in range(captions_per_image):
+            annotations.append({"id": ann_id, "image_id": image_id, "caption": f"image {image_id} caption {c}"})
+            ann_id += 1
+    ann_file = root / "captions.json"
+    ann_file.write_text(json.dumps({"info": {}, "licenses": [], "images": images, "annotations": annotations}))
+    return ann_file, images_dir
+
+
+@pytest.fixture
+def tiny_coco(tmp_path):
+    """(annotations JSON, images dir) of 12 random 64x48 JPEGs with 5 captions each."""
+    return write_coco(tmp_path / "coco")
+
+
+@pytest.fixture(scope="session")
+def coco_mini() -> Path:
+    """The bundled 159-image COCO 2017 subset (../shared/coco-mini); skips when absent."""
+    if not (COCO_MINI / "annotations" / "captions_val2017.json").is_file():
+        pytest.skip(f"coco-mini not found at {COCO_MINI}")
+    return COCO_MINI

@@ -1,0 +1,87 @@
+"""The CLIP model: a torchvision ResNet image tower and two projection heads into one shared space.
+
+Inputs: images [B, 3, S, S] (ImageNet-normalised) and cached text vectors [N, text_dim] from the text
+cache; the text model itself is never loaded here, its output was computed once by `clipcoco embed-text`.
+Output: L2-normalised embeddings [B, E] and [N, E], and the learned logit scale.
+Used by `clipcoco train`, `clipcoco eval` and `clipcoco search` (through `clip.checkpoint`).
+"""
+
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import Tensor, nn
+
+from clip.config import ModelConfig
+from pipeline.errors import UserError
+
+
+def _head(in_dim: int, out_dim: int, kind: str) -> nn.Module:
+    if kind == "linear":
+        return nn.Linear(in_dim, out_dim)
+    # One hidden layer of the input's width: enough to reshape a frozen text space, cheap next to a ResNet.
+    return nn.Sequential(nn.Linear(in_dim, in_dim), nn.GELU(), nn.Linear(in_dim, out_dim))
+
+
+class CLIP(nn.Module):
+    def __init__(self, cfg: ModelConfig, text_dim: int) -> None:
+        super().__init__()
+        trunk = getattr(torchvision.models, cfg.image_model)(weights=None)
+        feat_dim = trunk.fc.in_features  # 512 (resnet18/34) or 2048 (resnet50/101)
+        trunk.fc = nn.Identity()  # the trunk ends at global average pooling: [B, feat_dim]
+        self.trunk = trunk
+        self.image_head = _head(feat_dim, cfg.embed_dim, cfg.head)
+        self.text_head = _head(text_dim, cfg.embed_dim, cfg.head)
+        # Learned in log space so the scale stays positive; CLIP's init is 1/0.07.
+        self.log_logit_scale = nn.Parameter(torch.tensor(math.log(1 / cfg.init_temperature)))
+        self.max_logit_scale = cfg.max_logit_scale
+        self.text_dim = text_dim
+
+    def encode_image(self, images: Tensor) -> Tensor:
+        return F.normalize(self.image_head(self.trunk(images)), dim=-1)  # [B, 3, S, S] -> [B, E]
+
+    def encode_text(self, text: Tensor) -> Tensor:
+        # The cache stores float16; the head's dtype (or autocast) decides the compute precision.
+        dtype = next(self.text_head.parameters()).dtype
+        return F.normalize(self.text_head(text.to(dtype)), dim=-1)  # [N, D] -> [N, E]
+
+    def logit_scale(self) -> Tensor:
+        # Clamped as in CLIP: an unbounded scale makes the softmax one-hot and training unstable.
+        return self.log_logit_scale.exp().clamp(max=self.max_logit_scale)
+
+    def forward(self, images: Tensor, text: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        # One forward for both towers, so DistributedDataParallel sees every parameter used in its forward.
+        return self.encode_image(images), self.encode_text(text), self.logit_scale()
+
+
+def _load_trunk_weights(model: CLIP, cfg: ModelConfig) -> None:
+    if cfg.image_weights == "none":
+        return
+    if cfg.image_weights == "imagenet":
+        weights = torchvision.models.get_model_weights(cfg.image_model).DEFAULT
+        state = weights.get_state_dict(progress=False)  # downloaded by torchvision once, then cached
+    else:
+        path = Path(cfg.image_weights)
+        if not path.is_file():
+            raise UserError(f"image weights {path} not found: pass imagenet, none or a state-dict file")
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+            state = state["state_dict"]
+    # A classifier's fc layer does not belong to the trunk; everything else must match exactly.
+    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    missing, unexpected = model.trunk.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise UserError(
+            f"image weights {cfg.image_weights} do not fit torchvision {cfg.image_model}: "
+            f"{len(missing)} missing keys (e.g. {missing[:2]}), {len(unexpected)} unexpected (e.g. {unexpected[:2]}); "
+            "pass a state dict saved from the same torchvision model"
+        )
+
+
+def build_model(cfg: ModelConfig, text_dim: int) -> CLIP:
+    """A fresh CLIP whose trunk starts from `cfg.image_weights` (imagenet | none | a state-dict path)."""
+    model = CLIP(cfg, text_dim)
+    _load_trunk_weights(model, cfg)
+    return model

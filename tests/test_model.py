@@ -1,0 +1,47 @@
+"""CLIP model: shapes, unit-norm outputs, the clamped logit scale, and each way of initialising the trunk."""
+
+import math
+
+import pytest
+import torch
+import torchvision
+
+from clip.config import ModelConfig
+from clip.model import build_model
+from pipeline.errors import UserError
+
+
+@pytest.mark.parametrize("head", ["linear", "mlp"])
+def test_shapes_and_unit_norm(head):
+    model = build_model(ModelConfig(image_model="resnet18", image_weights="none", embed_dim=24, head=head), 40)
+    img, txt, scale = model(torch.randn(3, 3, 32, 32), torch.randn(5, 40, dtype=torch.float16))
+    assert img.shape == (3, 24) and txt.shape == (5, 24)
+    torch.testing.assert_close(img.norm(dim=-1), torch.ones(3))
+    torch.testing.assert_close(txt.norm(dim=-1), torch.ones(5))
+    assert scale.item() == pytest.approx(1 / 0.07, rel=1e-5)
+
+
+def test_logit_scale_is_clamped_and_trains_in_log_space():
+    model = build_model(ModelConfig(image_model="resnet18", image_weights="none", embed_dim=8), 4)
+    assert model.log_logit_scale.item() == pytest.approx(math.log(1 / 0.07))
+    with torch.no_grad():
+        model.log_logit_scale.fill_(10.0)
+    assert model.logit_scale().item() == pytest.approx(100.0)
+
+
+def test_state_dict_path_initialises_the_trunk(tmp_path):
+    source = torchvision.models.resnet18(weights=None)
+    path = tmp_path / "r18.pt"
+    torch.save(source.state_dict(), path)  # a full classifier state dict: its fc is dropped
+    model = build_model(ModelConfig(image_model="resnet18", image_weights=str(path), embed_dim=8), 4)
+    torch.testing.assert_close(model.trunk.conv1.weight, source.conv1.weight)
+    torch.testing.assert_close(model.trunk.layer4[1].bn2.running_var, source.layer4[1].bn2.running_var)
+
+
+def test_mismatched_or_missing_weights_are_refused(tmp_path):
+    path = tmp_path / "r34.pt"
+    torch.save(torchvision.models.resnet34(weights=None).state_dict(), path)
+    with pytest.raises(UserError, match="do not fit torchvision resnet18"):
+        build_model(ModelConfig(image_model="resnet18", image_weights=str(path)), 4)
+    with pytest.raises(UserError, match="not found"):
+        build_model(ModelConfig(image_model="resnet18", image_weights=str(tmp_path / "nope.pt")), 4)

@@ -1,8 +1,48 @@
-"""`clipcoco shards`: not implemented yet (issue 3)."""
+"""`clipcoco shards`: the command-line wrapper of `pipeline.shards.build_shards` / `verify_shards`."""
+
+from pathlib import Path
+
+import typer
 
 from pipeline.errors import UserError
 
 
-def command() -> None:
-    """Pack COCO images and captions into WebDataset shards with DALI indexes."""
-    raise UserError("not implemented yet: issue 3")
+def command(
+    annotations: Path = typer.Option(None, "--annotations", help="Official COCO captions JSON "
+                                     "(captions_train2017.json, captions_val2014.json, ...)."),
+    images: Path = typer.Option(None, "--images", help="Folder holding the images (with --karpathy: the COCO root "
+                                "holding train2014/ and val2014/)."),
+    out: Path = typer.Option(None, "--out", help="Shard directory to write (one per split)."),
+    karpathy: Path = typer.Option(None, "--karpathy", help="Karpathy's dataset_coco.json instead of --annotations."),
+    split: str = typer.Option(None, "--split", help="With --karpathy: train, restval, val, test or trainval "
+                              "(= train + restval)."),
+    resize_shorter: int = typer.Option(0, "--resize-shorter", help="Resize the shorter side to N pixels (never "
+                                       "upscaled) and re-encode; 0 keeps the original JPEG bytes where valid."),
+    quality: int = typer.Option(95, "--quality", help="JPEG quality when re-encoding."),
+    samples_per_shard: int = typer.Option(1000, "--samples-per-shard", help="Images per tar."),
+    workers: int = typer.Option(0, "--workers", help="Decoding processes; 0 = all cores. The bytes do not "
+                                "depend on it."),
+    max_failure_rate: float = typer.Option(0.01, "--max-failure-rate", help="Exit non-zero (after writing "
+                                           "everything) when more than this fraction of listed images is left out."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace shards built with other inputs or options."),
+    verify: Path = typer.Option(None, "--verify", help="Only check an existing shard directory against its "
+                                "sidecars, indexes and captions.parquet."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar and a summary."),
+) -> None:
+    """Pack COCO images and captions into WebDataset shards with DALI indexes.
+
+    Example: clipcoco shards --annotations coco/annotations/captions_val2017.json --images coco/val2017
+    --out data/shards/val2017
+
+    Rerun the same command after a crash: complete shards are kept and the result is byte-identical.
+    """
+    from pipeline.shards import build_shards, verify_shards
+
+    if verify is not None:
+        verify_shards(verify, progress=progress)
+        return
+    if images is None or out is None:
+        raise UserError("pass --images DIR and --out DIR (or --verify DIR to check existing shards)")
+    build_shards(out=out, images=images, annotations=annotations, karpathy=karpathy, split=split,
+                 resize_shorter=resize_shorter, quality=quality, samples_per_shard=samples_per_shard,
+                 workers=workers, max_failure_rate=max_failure_rate, overwrite=overwrite, progress=progress)

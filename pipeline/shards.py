@@ -1,0 +1,593 @@
+"""`clipcoco shards`: COCO images + captions -> deterministic, crash-safe WebDataset shards.
+
+Inputs: an official COCO captions file (`--annotations`) or Karpathy's `dataset_coco.json`
+(`--karpathy --split`), and the images they list (`--images`; other files there are ignored).
+Outputs, one directory per split (the "Shard directory" contract in ../shared/design.md):
+`shard-NNNNNN.tar` (one sample per image: `id`, `jpg`, `json`, `txt`), `shard-NNNNNN.idx` (DALI's
+webdataset index), `shard-NNNNNN.json` (the sidecar, written last: it marks the shard complete),
+`captions.parquet`, `failures.jsonl` and `manifest.json`.
+Command: `clipcoco shards --annotations FILE --images DIR --out DIR` (or `make shards`);
+`clipcoco shards --verify DIR` re-reads a directory against its sidecars.
+
+Every image is decoded here, in worker processes, because DALI cannot skip a bad JPEG during
+training. Results come back in input order (ordered `imap`), so the bytes never depend on `--workers`.
+Every later stage reads shards through `open_shards`.
+"""
+
+import hashlib
+import io
+import json
+import multiprocessing
+import os
+import re
+import tarfile
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image, ImageOps
+
+from pipeline import __version__
+from pipeline.coco import ImageRecord, read_coco_captions, read_karpathy
+from pipeline.errors import UserError
+
+MEMBERS = ("id", "jpg", "json", "txt")  # the order TarWriter writes them in (sorted)
+SHARD_RE = re.compile(r"^shard-(\d{6})\.(tar|idx|json)(\.tmp)?$")
+DETERMINISTIC_FILES = ("captions.parquet", "failures.jsonl")  # manifest.json also holds paths and timings
+
+
+def _shard_name(index: int, ext: str) -> str:
+    return f"shard-{index:06d}.{ext}"
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def _json_bytes(obj: Any) -> bytes:
+    return (json.dumps(obj, ensure_ascii=False, indent=1) + "\n").encode("utf-8")
+
+
+def fingerprint_of(shard_sha256s: Iterable[str]) -> str:
+    """sha256 over the shards' sha256s in order: identifies the packed data exactly."""
+    h = hashlib.sha256()
+    for digest in shard_sha256s:
+        h.update(digest.encode("ascii"))
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-image work (runs in the worker processes)
+
+
+@dataclass(frozen=True)
+class Prepared:
+    jpeg: bytes  # what goes into the `jpg` member
+    width: int  # of those bytes as decoded
+    height: int
+    reencoded: bool
+
+
+@dataclass(frozen=True)
+class Rejected:
+    reason: str  # a short category: missing | unreadable | empty | undecodable | no_caption
+    detail: str  # a fixed-format message (no paths, no addresses: it goes into failures.jsonl)
+
+
+_ADDRESS = re.compile(r"<[^<>]* at 0x[0-9a-fA-F]+>")
+
+
+def prepare_image(path: Path, *, resize_shorter: int = 0, quality: int = 95) -> Prepared | Rejected:
+    """Read and fully decode one image; keep its bytes when DALI can decode them as they are.
+
+    A plain RGB or grayscale JPEG is kept byte for byte unless it must be shrunk; anything else PIL
+    can decode (PNG named .jpg, CMYK, ...) is re-encoded as a JPEG at `quality`.
+    """
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return Rejected("missing", "listed in the annotations but not on disk")
+    except OSError as err:
+        return Rejected("unreadable", f"{type(err).__name__}: {err.strerror}")
+    if not data:
+        return Rejected("empty", "zero-length file")
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()  # decodes every pixel; a truncated or corrupt stream raises here
+            plain = image.format == "JPEG" and image.mode in ("RGB", "L")
+            width, height = image.size
+            scale = resize_shorter / min(width, height) if resize_shorter else 1.0
+            if plain and scale >= 1.0:
+                return Prepared(data, width, height, reencoded=False)
+            # EXIF is dropped by re-encoding, so apply its orientation now, as DALI would have.
+            image = ImageOps.exif_transpose(image)
+            if image.mode not in ("RGB", "L"):
+                image = image.convert("RGB")
+            if scale < 1.0:
+                width, height = image.size
+                size = (max(1, round(width * scale)), max(1, round(height * scale)))
+                image = image.resize(size, Image.Resampling.BICUBIC)
+            out = io.BytesIO()
+            image.save(out, format="JPEG", quality=quality)
+            return Prepared(out.getvalue(), image.size[0], image.size[1], reencoded=True)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        return Rejected("undecodable", _ADDRESS.sub("<bytes>", f"{type(err).__name__}: {err}"))
+
+
+def _prepare_task(task: tuple[str, int, int]) -> Prepared | Rejected:
+    path, resize_shorter, quality = task
+    return prepare_image(Path(path), resize_shorter=resize_shorter, quality=quality)
+
+
+def prepared_in_order(records: list[ImageRecord], *, resize_shorter: int, quality: int,
+                      imap: Callable = map) -> Iterator[tuple[ImageRecord, Prepared | Rejected]]:
+    """(record, result) in record order; `imap` is `map` or a pool's ordered `imap`."""
+    tasks = ((str(r.path), resize_shorter, quality) for r in records)
+    yield from zip(records, imap(_prepare_task, tasks), strict=True)
+
+
+def usable_captions(record: ImageRecord) -> tuple[tuple[str, ...], tuple[int, ...]]:
+    """The captions worth packing: whitespace-only ones are dropped, the rest kept byte-exact."""
+    kept = [(c, i) for c, i in zip(record.captions, record.caption_ids, strict=True) if c.strip()]
+    return tuple(c for c, _ in kept), tuple(i for _, i in kept)
+
+
+def make_sample(record: ImageRecord, prepared: Prepared, captions: tuple[str, ...],
+                caption_ids: tuple[int, ...]) -> dict[str, Any]:
+    """One WebDataset sample: key = the image id as 12 digits (no dots, ever)."""
+    meta = {"image_id": record.image_id, "file_name": record.file_name, "width": prepared.width,
+            "height": prepared.height, "captions": list(captions), "caption_ids": list(caption_ids)}
+    return {
+        "__key__": f"{record.image_id:012d}",
+        "id": np.int64(record.image_id).astype("<i8").tobytes(),
+        "jpg": prepared.jpeg,
+        "json": json.dumps(meta, ensure_ascii=False).encode("utf-8"),
+        "txt": captions[0].encode("utf-8"),
+    }
+
+
+def _failure(record: ImageRecord, rejected: Rejected) -> dict[str, Any]:
+    return {"image_id": record.image_id, "file_name": record.file_name, "reason": rejected.reason,
+            "detail": rejected.detail}
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing one shard
+
+
+class _HashingFile:
+    """A write-only file that hashes what passes through, so a tar is never read back to hash it."""
+
+    def __init__(self, f):
+        self.f, self.sha256, self.size = f, hashlib.sha256(), 0
+
+    def write(self, data) -> int:
+        self.sha256.update(data)
+        self.size += len(data)
+        return self.f.write(data)
+
+
+def write_index(tar: Path, idx: Path) -> None:
+    """DALI's webdataset index for `tar`, with the indexer shipped in the DALI wheel (`wds2idx`)."""
+    try:
+        from wds2idx import IndexCreator
+    except ImportError:
+        raise UserError("writing .idx files needs DALI's wds2idx: pip install -e '.[dali]'") from None
+    creator = IndexCreator(str(tar), str(idx), verbose=False)
+    try:
+        creator.create_index()
+    finally:
+        creator.close()
+
+
+class ShardWriter:
+    """Writes shard-NNNNNN.tar under a temporary name, then its .idx, then the sidecar (last)."""
+
+    def __init__(self, out: Path, index: int, build_id: str):
+        import webdataset  # imported here: only the writer needs it
+
+        self.out, self.index, self.build_id = out, index, build_id
+        self.tar = out / _shard_name(index, "tar")
+        self.tmp = self.tar.with_name(self.tar.name + ".tmp")
+        self.file = self.tmp.open("wb")
+        self.hashing = _HashingFile(self.file)
+        # Fixed mtime, owner and mode make the tar bytes a function of the samples alone; TarWriter
+        # writes each sample's members in sorted order (id, jpg, json, txt).
+        self.writer = webdataset.TarWriter(self.hashing, user="", group="", mode=0o444, mtime=0, encoder=False)
+        self.keys: list[str] = []
+        self.reencoded = 0
+
+    def add(self, sample: dict[str, Any], reencoded: bool) -> None:
+        self.writer.write(sample)
+        self.keys.append(sample["__key__"])
+        self.reencoded += reencoded
+
+    def close(self, left_out: list[dict[str, Any]]) -> dict[str, Any]:
+        self.writer.close()
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.file.close()
+        os.replace(self.tmp, self.tar)
+        idx = self.out / _shard_name(self.index, "idx")
+        idx_tmp = idx.with_name(idx.name + ".tmp")
+        write_index(self.tar, idx_tmp)
+        os.replace(idx_tmp, idx)
+        sidecar = {"shard": self.tar.name, "count": len(self.keys), "bytes": self.hashing.size,
+                   "sha256": self.hashing.sha256.hexdigest(), "build_id": self.build_id,
+                   "reencoded": self.reencoded, "keys": self.keys, "left_out": left_out}
+        _write_atomic(self.out / _shard_name(self.index, "json"), _json_bytes(sidecar))
+        return sidecar
+
+
+# ---------------------------------------------------------------------------------------------
+# Resuming and refusing
+
+
+def _read_sidecar(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def _shard_files(out: Path) -> list[Path]:
+    return sorted(p for p in out.iterdir() if SHARD_RE.match(p.name))
+
+
+def _check_same_build(out: Path, build_id: str, identity: dict[str, Any]) -> None:
+    """Refuse to mix shards built from other inputs or options into `out`."""
+    manifest = _read_sidecar(out / "manifest.json")
+    if manifest is not None and manifest.get("build_id") != build_id:
+        old = manifest.get("identity", {})
+        changed = sorted(k for k in set(old) | set(identity) if old.get(k) != identity.get(k))
+        raise UserError(f"{out} already holds shards built with different inputs or options ({', '.join(changed)}): "
+                        "pass --overwrite to replace them, or choose another --out")
+    for path in out.glob("shard-*.json"):
+        sidecar = _read_sidecar(path)
+        if sidecar is not None and sidecar.get("build_id") != build_id:
+            raise UserError(f"{out} holds {path.name} from a run with different inputs or options: "
+                            "pass --overwrite to replace it, or choose another --out")
+
+
+def _clear(out: Path) -> None:
+    """--overwrite: remove what an earlier run wrote (only our own files: a text cache may live here too)."""
+    for path in _shard_files(out):
+        path.unlink()
+    for name in ("manifest.json", *DETERMINISTIC_FILES):
+        (out / name).unlink(missing_ok=True)
+
+
+def complete_prefix(out: Path, build_id: str, samples_per_shard: int) -> list[dict[str, Any]]:
+    """Sidecars of the shards a previous run finished (0, 1, ... up to the first gap); removes the rest.
+
+    A shard is complete when its sidecar parses, names this build, and the tar and .idx beside it
+    exist with the sidecar's size. Everything after the first incomplete shard, and every temporary
+    file, is a leftover of an interrupted run.
+    """
+    done: list[dict[str, Any]] = []
+    while True:
+        index = len(done)
+        sidecar = _read_sidecar(out / _shard_name(index, "json"))
+        tar, idx = out / _shard_name(index, "tar"), out / _shard_name(index, "idx")
+        if (sidecar is None or sidecar.get("build_id") != build_id or not idx.is_file() or not tar.is_file()
+                or tar.stat().st_size != sidecar["bytes"]):
+            break
+        done.append(sidecar)
+        if sidecar["count"] < samples_per_shard:  # only the last shard is short
+            break
+    for path in _shard_files(out):
+        match = SHARD_RE.match(path.name)
+        if match.group(3) or int(match.group(1)) >= len(done):
+            path.unlink()
+    return done
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage
+
+
+def _progress_bar(enabled: bool):
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        ProgressColumn,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+    from rich.text import Text
+
+    class Rate(ProgressColumn):
+        def render(self, task) -> Text:
+            return Text(f"{task.speed or 0:,.0f} images/s")
+
+    return Progress(TextColumn("[bold]packing"), BarColumn(), MofNCompleteColumn(), Rate(), TimeElapsedColumn(),
+                    TimeRemainingColumn(), disable=not enabled, transient=False)
+
+
+def _check_options(*, out: Path, images: Path, annotations: Path | None, karpathy: Path | None,
+                   split: str | None, resize_shorter: int, quality: int, samples_per_shard: int, workers: int,
+                   max_failure_rate: float) -> None:
+    if (annotations is None) == (karpathy is None):
+        raise UserError("pass exactly one of --annotations FILE (official COCO captions) or --karpathy FILE --split S")
+    if karpathy is not None and split is None:
+        raise UserError("--karpathy needs --split (train, restval, val, test or trainval)")
+    if annotations is not None and split is not None:
+        raise UserError("--split goes with --karpathy; an official COCO captions file is already one split")
+    if not images.is_dir():
+        raise UserError(f"--images {images}: no such folder; point it at the folder holding the images "
+                        "(for --karpathy, the COCO root holding train2014/ and val2014/)")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; choose a directory")
+    if resize_shorter < 0:
+        raise UserError("--resize-shorter must be >= 0 (0 keeps the original size)")
+    if not 1 <= quality <= 100:
+        raise UserError("--quality must be between 1 and 100")
+    if samples_per_shard < 1:
+        raise UserError("--samples-per-shard must be >= 1")
+    if workers < 0:
+        raise UserError("--workers must be >= 0 (0 = all cores)")
+    if not 0 <= max_failure_rate <= 1:
+        raise UserError("--max-failure-rate must be between 0 and 1")
+
+
+def _write_captions(out: Path, records: dict[int, ImageRecord], packed_ids: list[int]) -> int:
+    image_ids, caption_ids, captions = [], [], []
+    for image_id in sorted(packed_ids):
+        caps, ids = usable_captions(records[image_id])
+        order = sorted(range(len(ids)), key=ids.__getitem__)
+        image_ids += [image_id] * len(ids)
+        caption_ids += [ids[i] for i in order]
+        captions += [caps[i] for i in order]
+    table = pa.table({"image_id": pa.array(image_ids, pa.int64()), "caption_id": pa.array(caption_ids, pa.int64()),
+                      "caption": pa.array(captions, pa.string())})
+    tmp = out / "captions.parquet.tmp"
+    pq.write_table(table, tmp)
+    os.replace(tmp, out / "captions.parquet")
+    return len(captions)
+
+
+def build_shards(*, out: Path, images: Path, annotations: Path | None = None, karpathy: Path | None = None,
+                 split: str | None = None, resize_shorter: int = 0, quality: int = 95,
+                 samples_per_shard: int = 1000, workers: int = 0, max_failure_rate: float = 0.01,
+                 overwrite: bool = False, progress: bool = True) -> dict:
+    """Pack the listed images into shards under `out`; returns the manifest.
+
+    Rerunning the same command after a crash keeps the complete shards and redoes the rest; the
+    result is byte-identical to an uninterrupted run. Raises `UserError` after writing everything
+    when more than `max_failure_rate` of the listed images had to be left out.
+    """
+    started = time.perf_counter()
+    out, images = Path(out), Path(images)
+    _check_options(out=out, images=images, annotations=annotations, karpathy=karpathy, split=split,
+                   resize_shorter=resize_shorter, quality=quality, samples_per_shard=samples_per_shard,
+                   workers=workers, max_failure_rate=max_failure_rate)
+    source = Path(annotations if annotations is not None else karpathy)
+    records = read_coco_captions(source, images) if annotations is not None else read_karpathy(source, images, split)
+    if not records:
+        raise UserError(f"{source} lists no images" + (f" in split {split!r}" if split else ""))
+
+    # Everything that determines the bytes, and nothing else (not --workers, not paths).
+    identity = {"source": "coco" if annotations is not None else "karpathy", "source_sha256": _sha256_file(source),
+                "split": split, "resize_shorter": resize_shorter, "quality": quality,
+                "samples_per_shard": samples_per_shard, "version": __version__}
+    build_id = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+    out.mkdir(parents=True, exist_ok=True)
+    if overwrite:
+        _clear(out)
+    else:
+        _check_same_build(out, build_id, identity)
+    done = complete_prefix(out, build_id, samples_per_shard)
+    resume_after = int(done[-1]["keys"][-1]) if done else -1
+    todo = [r for r in records if r.image_id > resume_after]
+
+    sidecars = list(done)
+    trailing: list[dict[str, Any]] = []  # left out after the last shard's last image: in no sidecar
+    workers = workers or len(os.sched_getaffinity(0))
+    # The pool starts before the progress bar's refresh thread, so no lock is held across the fork.
+    pool = multiprocessing.get_context("fork").Pool(workers) if workers > 1 and len(todo) > 1 else None
+    try:
+        imap = (lambda f, it: pool.imap(f, it, chunksize=4)) if pool else map
+        with _progress_bar(progress) as bar:
+            task = bar.add_task("packing", total=len(records), completed=len(records) - len(todo))
+            writer: ShardWriter | None = None
+            for record, result in prepared_in_order(todo, resize_shorter=resize_shorter, quality=quality,
+                                                    imap=imap):
+                bar.advance(task)
+                captions, caption_ids = usable_captions(record)
+                if isinstance(result, Prepared) and not captions:
+                    result = Rejected("no_caption", "every caption is empty or whitespace")
+                if isinstance(result, Rejected):
+                    trailing.append(_failure(record, result))
+                    continue
+                if writer is None:
+                    writer = ShardWriter(out, len(sidecars), build_id)
+                writer.add(make_sample(record, result, captions, caption_ids), result.reencoded)
+                if len(writer.keys) == samples_per_shard:
+                    sidecars.append(writer.close(trailing))
+                    writer, trailing = None, []
+            if writer is not None:
+                sidecars.append(writer.close(trailing))
+                trailing = []
+    finally:
+        if pool is not None:
+            pool.terminate()
+
+    by_id = {r.image_id: r for r in records}
+    packed_ids = [int(k) for s in sidecars for k in s["keys"]]
+    failures = [f for s in sidecars for f in s["left_out"]] + trailing
+    _write_atomic(out / "failures.jsonl", "".join(json.dumps(f, ensure_ascii=False) + "\n"
+                                                  for f in failures).encode("utf-8"))
+    captions_packed = _write_captions(out, by_id, packed_ids)
+    reasons = Counter(f["reason"] for f in failures)
+    total_bytes = sum(s["bytes"] for s in sidecars)
+    manifest = {
+        "tool": "clipcoco shards", "version": __version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "inputs": {identity["source"]: {"path": str(source.resolve()), "sha256": identity["source_sha256"]},
+                   "images": str(images.resolve()), "split": split},
+        "options": {"resize_shorter": resize_shorter, "quality": quality, "samples_per_shard": samples_per_shard,
+                    "workers": workers, "max_failure_rate": max_failure_rate},
+        "identity": identity, "build_id": build_id,
+        "totals": {"images_listed": len(records), "images_packed": len(packed_ids),
+                   "images_left_out": len(failures), "left_out_by_reason": dict(sorted(reasons.items())),
+                   "images_reencoded": sum(s["reencoded"] for s in sidecars),
+                   "captions_packed": captions_packed,
+                   "captions_dropped": sum(len(r.captions) - len(usable_captions(r)[0]) for r in records),
+                   "bytes": total_bytes, "shards": len(sidecars)},
+        "shards": [{"tar": s["shard"], "idx": s["shard"][:-4] + ".idx", "count": s["count"], "bytes": s["bytes"],
+                    "sha256": s["sha256"], "first_key": s["keys"][0], "last_key": s["keys"][-1]} for s in sidecars],
+        "fingerprint": fingerprint_of(s["sha256"] for s in sidecars),
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+    _write_atomic(out / "manifest.json", _json_bytes(manifest))
+
+    if progress:
+        from rich.console import Console
+
+        Console().print(f"packed {len(packed_ids):,} images ({len(failures):,} left out) into {len(sidecars)} "
+                        f"shards, {total_bytes / 1e6:,.1f} MB, {manifest['seconds']:.1f} s -> {out}")
+    if not packed_ids:
+        raise UserError(f"no image could be packed ({_top_reasons(reasons)}); see {out / 'failures.jsonl'}")
+    if len(failures) > max_failure_rate * len(records):
+        raise UserError(
+            f"{len(failures):,} of {len(records):,} listed images ({len(failures) / len(records):.1%}) were left "
+            f"out ({_top_reasons(reasons)}), more than --max-failure-rate {max_failure_rate}. Everything was "
+            f"written; see {out / 'failures.jsonl'}, fix the inputs, or rerun with a higher --max-failure-rate")
+    return manifest
+
+
+def _top_reasons(reasons: Counter) -> str:
+    return ", ".join(f"{reason}: {n}" for reason, n in reasons.most_common(3))
+
+
+# ---------------------------------------------------------------------------------------------
+# Checking a directory
+
+
+def _read_tar_samples(tar: Path) -> tuple[list[str], list[str]]:
+    """(keys in order, problems) of one tar, checking every sample's members."""
+    keys: list[str] = []
+    members: dict[str, dict[str, bytes]] = {}
+    problems: list[str] = []
+    try:
+        with tarfile.open(tar, "r:") as tf:
+            for info in tf:
+                key, _, ext = info.name.partition(".")
+                if key not in members:
+                    keys.append(key)
+                    members[key] = {}
+                members[key][ext] = tf.extractfile(info).read() if ext in ("id", "json") else b""
+    except (tarfile.TarError, OSError) as err:
+        return keys, [f"{tar.name}: unreadable tar ({err})"]
+    for key in keys:
+        sample = members[key]
+        if tuple(sorted(sample)) != MEMBERS:
+            problems.append(f"{tar.name}: sample {key} has members {sorted(sample)}, expected {list(MEMBERS)}")
+        elif {int(np.frombuffer(sample["id"], "<i8")[0]), json.loads(sample["json"])["image_id"]} != {int(key)}:
+            problems.append(f"{tar.name}: sample {key} has an id or json image_id that disagrees with its key")
+    return keys, problems
+
+
+def verify_shards(shards_dir: Path, *, progress: bool = True) -> dict:
+    """Re-read every shard and check it against its sidecar, its .idx and the manifest.
+
+    Catches a tar cut short at a member boundary (it reads without a tar error: the counts are the
+    defence), altered bytes, stale or missing indexes. Raises `UserError` listing every problem;
+    returns a small report when all is well.
+    """
+    shards = open_shards(shards_dir)
+    problems: list[str] = []
+    checked_ids: list[int] = []
+    with tempfile.TemporaryDirectory() as tmp, _progress_bar(progress) as bar:
+        task = bar.add_task("verifying", total=len(shards.tars))
+        for tar, idx in zip(shards.tars, shards.indexes, strict=True):
+            sidecar = _read_sidecar(tar.with_suffix(".json")) or {}
+            keys, tar_problems = _read_tar_samples(tar)
+            problems += tar_problems
+            if len(keys) != sidecar.get("count") or keys != sidecar.get("keys"):
+                problems.append(f"{tar.name}: {len(keys)} samples, its sidecar says {sidecar.get('count')} "
+                                "(cut short or altered: rebuild with --overwrite)")
+            if _sha256_file(tar) != sidecar.get("sha256") or tar.stat().st_size != sidecar.get("bytes"):
+                problems.append(f"{tar.name}: sha256 or size differs from the sidecar (altered or truncated)")
+            fresh = Path(tmp) / idx.name
+            write_index(tar, fresh)
+            if fresh.read_bytes() != idx.read_bytes():
+                problems.append(f"{idx.name}: does not match its tar (stale or damaged index)")
+            checked_ids += [int(k) for k in keys]
+            bar.advance(task)
+    parquet_ids = np.unique(shards.image_ids())
+    if not np.array_equal(parquet_ids, np.unique(np.array(checked_ids, np.int64))):
+        problems.append("captions.parquet image ids differ from the images in the shards")
+    if problems:
+        raise UserError(f"{len(problems)} problem(s) in {shards.root}:\n  " + "\n  ".join(problems))
+    report = {"shards": len(shards.tars), "images": len(checked_ids), "fingerprint": shards.fingerprint, "ok": True}
+    if progress:
+        from rich.console import Console
+
+        Console().print(f"ok: {report['shards']} shards, {report['images']:,} images match their sidecars, "
+                        f"indexes and captions.parquet ({shards.root})")
+    return report
+
+
+# ---------------------------------------------------------------------------------------------
+# The read side
+
+
+@dataclass(frozen=True)
+class ShardSet:
+    root: Path
+    tars: list[Path]  # shard-NNNNNN.tar in order
+    indexes: list[Path]  # the .idx beside each tar
+    manifest: dict
+    n_images: int
+    fingerprint: str  # sha256 over the shards' sha256s (identifies the data exactly)
+
+    def image_ids(self) -> np.ndarray:
+        """Sorted int64 ids of every packed image (from captions.parquet)."""
+        column = pq.read_table(self.root / "captions.parquet", columns=["image_id"]).column("image_id")
+        return np.unique(column.to_numpy()).astype(np.int64)
+
+
+def open_shards(shards_dir: Path) -> ShardSet:
+    """The complete shard directory `clipcoco shards` wrote; `UserError` if it is missing or incomplete."""
+    root = Path(shards_dir)
+    if not (root / "manifest.json").is_file():
+        raise UserError(f"no manifest.json in {root}: did you run `clipcoco shards --out {root}`? "
+                        "(an interrupted run leaves none: rerun the same command to finish it)")
+    manifest = json.loads((root / "manifest.json").read_text(encoding="utf-8"))
+    tars, indexes = [], []
+    for entry in manifest["shards"]:
+        tar, idx = root / entry["tar"], root / entry["idx"]
+        if not tar.is_file() or not idx.is_file() or not tar.with_suffix(".json").is_file():
+            raise UserError(f"{root} is incomplete ({entry['tar']} or its .idx/.json is missing): "
+                            "rerun `clipcoco shards` with the same options to finish it")
+        if tar.stat().st_size != entry["bytes"]:
+            raise UserError(f"{tar} has {tar.stat().st_size} bytes, the manifest says {entry['bytes']}: "
+                            "rebuild it with `clipcoco shards ... --overwrite`")
+        tars.append(tar)
+        indexes.append(idx)
+    if not (root / "captions.parquet").is_file():
+        raise UserError(f"no captions.parquet in {root}: rerun `clipcoco shards` with the same options")
+    return ShardSet(root=root, tars=tars, indexes=indexes, manifest=manifest,
+                    n_images=manifest["totals"]["images_packed"],
+                    fingerprint=fingerprint_of(e["sha256"] for e in manifest["shards"]))

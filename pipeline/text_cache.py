@@ -1,0 +1,121 @@
+"""The read side of the text cache: what `clipcoco train`, `eval` and `search` load.
+
+Input: one Parquet file written by `clipcoco embed-text` (see `pipeline/embed_text.py`): rows sorted by
+(`image_id`, `caption_id`), an `embedding` column of `fixed_size_list<float16>[D]` holding the raw pooled
+vectors of the frozen text tower, and schema metadata recording everything that determines those numbers.
+Output: a `TextCache` holding the ids, the `[N, D]` float16 embeddings as one torch tensor, and the
+metadata; `sample` draws one caption per image for a training batch without a Python loop per image.
+
+    cache = TextCache.load(Path("data/shards/karpathy-trainval/text-distilbert-base-uncased-mean.parquet"))
+    cache.check_covers(shards.image_ids())
+    text = cache.sample(batch.image_ids, generator)      # [B, D] float16
+"""
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from pipeline.errors import UserError
+
+# Schema metadata keys written by `embed-text`. FINGERPRINT_KEYS are the ones that determine the numbers a
+# trainer and an evaluator must agree on; the compute dtype and the tool version only move the last bits.
+METADATA_KEYS = ("model", "weights_sha256", "tokenizer_sha256", "pooling", "max_length", "normalization", "dim",
+                 "dtype", "captions_sha256", "clipcoco_version")
+FINGERPRINT_KEYS = ("model", "weights_sha256", "tokenizer_sha256", "pooling", "max_length", "normalization", "dim")
+_INT_KEYS = ("max_length", "dim")
+
+
+def model_slug(model: str) -> str:
+    """A file-name-safe name for a model: hub names with "/" -> "--", a local folder -> its name."""
+    path = Path(model)
+    if path.is_dir():
+        return path.resolve().name
+    return model.replace("/", "--")
+
+
+class TextCache:
+    """One text cache in memory. Rows are sorted by (image_id, caption_id); embeddings are not normalised."""
+
+    def __init__(self, path: Path, metadata: dict[str, str], image_ids: np.ndarray, caption_ids: np.ndarray,
+                 captions: pa.ChunkedArray, embeddings: torch.Tensor) -> None:
+        self.path = path
+        self.metadata = metadata
+        self.image_ids = image_ids  # [N] int64
+        self.caption_ids = caption_ids  # [N] int64
+        self._captions = captions  # kept as Arrow strings: a Python list of 600k strings costs ~60 MB
+        self.embeddings = embeddings  # [N, D] float16
+        self.dim = int(embeddings.shape[1])
+        self.fingerprint = {k: int(metadata[k]) if k in _INT_KEYS else metadata[k] for k in FINGERPRINT_KEYS}
+        # Each image's captions are one contiguous run of rows: its start and length make `sample` one gather.
+        unique, starts, counts = np.unique(image_ids, return_index=True, return_counts=True)
+        self._unique_ids = torch.from_numpy(unique)
+        self._starts = torch.from_numpy(starts.astype(np.int64))
+        self._counts = torch.from_numpy(counts.astype(np.int64))
+
+    @classmethod
+    def load(cls, path: Path) -> "TextCache":
+        path = Path(path)
+        hint = "did you run `clipcoco embed-text`?"
+        if not path.is_file():
+            raise UserError(f"no text cache at {path}: {hint}")
+        try:
+            table = pq.read_table(path)
+        except (pa.ArrowInvalid, OSError) as err:
+            raise UserError(f"cannot read the text cache {path} ({err}): rerun `clipcoco embed-text`") from err
+        raw = table.schema.metadata or {}
+        metadata = {k.decode(): v.decode() for k, v in raw.items() if not k.startswith(b"ARROW:")}
+        missing = [k for k in METADATA_KEYS if k not in metadata]
+        columns = ("image_id", "caption_id", "caption", "embedding")
+        if missing or any(c not in table.column_names for c in columns):
+            raise UserError(f"{path} is not a clipcoco text cache (missing metadata {missing or 'none'}, columns "
+                            f"{table.column_names}): {hint}")
+        embedding = table.column("embedding").combine_chunks()
+        dim = int(metadata["dim"])
+        if not (pa.types.is_fixed_size_list(embedding.type) and embedding.type.list_size == dim
+                and pa.types.is_float16(embedding.type.value_type)):
+            raise UserError(f"{path}: embedding column is {embedding.type}, expected fixed_size_list<float16>[{dim}]: "
+                            f"rerun `clipcoco embed-text`")
+        image_ids = table.column("image_id").to_numpy().astype(np.int64, copy=False)
+        caption_ids = table.column("caption_id").to_numpy().astype(np.int64, copy=False)
+        # Lexicographic (image_id, caption_id) order is what makes each image's captions one run of rows.
+        step_ok = (np.diff(image_ids) > 0) | ((np.diff(image_ids) == 0) & (np.diff(caption_ids) > 0))
+        if not step_ok.all():
+            raise UserError(f"{path}: rows are not sorted by (image_id, caption_id): rerun `clipcoco embed-text`")
+        values = embedding.flatten().to_numpy(zero_copy_only=False)
+        if not values.flags.writeable:  # a zero-copy view of Arrow memory; torch tensors must own writable memory
+            values = values.copy()
+        embeddings = torch.from_numpy(values.reshape(len(image_ids), dim))
+        return cls(path, metadata, image_ids, caption_ids, table.column("caption"), embeddings)
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+    def captions(self) -> list[str]:
+        return self._captions.to_pylist()
+
+    def check_covers(self, image_ids: np.ndarray) -> None:
+        """Stop unless every id in `image_ids` has at least one caption here."""
+        wanted = np.unique(np.asarray(image_ids, dtype=np.int64))
+        missing = np.setdiff1d(wanted, self._unique_ids.numpy(), assume_unique=True)
+        if len(missing):
+            raise UserError(
+                f"{len(missing)} of {len(wanted)} image ids have no caption in the text cache {self.path} "
+                f"(first: {missing[:5].tolist()}): the cache was made from other shards; run "
+                f"`clipcoco embed-text SHARDS_DIR` on the shard directory you are using")
+
+    def sample(self, image_ids: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """[B, D] float16: for each image id, one of its captions' embeddings, uniformly, drawn with `generator`."""
+        ids = image_ids.to("cpu", torch.int64)
+        pos = torch.searchsorted(self._unique_ids, ids).clamp_(max=len(self._unique_ids) - 1)
+        absent = self._unique_ids[pos] != ids
+        if absent.any():
+            self.check_covers(ids[absent].numpy())
+        counts = self._counts[pos]
+        # float64 uniforms scaled by each image's caption count: uniform over its captions; the clamp only
+        # guards the (measure-zero) rounding of u * count up to count.
+        u = torch.rand(len(ids), generator=generator, dtype=torch.float64)
+        offset = torch.minimum((u * counts).long(), counts - 1)
+        return self.embeddings[self._starts[pos] + offset]

@@ -1,0 +1,110 @@
+"""TextCache: loading a cache written per the design's contract, sampling, coverage and load errors."""
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from pipeline.errors import UserError
+from pipeline.text_cache import TextCache, model_slug
+
+DIM = 4
+METADATA = {"model": "tiny", "weights_sha256": "w" * 64, "tokenizer_sha256": "t" * 64, "pooling": "mean",
+            "max_length": "77", "normalization": "none", "dim": str(DIM), "dtype": "float32",
+            "captions_sha256": "c" * 64, "clipcoco_version": "0.1.0"}
+
+
+def write_cache(path, image_ids, caption_ids, embeddings, metadata=METADATA):
+    values = pa.array(np.asarray(embeddings, dtype=np.float16).reshape(-1), type=pa.float16())
+    table = pa.table({
+        "image_id": pa.array(image_ids, pa.int64()),
+        "caption_id": pa.array(caption_ids, pa.int64()),
+        "caption": pa.array([f"caption {c}" for c in caption_ids], pa.string()),
+        "embedding": pa.FixedSizeListArray.from_arrays(values, DIM),
+    }).replace_schema_metadata(metadata)
+    pq.write_table(table, path)
+    return path
+
+
+@pytest.fixture
+def cache_path(tmp_path):
+    # Images 10 (3 captions), 20 (1 caption), 30 (2 captions); row r's embedding is [r, r, r, r].
+    image_ids = [10, 10, 10, 20, 30, 30]
+    caption_ids = [1, 2, 7, 3, 4, 5]
+    embeddings = np.repeat(np.arange(6, dtype=np.float32)[:, None], DIM, axis=1)
+    return write_cache(tmp_path / "text.parquet", image_ids, caption_ids, embeddings)
+
+
+def test_load(cache_path):
+    cache = TextCache.load(cache_path)
+    assert len(cache) == 6 and cache.dim == DIM
+    assert cache.embeddings.dtype == torch.float16 and cache.embeddings.shape == (6, DIM)
+    assert cache.image_ids.tolist() == [10, 10, 10, 20, 30, 30]
+    assert cache.caption_ids.dtype == np.int64 and cache.caption_ids.tolist() == [1, 2, 7, 3, 4, 5]
+    assert cache.captions()[2] == "caption 7"
+    assert cache.metadata == METADATA
+    assert cache.fingerprint == {"model": "tiny", "weights_sha256": "w" * 64, "tokenizer_sha256": "t" * 64,
+                                 "pooling": "mean", "max_length": 77, "normalization": "none", "dim": DIM}
+    assert torch.equal(cache.embeddings[:, 0], torch.arange(6, dtype=torch.float16))
+
+
+def test_sample_uniform_over_each_images_captions(cache_path):
+    cache = TextCache.load(cache_path)
+    ids = torch.tensor([10, 20, 30, 10] * 3000)
+    rows = cache.sample(ids, torch.Generator().manual_seed(0))[:, 0].long()
+    assert rows.shape == (12000,)
+    # Each drawn row belongs to the requested image ...
+    assert torch.equal(torch.from_numpy(cache.image_ids)[rows], ids)
+    # ... and each image's captions come up about equally often (binomial sd ~ 0.01 here).
+    picked_for_10 = torch.bincount(rows[ids == 10], minlength=6)[:3].double() / 6000
+    assert torch.allclose(picked_for_10, torch.full((3,), 1 / 3, dtype=torch.float64), atol=0.03)
+    assert set(rows[ids == 30].tolist()) == {4, 5}
+
+
+def test_sample_is_reproducible_with_the_generator(cache_path):
+    cache = TextCache.load(cache_path)
+    ids = torch.tensor([10, 30, 10, 30, 10])
+    a = cache.sample(ids, torch.Generator().manual_seed(7))
+    b = cache.sample(ids, torch.Generator().manual_seed(7))
+    assert torch.equal(a, b)
+
+
+def test_sample_unknown_image_is_a_user_error(cache_path):
+    cache = TextCache.load(cache_path)
+    with pytest.raises(UserError, match="1 of 1 image ids have no caption"):
+        cache.sample(torch.tensor([10, 25]), torch.Generator())
+
+
+def test_check_covers(cache_path):
+    cache = TextCache.load(cache_path)
+    cache.check_covers(np.array([30, 10, 20, 10]))
+    with pytest.raises(UserError, match="2 of 4 image ids have no caption.*clipcoco embed-text"):
+        cache.check_covers(np.array([10, 11, 12, 30]))
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(UserError, match="did you run `clipcoco embed-text`"):
+        TextCache.load(tmp_path / "nope.parquet")
+
+
+def test_not_a_cache(tmp_path):
+    path = tmp_path / "other.parquet"
+    pq.write_table(pa.table({"image_id": [1], "caption_id": [2], "caption": ["x"]}), path)
+    with pytest.raises(UserError, match="not a clipcoco text cache.*did you run `clipcoco embed-text`"):
+        TextCache.load(path)
+    (tmp_path / "junk.parquet").write_bytes(b"not parquet")
+    with pytest.raises(UserError, match="cannot read the text cache"):
+        TextCache.load(tmp_path / "junk.parquet")
+
+
+def test_unsorted_rows_are_rejected(tmp_path):
+    path = write_cache(tmp_path / "t.parquet", [10, 10, 5], [2, 1, 3], np.zeros((3, DIM)))
+    with pytest.raises(UserError, match="not sorted"):
+        TextCache.load(path)
+
+
+def test_model_slug(tmp_path):
+    assert model_slug("sentence-transformers/all-MiniLM-L6-v2") == "sentence-transformers--all-MiniLM-L6-v2"
+    (tmp_path / "my-model").mkdir()
+    assert model_slug(str(tmp_path / "my-model")) == "my-model"

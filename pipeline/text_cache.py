@@ -78,8 +78,9 @@ class TextCache:
                 and pa.types.is_float16(embedding.type.value_type)):
             raise UserError(f"{path}: embedding column is {embedding.type}, expected fixed_size_list<float16>[{dim}]: "
                             f"rerun `clipcoco embed-text`")
-        image_ids = table.column("image_id").to_numpy().astype(np.int64, copy=False)
-        caption_ids = table.column("caption_id").to_numpy().astype(np.int64, copy=False)
+        # Own, writable copies (a few MB): callers may hand them to torch.from_numpy.
+        image_ids = np.array(table.column("image_id").to_numpy(), dtype=np.int64)
+        caption_ids = np.array(table.column("caption_id").to_numpy(), dtype=np.int64)
         # Lexicographic (image_id, caption_id) order is what makes each image's captions one run of rows.
         step_ok = (np.diff(image_ids) > 0) | ((np.diff(image_ids) == 0) & (np.diff(caption_ids) > 0))
         if not step_ok.all():

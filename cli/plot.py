@@ -1,8 +1,18 @@
-"""`clipcoco plot`: not implemented yet (issue 6)."""
+"""`clipcoco plot`: a run's training curves (loss, lr, temperature, throughput, data wait, recall) as a PNG."""
 
-from pipeline.errors import UserError
+from pathlib import Path
+
+import typer
+
+from clip.plot import plot_run
 
 
-def command() -> None:
-    """Plot a run's training curves to a PNG."""
-    raise UserError("not implemented yet: issue 6")
+def command(
+    run: Path = typer.Argument(..., help="Run directory written by `clipcoco train` (reads its metrics.jsonl)."),
+    out: Path | None = typer.Option(None, "--out", help="PNG to write. Default: RUN/curves.png."),
+) -> None:
+    """Plot a run's training curves to one PNG.
+
+    Example: clipcoco plot runs/coco-karpathy --out curves.png
+    """
+    typer.echo(plot_run(run, out=out))

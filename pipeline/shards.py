@@ -515,18 +515,23 @@ def verify_shards(shards_dir: Path, *, progress: bool = True) -> dict:
     defence), altered bytes, stale or missing indexes. Raises `UserError` listing every problem;
     returns a small report when all is well.
     """
-    shards = open_shards(shards_dir)
+    root = Path(shards_dir)
+    shards = _shard_set(root, _load_manifest(root))  # not open_shards: report a wrong size, do not stop at it
     problems: list[str] = []
     checked_ids: list[int] = []
     with tempfile.TemporaryDirectory() as tmp, _progress_bar(progress) as bar:
         task = bar.add_task("verifying", total=len(shards.tars))
-        for tar, idx in zip(shards.tars, shards.indexes, strict=True):
+        for entry, tar, idx in zip(shards.manifest["shards"], shards.tars, shards.indexes, strict=True):
             sidecar = _read_sidecar(tar.with_suffix(".json")) or {}
             keys, tar_problems = _read_tar_samples(tar)
             problems += tar_problems
             if len(keys) != sidecar.get("count") or keys != sidecar.get("keys"):
                 problems.append(f"{tar.name}: {len(keys)} samples, its sidecar says {sidecar.get('count')} "
                                 "(cut short or altered: rebuild with --overwrite)")
+            manifest_entry = {"bytes": sidecar.get("bytes"), "sha256": sidecar.get("sha256")}
+            if manifest_entry != {k: entry[k] for k in manifest_entry}:
+                problems.append(f"{tar.name}: its sidecar and manifest.json disagree (mixed runs: rebuild with "
+                                "--overwrite)")
             if _sha256_file(tar) != sidecar.get("sha256") or tar.stat().st_size != sidecar.get("bytes"):
                 problems.append(f"{tar.name}: sha256 or size differs from the sidecar (altered or truncated)")
             fresh = Path(tmp) / idx.name
@@ -568,26 +573,37 @@ class ShardSet:
         return np.unique(column.to_numpy()).astype(np.int64)
 
 
-def open_shards(shards_dir: Path) -> ShardSet:
-    """The complete shard directory `clipcoco shards` wrote; `UserError` if it is missing or incomplete."""
-    root = Path(shards_dir)
+def _load_manifest(root: Path) -> dict:
     if not (root / "manifest.json").is_file():
         raise UserError(f"no manifest.json in {root}: did you run `clipcoco shards --out {root}`? "
                         "(an interrupted run leaves none: rerun the same command to finish it)")
     manifest = json.loads((root / "manifest.json").read_text(encoding="utf-8"))
-    tars, indexes = [], []
     for entry in manifest["shards"]:
-        tar, idx = root / entry["tar"], root / entry["idx"]
-        if not tar.is_file() or not idx.is_file() or not tar.with_suffix(".json").is_file():
+        tar = root / entry["tar"]
+        if not tar.is_file() or not (root / entry["idx"]).is_file() or not tar.with_suffix(".json").is_file():
             raise UserError(f"{root} is incomplete ({entry['tar']} or its .idx/.json is missing): "
                             "rerun `clipcoco shards` with the same options to finish it")
-        if tar.stat().st_size != entry["bytes"]:
-            raise UserError(f"{tar} has {tar.stat().st_size} bytes, the manifest says {entry['bytes']}: "
-                            "rebuild it with `clipcoco shards ... --overwrite`")
-        tars.append(tar)
-        indexes.append(idx)
     if not (root / "captions.parquet").is_file():
         raise UserError(f"no captions.parquet in {root}: rerun `clipcoco shards` with the same options")
-    return ShardSet(root=root, tars=tars, indexes=indexes, manifest=manifest,
+    return manifest
+
+
+def _shard_set(root: Path, manifest: dict) -> ShardSet:
+    return ShardSet(root=root, tars=[root / e["tar"] for e in manifest["shards"]],
+                    indexes=[root / e["idx"] for e in manifest["shards"]], manifest=manifest,
                     n_images=manifest["totals"]["images_packed"],
                     fingerprint=fingerprint_of(e["sha256"] for e in manifest["shards"]))
+
+
+def open_shards(shards_dir: Path) -> ShardSet:
+    """The complete shard directory `clipcoco shards` wrote; `UserError` if it is missing or incomplete.
+
+    Cheap checks only (files present, sizes as recorded); `verify_shards` reads every byte.
+    """
+    root = Path(shards_dir)
+    shards = _shard_set(root, _load_manifest(root))
+    for tar, entry in zip(shards.tars, shards.manifest["shards"], strict=True):
+        if tar.stat().st_size != entry["bytes"]:
+            raise UserError(f"{tar} has {tar.stat().st_size} bytes, the manifest says {entry['bytes']}: "
+                            "check it with `clipcoco shards --verify`, rebuild it with `--overwrite`")
+    return shards

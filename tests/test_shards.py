@@ -1,16 +1,103 @@
-"""`clipcoco shards`: round trip, determinism, bad inputs, crash safety, --verify, the read side."""
+"""`clipcoco shards`: round trip (tiny data and coco-mini, read back through DALI), determinism,
+every bad-input case, crash safety (kill -9 then rerun), refusal, the failure budget, --verify."""
 
+import io
 import json
+import os
+import signal
+import subprocess
+import sys
 import tarfile
+import time
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
+import pytest
+from conftest import write_coco
+from PIL import Image
+from typer.testing import CliRunner
 
-from pipeline.shards import build_shards, open_shards
+from cli.main import app
+from pipeline.errors import UserError
+from pipeline.shards import build_shards, open_shards, verify_shards
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _build(ann, images, out, **kw):
-    return build_shards(out=out, images=images, annotations=ann, progress=False, workers=1, **kw)
+    kw.setdefault("workers", 1)
+    return build_shards(out=out, images=images, annotations=ann, progress=False, **kw)
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    """Every file a build wrote except manifest.json (the one place for paths and timings)."""
+    return {p.name: p.read_bytes() for p in sorted(root.iterdir()) if p.name != "manifest.json"}
+
+
+def _samples(shards) -> dict[int, dict]:
+    """image id -> {member: bytes} of every sample, reading the tars with tarfile."""
+    samples: dict[int, dict] = {}
+    for tar in shards.tars:
+        with tarfile.open(tar) as tf:
+            for info in tf:
+                assert info.mtime == 0 and info.uid == 0 and info.gid == 0 and info.mode == 0o444
+                key, ext = info.name.split(".", 1)
+                samples.setdefault(int(key), {})[ext] = tf.extractfile(info).read()
+    return samples
+
+
+def _dali_read(shards) -> list[tuple[int, tuple[int, ...]]]:
+    """(image id, decoded HWC shape) of every sample, through DALI's webdataset reader and CPU decoder."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    @pipeline_def(batch_size=16, num_threads=1, device_id=None, prefetch_queue_depth=1)
+    def pipe():
+        jpg, ids = fn.readers.webdataset(paths=[str(t) for t in shards.tars],
+                                         index_paths=[str(i) for i in shards.indexes], ext=["jpg", "id"],
+                                         dtypes=[types.UINT8, types.INT64], missing_component_behavior="error",
+                                         name="reader")
+        return fn.decoders.image(jpg, device="cpu", output_type=types.RGB), ids
+
+    p = pipe()
+    p.build()
+    n = p.epoch_size("reader")
+    got: list[tuple[int, tuple[int, ...]]] = []
+    while len(got) < n:
+        images, ids = p.run()
+        got += [(int(np.array(ids.at(i))[0]), tuple(images.at(i).shape)) for i in range(len(ids))]
+    return got[:n]
+
+
+def _check_against_json(shards, expected_captions: dict[int, list[str]]) -> dict[int, dict]:
+    samples = _samples(shards)
+    assert list(samples) == sorted(expected_captions)
+    for image_id, sample in samples.items():
+        assert list(sample) == ["id", "jpg", "json", "txt"]
+        assert int(np.frombuffer(sample["id"], "<i8")[0]) == image_id
+        meta = json.loads(sample["json"])
+        assert meta["image_id"] == image_id and meta["captions"] == expected_captions[image_id]
+        assert sample["txt"].decode("utf-8") == expected_captions[image_id][0]
+    table = pq.read_table(shards.root / "captions.parquet").to_pylist()
+    assert table == [{"image_id": i, "caption_id": c, "caption": t}
+                     for i in sorted(expected_captions)
+                     for c, t in zip(json.loads(samples[i]["json"])["caption_ids"], expected_captions[i], strict=True)]
+    np.testing.assert_array_equal(shards.image_ids(), sorted(expected_captions))
+    # DALI, as the trainer uses it, reads and decodes every sample through the .idx files.
+    dali = _dali_read(shards)
+    assert [i for i, _ in dali] == list(samples)
+    for image_id, shape in dali:
+        meta = json.loads(samples[image_id]["json"])
+        assert shape == (meta["height"], meta["width"], 3)
+    return samples
+
+
+def _captions_of(ann: Path) -> dict[int, list[str]]:
+    coco = json.loads(ann.read_text())
+    out: dict[int, list[str]] = {}
+    for a in sorted(coco["annotations"], key=lambda a: a["id"]):
+        out.setdefault(a["image_id"], []).append(a["caption"])
+    return out
 
 
 def test_round_trip_tiny(tiny_coco, tmp_path):
@@ -18,27 +105,209 @@ def test_round_trip_tiny(tiny_coco, tmp_path):
     manifest = _build(ann, images, tmp_path / "s", samples_per_shard=5)
     shards = open_shards(tmp_path / "s")
     assert [t.name for t in shards.tars] == ["shard-000000.tar", "shard-000001.tar", "shard-000002.tar"]
-    assert shards.n_images == 12 and manifest["totals"]["captions_packed"] == 60
-    np.testing.assert_array_equal(shards.image_ids(), np.arange(1, 13))
+    assert [i.name for i in shards.indexes] == ["shard-000000.idx", "shard-000001.idx", "shard-000002.idx"]
+    assert shards.n_images == 12 and [e["count"] for e in manifest["shards"]] == [5, 5, 2]
+    assert manifest["totals"]["captions_packed"] == 60 and manifest["totals"]["images_left_out"] == 0
+    samples = _check_against_json(shards, _captions_of(ann))
+    for image_id, sample in samples.items():  # valid JPEGs are packed byte for byte
+        assert sample["jpg"] == (images / f"{image_id:012d}.jpg").read_bytes()
+    assert (tmp_path / "s" / "failures.jsonl").read_bytes() == b""
+    assert verify_shards(tmp_path / "s", progress=False)["images"] == 12
+
+
+def test_coco_mini_packs_only_listed_images(coco_mini, tmp_path):
+    ann = coco_mini / "annotations" / "captions_val2017.json"
+    listed = {im["id"] for im in json.loads(ann.read_text())["images"]}
+    assert len(list((coco_mini / "val2017").glob("*.jpg"))) > len(listed)  # the unlisted extras are there
+    manifest = _build(ann, coco_mini / "val2017", tmp_path / "val", samples_per_shard=32, workers=2)
+    assert manifest["totals"]["images_listed"] == manifest["totals"]["images_packed"] == len(listed)
+    shards = open_shards(tmp_path / "val")
+    samples = _check_against_json(shards, _captions_of(ann))
+    assert set(samples) == listed
+
+
+def _jpeg(pixels: np.ndarray, **kw) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="JPEG", **kw)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def bad_coco(tmp_path_factory):
+    """Tiny COCO data with one image per bad-input case; returns (annotations, images, expected)."""
+    root = tmp_path_factory.mktemp("bad")
+    ann, images = write_coco(root, n_images=14)
+    rng = np.random.default_rng(1)
+    good = (images / "000000000001.jpg").read_bytes()
+    rgb = rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)
+    (images / "000000000002.jpg").write_bytes(os.urandom(3000))  # random bytes
+    (images / "000000000003.jpg").write_bytes(good[:700] + rng.bytes(4000))  # garbage after the header
+    (images / "000000000004.jpg").write_bytes(b"")  # zero length
+    (images / "000000000005.jpg").write_bytes(good[: len(good) // 2])  # truncated
+    (images / "000000000006.jpg").unlink()  # listed, missing
+    Image.fromarray(rgb).save(images / "000000000007.jpg", format="PNG")  # PNG named .jpg
+    Image.fromarray(rgb).convert("CMYK").save(images / "000000000008.jpg", format="JPEG")  # CMYK JPEG
+    (images / "000000000009.jpg").write_bytes(_jpeg(rgb[..., 0]))  # grayscale: kept
+    (images / "000000000010.jpg").write_bytes(_jpeg(rgb, progressive=True))  # progressive: kept
+    (images / "999999.jpg").write_bytes(good)  # not listed: ignored
     coco = json.loads(ann.read_text())
-    expected = {}
-    for a in sorted(coco["annotations"], key=lambda a: a["id"]):
-        expected.setdefault(a["image_id"], []).append(a["caption"])
-    seen = []
-    for tar in shards.tars:
-        with tarfile.open(tar) as tf:
-            names = tf.getnames()
-            for info in tf:
-                assert info.mtime == 0 and info.uid == 0 and info.gid == 0
-            for key in dict.fromkeys(n.split(".")[0] for n in names):
-                assert [n for n in names if n.startswith(key)] == [f"{key}.{e}" for e in ("id", "jpg", "json", "txt")]
-                image_id = int(np.frombuffer(tf.extractfile(f"{key}.id").read(), "<i8")[0])
-                meta = json.loads(tf.extractfile(f"{key}.json").read())
-                assert image_id == int(key) == meta["image_id"]
-                assert meta["captions"] == expected[image_id]
-                assert tf.extractfile(f"{key}.txt").read().decode() == expected[image_id][0]
-                assert tf.extractfile(f"{key}.jpg").read() == (images / meta["file_name"]).read_bytes()
-                seen.append(image_id)
-    assert seen == list(range(1, 13))
-    table = pq.read_table(tmp_path / "s" / "captions.parquet")
-    assert table.column_names == ["image_id", "caption_id", "caption"] and table.num_rows == 60
+    for a in coco["annotations"]:
+        if a["image_id"] == 11:  # every caption whitespace-only: left out
+            a["caption"] = " \t\n"
+        elif a["image_id"] == 12 and a["id"] % 2:  # some whitespace-only: dropped, the rest kept
+            a["caption"] = "   "
+        elif a["image_id"] == 13:  # kept byte-exact: unicode, surrounding spaces, long
+            a["caption"] = f"  Ünïcödé 猫 café {a['id']} " + "long " * 200
+    ann.write_text(json.dumps(coco))
+    return ann, images
+
+
+BAD_REASONS = {2: "undecodable", 3: "undecodable", 4: "empty", 5: "undecodable", 6: "missing", 11: "no_caption"}
+
+
+def test_bad_inputs_left_out_or_reencoded(bad_coco, tmp_path):
+    ann, images = bad_coco
+    manifest = _build(ann, images, tmp_path / "s", samples_per_shard=4, max_failure_rate=1.0)
+    failures = [json.loads(line) for line in (tmp_path / "s" / "failures.jsonl").read_text().splitlines()]
+    assert {f["image_id"]: f["reason"] for f in failures} == BAD_REASONS
+    assert all(f["file_name"] == f"{f['image_id']:012d}.jpg" and f["detail"] for f in failures)
+    totals = manifest["totals"]
+    assert totals["images_listed"] == 14 and totals["images_packed"] == 8 and totals["images_left_out"] == 6
+    assert totals["left_out_by_reason"] == {"empty": 1, "missing": 1, "no_caption": 1, "undecodable": 3}
+    # image 11: all 5 dropped; image 12: caption ids 1055..1059, the 3 odd ones dropped
+    assert totals["captions_dropped"] == 5 + 3 and totals["captions_packed"] == 8 * 5 - 3
+    assert totals["images_reencoded"] == 2
+    expected = {i: [c for c in caps if c.strip()] for i, caps in _captions_of(ann).items() if i not in BAD_REASONS}
+    samples = _check_against_json(open_shards(tmp_path / "s"), expected)
+    for image_id in (7, 8):  # re-encoded as plain RGB JPEGs
+        with Image.open(io.BytesIO(samples[image_id]["jpg"])) as im:
+            assert (im.format, im.mode, im.size) == ("JPEG", "RGB", (64, 48))
+    for image_id in (9, 10):
+        assert samples[image_id]["jpg"] == (images / f"{image_id:012d}.jpg").read_bytes()
+
+
+def test_deterministic_across_workers_and_out(bad_coco, tmp_path):
+    ann, images = bad_coco
+    kw = {"samples_per_shard": 3, "max_failure_rate": 1.0, "resize_shorter": 32, "quality": 80}
+    _build(ann, images, tmp_path / "a", workers=1, **kw)
+    _build(ann, images, tmp_path / "elsewhere" / "b", workers=2, **kw)
+    a, b = _files(tmp_path / "a"), _files(tmp_path / "elsewhere" / "b")
+    assert a == b and "shard-000002.tar" in a
+    assert str(tmp_path).encode() not in b"".join(a.values())  # no absolute paths outside manifest.json
+    shards = open_shards(tmp_path / "a")
+    assert shards.fingerprint == open_shards(tmp_path / "elsewhere" / "b").fingerprint
+    for image_id, shape in _dali_read(shards):  # shorter side 32, aspect kept
+        assert shape == (32, 43, 3), image_id
+
+
+def test_resize_never_upscales(tiny_coco, tmp_path):
+    ann, images = tiny_coco
+    manifest = _build(ann, images, tmp_path / "s", resize_shorter=100)
+    assert manifest["totals"]["images_reencoded"] == 0
+    samples = _samples(open_shards(tmp_path / "s"))
+    assert samples[1]["jpg"] == (images / "000000000001.jpg").read_bytes()
+
+
+def test_failure_budget_writes_everything_then_fails(bad_coco, tmp_path):
+    ann, images = bad_coco
+    with pytest.raises(UserError, match=r"6 of 14 listed images .*\(undecodable: 3.*--max-failure-rate"):
+        _build(ann, images, tmp_path / "s", max_failure_rate=0.25)
+    assert open_shards(tmp_path / "s").n_images == 8
+    assert len((tmp_path / "s" / "failures.jsonl").read_text().splitlines()) == 6
+    _build(ann, images, tmp_path / "s", max_failure_rate=0.5)  # same bytes, so no refusal; within budget
+
+
+def test_missing_inputs_fail_before_work(tiny_coco, tmp_path):
+    ann, images = tiny_coco
+    with pytest.raises(UserError, match="--images .*no such folder"):
+        _build(ann, tmp_path / "nope", tmp_path / "s")
+    with pytest.raises(UserError, match="--annotations .*no such file"):
+        _build(tmp_path / "nope.json", images, tmp_path / "s")
+    with pytest.raises(UserError, match="exactly one of --annotations"):
+        build_shards(out=tmp_path / "s", images=images, progress=False)
+    assert not (tmp_path / "s").exists()
+
+
+def test_rerun_skips_refuses_and_overwrites(tiny_coco, tmp_path):
+    ann, images = tiny_coco
+    out = tmp_path / "s"
+    _build(ann, images, out, samples_per_shard=5)
+    first = _files(out)
+    (out / "text-cache.parquet").write_bytes(b"another stage's file")
+    _build(ann, images, out, samples_per_shard=5, workers=2)  # same options: nothing to redo
+    assert _files(out) == {**first, "text-cache.parquet": b"another stage's file"}
+    with pytest.raises(UserError, match=r"different inputs or options \(resize_shorter\).*--overwrite"):
+        _build(ann, images, out, samples_per_shard=5, resize_shorter=32)
+    _build(ann, images, out, samples_per_shard=4, overwrite=True)
+    assert [t.name for t in open_shards(out).tars] == ["shard-000000.tar", "shard-000001.tar", "shard-000002.tar"]
+    assert (out / "text-cache.parquet").exists()
+
+
+def test_rerun_after_crash_removes_leftovers(tiny_coco, tmp_path):
+    ann, images = tiny_coco
+    _build(ann, images, tmp_path / "ref", samples_per_shard=5)
+    out = tmp_path / "s"
+    _build(ann, images, out, samples_per_shard=5)
+    # What a crash leaves: a complete shard 0, shard 1 without its sidecar, a half-written tar.
+    for name in ("manifest.json", "captions.parquet", "failures.jsonl", "shard-000001.json", "shard-000002.json"):
+        (out / name).unlink()
+    (out / "shard-000002.tar").rename(out / "shard-000002.tar.tmp")
+    (out / "shard-000001.tar").write_bytes(b"half")
+    with pytest.raises(UserError, match="did you run"):
+        open_shards(out)
+    _build(ann, images, out, samples_per_shard=5)
+    assert _files(out) == _files(tmp_path / "ref")
+
+
+KILL_SCRIPT = "import sys; from cli.main import main; sys.argv[0] = 'clipcoco'; main()"
+
+
+def test_kill_9_then_rerun_is_byte_identical(tmp_path):
+    ann, images = write_coco(tmp_path / "coco", n_images=150, captions_per_image=1, size=(320, 320))
+    args = ["shards", "--annotations", str(ann), "--images", str(images), "--samples-per-shard", "5",
+            "--resize-shorter", "160", "--workers", "1", "--no-progress"]
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, *args, "--out", str(out)], cwd=REPO)
+    deadline = time.monotonic() + 60
+    while not (out / "shard-000001.json").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert proc.poll() is None, "the build finished before it could be killed: give it more images"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / "manifest.json").exists()
+    rerun = CliRunner().invoke(app, [*args, "--out", str(out)])
+    assert rerun.exit_code == 0, rerun.output
+    _build(ann, images, tmp_path / "ref", samples_per_shard=5, resize_shorter=160)
+    assert _files(out) == _files(tmp_path / "ref")
+
+
+def test_verify_catches_a_shard_cut_at_a_member_boundary(tiny_coco, tmp_path):
+    ann, images = tiny_coco
+    out = tmp_path / "s"
+    _build(ann, images, out, samples_per_shard=5)
+    runner = CliRunner()
+    ok = runner.invoke(app, ["shards", "--verify", str(out)])
+    assert ok.exit_code == 0 and "ok: 3 shards, 12 images" in ok.output
+    # Cut shard 1 just before its last sample's header: tarfile reads the rest without an error.
+    last_sample = (out / "shard-000001.idx").read_text().splitlines()[-1].split()
+    cut = int(last_sample[1]) - 512
+    tar = out / "shard-000001.tar"
+    tar.write_bytes(tar.read_bytes()[:cut])
+    with tarfile.open(tar) as tf:
+        assert len(tf.getnames()) == 4 * 4
+    with pytest.raises(UserError, match="shard-000001.tar: 4 samples, its sidecar says 5"):
+        verify_shards(out, progress=False)
+    with pytest.raises(UserError, match="manifest says"):
+        open_shards(out)
+
+
+def test_cli_builds_and_prints_a_summary(tiny_coco, tmp_path):
+    ann, images = tiny_coco
+    result = CliRunner().invoke(app, ["shards", "--annotations", str(ann), "--images", str(images),
+                                      "--out", str(tmp_path / "s"), "--workers", "2"])
+    assert result.exit_code == 0, result.output
+    assert "packed 12 images (0 left out) into 1 shards" in result.output
+    assert "images/s" in result.output
+    refused = CliRunner().invoke(app, ["shards", "--annotations", str(ann), "--images", str(images),
+                                       "--out", str(tmp_path / "s"), "--quality", "80", "--resize-shorter", "8"])
+    assert isinstance(refused.exception, UserError) and "--overwrite" in str(refused.exception)

@@ -1,8 +1,66 @@
-"""`clipcoco train`: not implemented yet (issue 5)."""
+"""`clipcoco train`: the command-line wrapper of `clip.train.train` (flags override the --config file)."""
+
+import json
+from pathlib import Path
+
+import typer
 
 from pipeline.errors import UserError
 
 
-def command() -> None:
-    """Train the image tower and heads on shards streamed through DALI."""
-    raise UserError("not implemented yet: issue 5")
+def command(
+    shards: Path = typer.Option(None, "--shards", help="Training shard directory (from `clipcoco shards`)."),
+    text: Path = typer.Option(None, "--text", help="Text cache of those shards (from `clipcoco embed-text`)."),
+    out: Path = typer.Option(..., "--out", help="Run directory; rerun with the same --out to resume."),
+    config: Path = typer.Option(None, "--config", help="YAML preset from configs/; flags below override it."),
+    image_model: str = typer.Option(None, "--image-model", help="resnet18, resnet34, resnet50 or resnet101."),
+    image_weights: str = typer.Option(None, "--image-weights", help="imagenet (torchvision's, downloaded once), "
+                                      "none, or a path to a ResNet state dict."),
+    image_size: int = typer.Option(None, "--image-size", help="Square crop size in pixels."),
+    embed_dim: int = typer.Option(None, "--embed-dim", help="Size of the shared image-text space."),
+    head: str = typer.Option(None, "--head", help="Projection heads: linear or mlp."),
+    batch_size: int = typer.Option(None, "--batch-size", help="Images per process per step."),
+    epochs: int = typer.Option(None, "--epochs", help="Train for N epochs (instead of --steps)."),
+    steps: int = typer.Option(None, "--steps", help="Total target step count (a resumed run continues to it)."),
+    lr: float = typer.Option(None, "--lr", help="Peak AdamW learning rate."),
+    weight_decay: float = typer.Option(None, "--weight-decay", help="AdamW weight decay (not on biases/norms)."),
+    warmup_steps: int = typer.Option(None, "--warmup-steps", help="Linear warmup steps before the cosine decay."),
+    loader: str = typer.Option(None, "--loader", help="dali (GPU decoding on CUDA) or torch."),
+    device: str = typer.Option(None, "--device", help="auto, cpu or cuda."),
+    precision: str = typer.Option(None, "--precision", help="bf16 (autocast on CUDA) or fp32."),
+    compile: bool = typer.Option(None, "--compile/--no-compile", help="torch.compile the model."),
+    seed: int = typer.Option(None, "--seed", help="Seeds init, shuffling and caption choice."),
+    save_every: int = typer.Option(None, "--save-every", help="Checkpoint period in steps."),
+    eval_shards: Path = typer.Option(None, "--eval-shards", help="Shard directory scored during training."),
+    eval_text: Path = typer.Option(None, "--eval-text", help="Text cache of --eval-shards."),
+    eval_every: int = typer.Option(None, "--eval-every", help="Eval period in steps (0 = at the end only)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Start afresh in --out even if it holds a run."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+) -> None:
+    """Train the image tower and heads on shards streamed through DALI, against the cached text vectors.
+
+    Example: clipcoco train --config configs/coco-karpathy.yaml --shards data/shards/train
+    --text data/shards/train/text-distilbert-base-uncased-mean.parquet --out runs/r1
+
+    Multi-GPU: torchrun --nproc_per_node 8 $(which clipcoco) train ... (one process per GPU).
+    """
+    from clip.config import load_config
+    from clip.train import train
+
+    if epochs is not None and steps is not None:
+        raise UserError("pass --epochs or --steps, not both")
+    overrides = {
+        "data.shards": shards and str(shards), "data.text": text and str(text),
+        "data.eval_shards": eval_shards and str(eval_shards), "data.eval_text": eval_text and str(eval_text),
+        "data.image_size": image_size, "data.loader": loader,
+        "model.image_model": image_model, "model.image_weights": image_weights, "model.embed_dim": embed_dim,
+        "model.head": head,
+        "optim.lr": lr, "optim.weight_decay": weight_decay, "optim.warmup_steps": warmup_steps,
+        "train.batch_size": batch_size, "train.epochs": epochs, "train.device": device,
+        "train.precision": precision, "train.compile": compile, "train.seed": seed, "train.save_every": save_every,
+        "train.eval_every": eval_every,
+        # --epochs means "count in epochs": a step target from the config file must not override it.
+        "train.steps": 0 if epochs is not None else steps,
+    }
+    result = train(load_config(config, overrides), out=out, overwrite=overwrite, progress=progress)
+    typer.echo(json.dumps(result))

@@ -1,0 +1,376 @@
+"""`clipcoco train`: the image tower and both heads trained on shards against the cached text vectors.
+
+Inputs: a shard directory (`clipcoco shards`), its text cache (`clipcoco embed-text`), a `Config`.
+Output: a run directory: `config.yaml` (resolved), `metrics.jsonl`, `checkpoints/step_XXXXXXXX.pt` +
+`checkpoints/latest`, and TensorBoard events under `tensorboard/` when tensorboard is installed.
+
+    clipcoco train --shards data/shards/train --text data/shards/train/text.parquet --out runs/r1
+    torchrun --nproc_per_node 8 $(which clipcoco) train ...      # DDP, one process per GPU
+
+Per step only the ResNet and the two heads run: the text side is one row per image drawn from the cache
+(a random caption of the image, from a seeded generator saved in every checkpoint). `train.steps` is the
+total target: rerunning into the same `--out` resumes from `latest` and continues to the new target.
+"""
+
+import json
+import math
+import os
+import resource
+import shutil
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+
+from clip.checkpoint import CHECKPOINT_DIR, LATEST, load_checkpoint, save_checkpoint
+from clip.config import Config, OptimConfig, config_from_dict
+from clip.loss import clip_loss
+from clip.model import CLIP, build_model
+from pipeline.errors import UserError
+from pipeline.loaders import make_loader
+from pipeline.shards import ShardSet, open_shards
+from pipeline.text_cache import TextCache
+
+RUN_FILES = ("config.yaml", "metrics.jsonl", CHECKPOINT_DIR, "tensorboard")
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int
+    world_size: int
+    device: torch.device
+
+
+def _device(preference: str, local_rank: int) -> torch.device:
+    if preference == "cuda" and not torch.cuda.is_available():
+        raise UserError("train.device is cuda but no CUDA GPU is visible: use --device cpu or auto")
+    if preference == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    torch.cuda.set_device(local_rank)
+    return torch.device("cuda", local_rank)
+
+
+def setup_distributed(preference: str) -> Dist:
+    """Rank and world size from torchrun's environment; joins the process group when there are several."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    device = _device(preference, int(os.environ.get("LOCAL_RANK", "0")))
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Dist(rank, world_size, device)
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on conv and linear weights only: decaying biases, norm scales or the temperature only hurts."""
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def make_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
+    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                             eps=cfg.eps)
+
+
+def lr_factor(step: int, *, warmup: int, total: int) -> float:
+    """Multiplier of the peak lr at 0-based `step`: linear warmup to 1, then cosine to 0 at `total`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, *, warmup: int, total: int) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, warmup=warmup, total=total))
+
+
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, images: Tensor, text: Tensor, *,
+               grad_clip: float, bf16: bool) -> Tensor:
+    """One optimisation step on a batch of images and their captions' cached vectors; returns the loss."""
+    with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=bf16):
+        image_feats, text_feats, logit_scale = model(images, text)
+        loss = clip_loss(image_feats, text_feats, logit_scale)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    scheduler.step()
+    return loss.detach()
+
+
+@dataclass(frozen=True)
+class Inputs:
+    shards: ShardSet
+    text: TextCache
+    eval_shards: ShardSet | None
+    eval_text: TextCache | None
+
+
+def open_inputs(cfg: Config) -> Inputs:
+    """Open and cross-check the shards and text caches before any work starts."""
+    if not cfg.data.shards or not cfg.data.text:
+        raise UserError("no training data: pass --shards DIR (from `clipcoco shards`) and --text FILE "
+                        "(from `clipcoco embed-text`)")
+    shards = open_shards(Path(cfg.data.shards))
+    text = TextCache.load(Path(cfg.data.text))
+    text.check_covers(shards.image_ids())
+    eval_shards = eval_text = None
+    if cfg.data.eval_shards:
+        eval_shards = open_shards(Path(cfg.data.eval_shards))
+        eval_text = TextCache.load(Path(cfg.data.eval_text))
+        eval_text.check_covers(eval_shards.image_ids())
+        if eval_text.fingerprint != text.fingerprint:
+            raise UserError(f"eval text cache {eval_text.path} was made with a different text encoder than "
+                            f"{text.path} ({_differences(text.fingerprint, eval_text.fingerprint)}): embed the eval "
+                            "captions with the same --model and --pooling")
+    return Inputs(shards, text, eval_shards, eval_text)
+
+
+def _differences(a: dict, b: dict) -> str:
+    keys = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+    return "differs in " + ", ".join(f"{k}: {a.get(k)!r} vs {b.get(k)!r}" for k in keys)
+
+
+def _shape(model: dict, text_dim: int) -> str:
+    return f"{model['image_model']}, embed_dim {model['embed_dim']}, {model['head']} heads, text dim {text_dim}"
+
+
+def find_resume(out: Path, cfg: Config, inputs: Inputs, world_size: int, *, overwrite: bool) -> dict | None:
+    """The checkpoint to continue from, after checking it belongs to this model, data and process count."""
+    if overwrite or not (out / CHECKPOINT_DIR / LATEST).is_file():
+        return None
+    ckpt = load_checkpoint(out)
+    start_over = "pass --overwrite to start a new run there, or choose another --out"
+    theirs = _shape(config_from_dict(ckpt["config"]).to_dict()["model"], int(ckpt["text_dim"]))
+    ours = _shape(cfg.to_dict()["model"], inputs.text.dim)
+    if theirs != ours:
+        raise UserError(f"{out} holds a run of a different model ({theirs}; this config: {ours}): {start_over}")
+    if ckpt["text_fingerprint"] != inputs.text.fingerprint:
+        raise UserError(f"text cache {inputs.text.path} is not the one {out} was trained with "
+                        f"({_differences(ckpt['text_fingerprint'], inputs.text.fingerprint)}): pass that run's "
+                        f"cache to resume, or {start_over}")
+    if ckpt["shards_fingerprint"] != inputs.shards.fingerprint:
+        raise UserError(f"shards {inputs.shards.root} are not the ones {out} was trained on: pass those to resume, "
+                        f"or {start_over}")
+    if len(ckpt["loader"]) != world_size:
+        raise UserError(f"{out} was trained with {len(ckpt['loader'])} processes and this run has {world_size}: "
+                        f"resume with torchrun --nproc_per_node {len(ckpt['loader'])}, or {start_over}")
+    return ckpt
+
+
+def prepare_run_dir(out: Path, cfg: Config, resume: dict | None, *, overwrite: bool) -> None:
+    """Write the resolved config; keep only the metrics up to the resumed step (a killed run may have logged more)."""
+    if overwrite:
+        for name in RUN_FILES:
+            path = out / name
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(cfg.to_yaml())
+    metrics = out / "metrics.jsonl"
+    kept = []
+    if resume is not None and metrics.is_file():
+        kept = [line for line in metrics.read_text().splitlines() if json.loads(line)["step"] <= resume["step"]]
+    metrics.write_text("".join(f"{line}\n" for line in kept))
+
+
+def _all_ranks(obj, world_size: int) -> list:
+    if world_size == 1:
+        return [obj]
+    gathered = [None] * world_size
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+class Meter:
+    """Throughput and data-wait fraction over a logging window; the loss is summed on device (no sync per step)."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.start, self.wait, self.steps, self.loss_sum = time.perf_counter(), 0.0, 0, None
+
+    def add(self, loss: Tensor) -> None:
+        self.steps += 1
+        self.loss_sum = loss if self.loss_sum is None else self.loss_sum + loss
+
+    def timed(self, batches: Iterable) -> Iterator:
+        """Yield from `batches`, counting the time spent waiting for each one."""
+        it = iter(batches)
+        while True:
+            t0 = time.perf_counter()
+            try:
+                batch = next(it)
+            except StopIteration:
+                return
+            self.wait += time.perf_counter() - t0
+            yield batch
+
+    def read(self, images_per_step: int) -> dict:
+        loss = self.loss_sum.item() / self.steps  # the one sync per window
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        out = {"loss": loss, "images_per_s": self.steps * images_per_step / elapsed, "data_wait": self.wait / elapsed}
+        self.reset()
+        return out
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # CPU: peak resident set (KiB on Linux)
+
+
+class RunLog:
+    """metrics.jsonl lines (and TensorBoard scalars when tensorboard is installed), written by rank 0 only."""
+
+    def __init__(self, out: Path, enabled: bool) -> None:
+        self.path, self.enabled, self.tb = out / "metrics.jsonl", enabled, None
+        if enabled:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:  # optional: metrics.jsonl is the record, TensorBoard only a viewer
+                SummaryWriter = None
+            if SummaryWriter is not None:
+                self.tb = SummaryWriter(str(out / "tensorboard"))
+
+    def write(self, kind: str, step: int, values: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"kind": kind, "step": step, **values}) + "\n")
+        if self.tb is not None:
+            for key, value in values.items():
+                if isinstance(value, int | float):
+                    self.tb.add_scalar(f"{kind}/{key}", value, step)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def evaluate_now(model: CLIP, cfg: Config, inputs: Inputs, device: torch.device) -> dict:
+    from clip.evaluate import score_model  # imported here: evaluation pulls in nothing the loop needs otherwise
+
+    model.eval()
+    try:
+        return score_model(model, shards=inputs.eval_shards, text=inputs.eval_text, device=device,
+                           loader=cfg.data.loader, batch_size=cfg.train.batch_size, image_size=cfg.data.image_size,
+                           threads=cfg.data.threads)
+    finally:
+        model.train()
+
+
+def _progress(enabled: bool) -> Progress:
+    return Progress(TextColumn("[bold]train[/] step"), MofNCompleteColumn(), BarColumn(),
+                    TextColumn("{task.fields[stats]}"), TimeRemainingColumn(), disable=not enabled)
+
+
+def train(cfg: Config, *, out: Path, overwrite: bool = False, progress: bool = True) -> dict:
+    """Train (or resume) the run in `out` up to the target step; returns the final step, loss and eval scores."""
+    out = Path(out)
+    env = setup_distributed(cfg.train.device)
+    inputs = open_inputs(cfg)
+    resume = find_resume(out, cfg, inputs, env.world_size, overwrite=overwrite)
+    if env.rank == 0:
+        prepare_run_dir(out, cfg, resume, overwrite=overwrite)
+    if env.world_size > 1:
+        dist.barrier()  # the run directory is ready before any rank reads or writes it
+
+    torch.manual_seed(cfg.train.seed)
+    on_cuda = env.device.type == "cuda"
+    model = build_model(cfg.model, inputs.text.dim) if resume is None else CLIP(cfg.model, inputs.text.dim)
+    model = model.to(env.device, memory_format=torch.channels_last if on_cuda else torch.contiguous_format)
+    loader = make_loader(inputs.shards, kind=cfg.data.loader, batch_size=cfg.train.batch_size,
+                         image_size=cfg.data.image_size, train=True, device=env.device, seed=cfg.train.seed,
+                         rank=env.rank, world_size=env.world_size, threads=cfg.data.threads,
+                         crop_scale_min=cfg.data.crop_scale_min)
+    if loader.steps_per_epoch < 1:
+        raise UserError(f"{inputs.shards.n_images} images over {env.world_size} process(es) do not fill one batch "
+                        f"of {cfg.train.batch_size}: lower --batch-size")
+    total = cfg.train.steps or cfg.train.epochs * loader.steps_per_epoch
+    optimizer = make_optimizer(model, cfg.optim)
+    scheduler = make_scheduler(optimizer, warmup=cfg.optim.warmup_steps, total=total)
+    captions = torch.Generator().manual_seed(cfg.train.seed * 65_536 + env.rank)  # one stream per rank
+    step, epoch = 0, 0
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+        scheduler.load_state_dict(resume["scheduler"])
+        step, epoch = int(resume["step"]), int(resume["epoch"])
+        torch.set_rng_state(resume["rng"]["torch"])
+        captions.set_state(resume["rng"]["captions"][env.rank])
+        loader.load_state_dict(resume["loader"][env.rank])
+
+    step_model: nn.Module = model
+    if env.world_size > 1:
+        step_model = DistributedDataParallel(model, device_ids=[env.device.index] if on_cuda else None)
+    if cfg.train.compile:
+        step_model = torch.compile(step_model)
+    bf16 = on_cuda and cfg.train.precision == "bf16"
+    images_per_step = cfg.train.batch_size * env.world_size
+    log = RunLog(out, enabled=env.rank == 0)
+    meter, last, scores, saved = Meter(), {}, None, None
+
+    def checkpoint() -> Path | None:
+        loader_states = _all_ranks(loader.state_dict(), env.world_size)
+        caption_states = _all_ranks(captions.get_state(), env.world_size)
+        if env.rank != 0:
+            return None
+        state = {
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "step": step, "epoch": epoch, "samples_seen": step * images_per_step,
+            "rng": {"torch": torch.get_rng_state(), "captions": torch.stack(caption_states)},
+            "loader": loader_states, "config": cfg.to_dict(), "text_fingerprint": inputs.text.fingerprint,
+            "text_dim": inputs.text.dim, "shards_fingerprint": inputs.shards.fingerprint,
+            "train_image_ids": torch.as_tensor(inputs.shards.image_ids(), dtype=torch.int64),
+        }
+        return save_checkpoint(out, state, keep_last=cfg.train.keep_last)
+
+    def evaluate() -> dict | None:
+        result = evaluate_now(model, cfg, inputs, env.device) if env.rank == 0 else None
+        if env.world_size > 1:
+            dist.barrier()
+        if result is not None:
+            log.write("eval", step, result)
+        return result
+
+    with _progress(progress and env.rank == 0) as bar:
+        task = bar.add_task("train", total=total, completed=step, stats="")
+        while step < total:
+            for batch in meter.timed(loader):
+                text = inputs.text.sample(batch.image_ids, captions).to(env.device, non_blocking=True)
+                lr = optimizer.param_groups[0]["lr"]
+                loss = train_step(step_model, optimizer, scheduler, batch.images, text,
+                                  grad_clip=cfg.optim.grad_clip, bf16=bf16)
+                step += 1
+                meter.add(loss)
+                if step % cfg.train.log_every == 0 or step == total:
+                    last = meter.read(images_per_step)
+                    log.write("train", step, {
+                        "epoch": step / loader.steps_per_epoch, **last, "lr": lr,
+                        "temperature": 1 / model.logit_scale().item(), "peak_mem_gb": peak_memory_gb(env.device)})
+                    bar.update(task, completed=step, stats=f"loss {last['loss']:.4f}  {last['images_per_s']:.1f} img/s"
+                                                           f"  data-wait {100 * last['data_wait']:.0f}%")
+                if inputs.eval_shards is not None and (
+                        step == total or (cfg.train.eval_every and step % cfg.train.eval_every == 0)):
+                    scores = evaluate()
+                if step % cfg.train.save_every == 0 or step == total:
+                    saved = checkpoint()
+                if step >= total:
+                    break
+            else:
+                epoch += 1
+    log.close()
+    return {"run": str(out), "step": step, "epoch": epoch, "checkpoint": str(saved) if saved else None,
+            **({"loss": last["loss"], "images_per_s": last["images_per_s"], "data_wait": last["data_wait"]}
+               if last else {}), "eval": scores}

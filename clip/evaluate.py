@@ -19,12 +19,26 @@ Protocol, over all captions (about 5 per image, not always exactly 5):
 Ties: a competitor whose score equals the positive's counts ahead of it (pessimistic).
 """
 
+import hashlib
+import json
 import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
+import torch.distributed as dist
 
+from clip.checkpoint import load_checkpoint, model_from_checkpoint, resolve_checkpoint
+from clip.model import CLIP
+from pipeline import __version__
 from pipeline.errors import UserError
+from pipeline.loaders import make_loader
+from pipeline.shards import ShardSet, open_shards
+from pipeline.text_cache import TextCache
 
 RECALL_AT = (1, 5, 10)
 RECALL_KEYS = tuple(f"{d}_r{k}" for d in ("i2t", "t2i") for k in RECALL_AT)
@@ -132,3 +146,284 @@ def retrieval_metrics(image_feats: torch.Tensor, text_feats: torch.Tensor, text_
     out = _summary(i2t.cpu().numpy(), t2i.cpu().numpy())
     out["folds"] = 1
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Scoring a model on a shard directory
+
+
+@dataclass
+class EvalEmbeddings:
+    image_ids: np.ndarray  # [I] int64, sorted: every image of the shards exactly once
+    image_feats: torch.Tensor  # [I, E] float32, L2-normalised, on the CPU
+    caption_image_ids: np.ndarray  # [T] int64, the cache's rows for these images, in cache order
+    caption_ids: np.ndarray  # [T] int64
+    text_feats: torch.Tensor  # [T, E] float32, L2-normalised, on the CPU
+    text_to_image: torch.Tensor  # [T] int64, each caption's row in image_feats
+
+
+def _progress(enabled: bool, label: str, unit: str):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn
+    from rich.text import Text
+
+    class Rate(ProgressColumn):
+        def render(self, task) -> Text:
+            return Text(f"{task.speed or 0:,.0f} {unit}/s")
+
+    return Progress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), Rate(), TimeElapsedColumn(),
+                    disable=not enabled)
+
+
+def _gather_rows(local: torch.Tensor) -> torch.Tensor:
+    """Concatenate every rank's rows (the counts may differ by rank) over the default process group."""
+    sizes = [torch.zeros(1, dtype=torch.long, device=local.device) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, torch.tensor([local.shape[0]], device=local.device))
+    longest = int(max(s.item() for s in sizes))
+    padded = torch.zeros((longest, *local.shape[1:]), dtype=local.dtype, device=local.device)
+    padded[: local.shape[0]] = local
+    parts = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(parts, padded)  # all_gather needs equal shapes, hence the padding, trimmed here
+    return torch.cat([p[: int(n.item())] for p, n in zip(parts, sizes, strict=True)])
+
+
+@torch.inference_mode()
+def _embed_images(model: CLIP, *, shards: ShardSet, device: torch.device, loader: str, batch_size: int, image_size: int,
+                  threads: int, rank: int, world: int, progress: bool) -> tuple[np.ndarray, torch.Tensor]:
+    batches = make_loader(shards, kind=loader, batch_size=batch_size, image_size=image_size, train=False,
+                          device=device, rank=rank, world_size=world, threads=threads)
+    ids, feats = [], []
+    with _progress(progress and rank == 0, "scoring images", "images") as bar:
+        task = bar.add_task("images", total=shards.n_images)
+        for batch in batches:
+            feats.append(model.encode_image(batch.images).float())
+            ids.append(batch.image_ids.to(device))
+            bar.advance(task, len(batch.image_ids) * world)  # every rank moves at about the same pace
+    if feats:
+        local_feats = torch.cat(feats)
+    else:  # a rank can get no image when there are fewer images than ranks; it still joins the gather
+        local_feats = torch.zeros(0, model.encode_text(torch.zeros(1, model.text_dim, device=device)).shape[1],
+                                  device=device)
+    local_ids = torch.cat(ids) if ids else torch.zeros(0, dtype=torch.long, device=device)
+    if world > 1:
+        local_ids, local_feats = _gather_rows(local_ids), _gather_rows(local_feats)
+    all_ids, all_feats = local_ids.cpu().numpy(), local_feats.cpu()
+    order = np.argsort(all_ids, kind="stable")
+    return all_ids[order], all_feats[torch.from_numpy(order)]
+
+
+def _check_every_image_once(ids: np.ndarray, shards: ShardSet) -> None:
+    # A loader that pads its last batch or repeats samples across ranks would silently bias the recalls.
+    expected = shards.image_ids()
+    if len(ids) != shards.n_images or not np.array_equal(ids, expected):
+        repeated = int(len(ids) - len(np.unique(ids)))
+        missing = int(np.setdiff1d(expected, ids).size)
+        raise RuntimeError(f"the eval loader yielded {len(ids)} images ({repeated} repeated, {missing} missing) "
+                           f"for the {shards.n_images} of {shards.root}: every image must be scored exactly once")
+
+
+@torch.inference_mode()
+def _embed_texts(model: CLIP, vectors: torch.Tensor, *, device: torch.device, batch_size: int = 16384) -> torch.Tensor:
+    return torch.cat([model.encode_text(vectors[i:i + batch_size].to(device)).float().cpu()
+                      for i in range(0, vectors.shape[0], batch_size)])
+
+
+def embed_split(model: CLIP, *, shards: ShardSet, text: TextCache, device: torch.device, loader: str = "dali",
+                batch_size: int = 256, image_size: int = 224, threads: int = 2, rank: int = 0, world_size: int = 1,
+                progress: bool = True) -> EvalEmbeddings:
+    """Every image of `shards` (once, deterministic crop) and every cached caption of them, through `model`.
+
+    `model` is the bare CLIP (not a DDP wrapper). With world_size > 1 (every rank of the default
+    process group calls this) each rank scores a slice of the images and every rank gets all back.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        image_ids, image_feats = _embed_images(model, shards=shards, device=device, loader=loader,
+                                               batch_size=batch_size, image_size=image_size, threads=threads,
+                                               rank=rank, world=world_size, progress=progress)
+        _check_every_image_once(image_ids, shards)
+        text.check_covers(image_ids)
+        keep = np.isin(text.image_ids, image_ids)  # a cache may hold more images than these shards
+        caption_image_ids = text.image_ids[keep]
+        text_feats = _embed_texts(model, text.embeddings[torch.from_numpy(keep)], device=device)
+    finally:
+        model.train(was_training)
+    return EvalEmbeddings(image_ids=image_ids, image_feats=image_feats, caption_image_ids=caption_image_ids,
+                          caption_ids=text.caption_ids[keep], text_feats=text_feats,
+                          text_to_image=torch.from_numpy(np.searchsorted(image_ids, caption_image_ids)))
+
+
+def score_model(model: CLIP, *, shards: ShardSet, text: TextCache, device: torch.device | str, loader: str = "dali",
+                batch_size: int = 256, image_size: int = 224, threads: int = 2, folds: int = 1,
+                progress: bool = True) -> dict:
+    """Retrieval metrics of `model` on `shards` (a ShardSet) with captions from `text` (a TextCache).
+
+    Scores every image in this process alone (the trainer calls it on rank 0 only).
+    """
+    emb = embed_split(model, shards=shards, text=text, device=torch.device(device), loader=loader,
+                      batch_size=batch_size, image_size=image_size, threads=threads, progress=progress)
+    return retrieval_metrics(emb.image_feats.to(device), emb.text_feats.to(device), emb.text_to_image, folds=folds)
+
+
+# ---------------------------------------------------------------------------------------------
+# The `clipcoco eval` stage: checks, report, embeddings file
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def run_dir_of(checkpoint: Path) -> Path:
+    """The run directory a checkpoint belongs to (RUN/checkpoints/step_*.pt -> RUN)."""
+    return checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent
+
+
+def check_text_cache(ckpt: dict, text: TextCache, text_path: Path) -> None:
+    """Refuse a cache whose text model differs from the one the run was trained with."""
+    cache, run = dict(text.fingerprint), dict(ckpt["text_fingerprint"])
+    differ = [k for k in sorted(cache.keys() | run.keys()) if cache.get(k) != run.get(k)]
+    if differ:
+        raise UserError(
+            f"text cache {text_path} (model {cache.get('model')!r}, pooling {cache.get('pooling')!r}) does not match "
+            f"the text model the run was trained with (model {run.get('model')!r}, pooling {run.get('pooling')!r}): "
+            + "; ".join(f"{k}: cache {cache.get(k)!r}, run {run.get(k)!r}" for k in differ)
+            + ". Embed the eval captions the way the run's cache was made "
+            f"(`clipcoco embed-text SHARDS --model {run.get('model')} --pooling {run.get('pooling')}`)")
+
+
+def overlap_with_train(ckpt: dict, image_ids: np.ndarray) -> int:
+    """How many eval images the run trained on (COCO train2017 holds most Karpathy test images)."""
+    return int(np.intersect1d(np.asarray(ckpt["train_image_ids"], dtype=np.int64), image_ids).size)
+
+
+def _resolve_device(device: str) -> torch.device:
+    if device not in ("auto", "cpu", "cuda"):
+        raise UserError(f"--device {device!r}: pass auto, cpu or cuda")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda but no CUDA GPU is visible: pass --device cpu (and --loader torch)")
+    if device == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))  # torchrun: one GPU per local rank
+
+
+def _init_distributed(device: torch.device) -> bool:
+    """Join the torchrun process group when launched by torchrun; True when this call created it."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return False
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return True
+
+
+def save_embeddings(path: Path, emb: EvalEmbeddings, metadata: dict[str, str]) -> Path:
+    """Image rows (caption_id -1) then caption rows, as one Parquet file; written atomically."""
+    n_images, dim = emb.image_feats.shape
+    feats = torch.cat([emb.image_feats, emb.text_feats]).numpy().astype(np.float32)
+    table = pa.table({
+        "image_id": np.concatenate([emb.image_ids, emb.caption_image_ids]).astype(np.int64),
+        "caption_id": np.concatenate([np.full(n_images, -1, dtype=np.int64), emb.caption_ids.astype(np.int64)]),
+        "kind": pa.array(["image"] * n_images + ["text"] * len(emb.caption_ids), type=pa.string()),
+        "embedding": pa.FixedSizeListArray.from_arrays(pa.array(feats.reshape(-1)), dim),
+    }).replace_schema_metadata(metadata)
+    tmp = path.with_name(f".{path.name}.tmp")
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def print_report(report: dict, console=None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    protocol = f"{report['n_images']:,} images, {report['n_captions']:,} captions"
+    if report["folds"] > 1:
+        protocol = f"{report['folds']} folds of {report['fold_size']:,} images (mean)"
+    table = Table(title=f"retrieval on {report['split']} (step {report['step']}): {protocol}, recall in %",
+                  caption=f"mean recall {100 * report['mean_recall']:.2f}%")
+    for column in ("", "R@1", "R@5", "R@10", "median rank"):
+        table.add_column(column, justify="right")
+    for name, label in (("i2t", "image -> text"), ("t2i", "text -> image")):
+        table.add_row(label, *(f"{100 * report[f'{name}_r{k}']:.2f}" for k in RECALL_AT), f"{report[f'{name}_medr']:g}")
+    console.print(table)
+
+
+def evaluate(run_or_ckpt: Path, *, shards: Path, text: Path, out: Path | None = None, folds: int = 1,
+             loader: str = "dali", device: str = "auto", batch_size: int = 256, image_size: int | None = None,
+             threads: int = 2, progress: bool = True) -> dict:
+    """Score a run (its latest checkpoint) or a checkpoint on `shards` with the captions of `text`.
+
+    Writes the report JSON (default RUN_DIR/eval-<split>.json, eval-<split>-folds<N>.json with folds > 1)
+    and RUN_DIR/embeddings-<split>.parquet; returns the report. Under torchrun, rank 0 writes and prints.
+    """
+    if loader not in ("dali", "torch"):
+        raise UserError(f"--loader {loader!r}: pass dali or torch")
+    ckpt_path = resolve_checkpoint(Path(run_or_ckpt))
+    ckpt = load_checkpoint(ckpt_path)
+    shard_set = open_shards(Path(shards))
+    cache = TextCache.load(Path(text))
+    check_text_cache(ckpt, cache, Path(text))
+    run_dir = run_dir_of(ckpt_path)
+    split = shard_set.root.resolve().name
+    torch_device = _resolve_device(device)
+    created_group = _init_distributed(torch_device)
+    try:
+        model = model_from_checkpoint(ckpt).to(torch_device).to(memory_format=torch.channels_last)
+        if image_size is None:
+            image_size = int(ckpt["config"]["data"]["image_size"])
+        rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        emb = embed_split(model, shards=shard_set, text=cache, device=torch_device, loader=loader,
+                          batch_size=batch_size, image_size=image_size, threads=threads, rank=rank,
+                          world_size=world, progress=progress)
+        if rank != 0:
+            return {}
+        metrics = retrieval_metrics(emb.image_feats.to(torch_device), emb.text_feats.to(torch_device),
+                                    emb.text_to_image, folds=folds)
+    finally:
+        if created_group:
+            dist.destroy_process_group()
+    overlap = overlap_with_train(ckpt, emb.image_ids)
+    report = {
+        **metrics,
+        "split": split,
+        "checkpoint": str(ckpt_path),
+        "step": int(ckpt["step"]),
+        "checkpoint_sha256": _sha256(ckpt_path),
+        "text_cache": str(text),
+        "text_fingerprint": cache.fingerprint,
+        "shards": str(shard_set.root),
+        "shards_fingerprint": shard_set.fingerprint,
+        "train_shards_fingerprint": ckpt["shards_fingerprint"],
+        "overlap_with_train": overlap,
+        "image_size": image_size,
+        "loader": loader,
+        "clipcoco_version": __version__,
+    }
+    from rich.console import Console
+
+    console = Console(stderr=False)
+    if overlap:
+        console.print(f"[bold yellow]warning:[/] {overlap:,} of the {len(emb.image_ids):,} eval images in "
+                      f"{shard_set.root} were in this run's training set: these recalls overstate the model "
+                      "(train on shards that leave the eval images out, e.g. Karpathy trainval vs test)")
+    suffix = f"-folds{folds}" if folds > 1 else ""
+    out = Path(out) if out is not None else run_dir / f"eval-{split}{suffix}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text(json.dumps(report, indent=2) + "\n")
+    os.replace(tmp, out)
+    embeddings = save_embeddings(run_dir / f"embeddings-{split}.parquet", emb, {
+        "clipcoco_version": __version__,
+        "checkpoint": str(ckpt_path.resolve()),
+        "step": str(int(ckpt["step"])),
+        "shards_fingerprint": shard_set.fingerprint,
+        "text_metadata": json.dumps(cache.metadata),  # what `clipcoco search` embeds a query with
+    })
+    print_report(report, console)
+    console.print(f"report: {out}\nembeddings: {embeddings}")
+    return report

@@ -1,11 +1,26 @@
 """Retrieval metrics against a brute-force reference, and `clipcoco eval` end to end on tiny data."""
 
+import json
+from pathlib import Path
+
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
+from conftest import write_coco
+from typer.testing import CliRunner
 
-from clip.evaluate import retrieval_metrics
+import clip.evaluate as evaluate_module
+from cli.main import app
+from clip.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from clip.config import load_config
+from clip.evaluate import embed_split, evaluate, retrieval_metrics, score_model
+from clip.model import build_model
 from pipeline.errors import UserError
+from pipeline.loaders import make_loader
+from pipeline.shards import build_shards, open_shards
+from pipeline.text_cache import TextCache
 
 
 def reference(image_feats: np.ndarray, text_feats: np.ndarray, text_to_image: np.ndarray) -> dict:
@@ -115,3 +130,165 @@ def test_rejects_bad_inputs():
         retrieval_metrics(torch.eye(3), torch.eye(3)[:2], torch.tensor([0, 1]))
     with pytest.raises(UserError, match="folds"):
         retrieval_metrics(torch.eye(3), torch.eye(3), torch.arange(3), folds=5)
+
+
+# ---------------------------------------------------------------------------------------------
+# `clipcoco eval` on tiny data: shards of 13 random images (3-7 captions each), a random text cache,
+# an untrained resnet18 checkpoint; CPU and the torch loader.
+
+TEXT_DIM = 8
+TEXT_METADATA = {"model": "tiny-text", "weights_sha256": "w" * 64, "tokenizer_sha256": "t" * 64, "pooling": "mean",
+                 "max_length": "77", "normalization": "none", "dim": str(TEXT_DIM), "dtype": "float32",
+                 "captions_sha256": "c" * 64, "clipcoco_version": "0.1.0"}
+
+
+def write_text_cache(shards_dir: Path, path: Path, metadata=TEXT_METADATA, seed=0) -> Path:
+    """A text cache per the design's contract over every caption of `shards_dir`, with random vectors."""
+    captions = pq.read_table(shards_dir / "captions.parquet").sort_by([("image_id", "ascending"),
+                                                                       ("caption_id", "ascending")])
+    vectors = np.random.default_rng(seed).standard_normal((len(captions), TEXT_DIM)).astype(np.float16)
+    table = pa.table({
+        "image_id": captions.column("image_id"), "caption_id": captions.column("caption_id"),
+        "caption": captions.column("caption"),
+        "embedding": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1), pa.float16()), TEXT_DIM),
+    }).replace_schema_metadata(metadata)
+    pq.write_table(table, path)
+    return path
+
+
+CONFIG = {"model.image_model": "resnet18", "model.image_weights": "none", "model.embed_dim": 16,
+          "data.image_size": 16}
+
+
+def make_run(run: Path, *, fingerprint: dict, train_image_ids=(), step=7) -> Path:
+    """A run directory holding one checkpoint of an untrained (seeded) tiny CLIP."""
+    cfg = load_config(None, CONFIG)
+    torch.manual_seed(0)
+    model = build_model(cfg.model, TEXT_DIM)
+    return save_checkpoint(run, {
+        "model": model.state_dict(), "step": step, "epoch": 0, "config": cfg.to_dict(), "text_dim": TEXT_DIM,
+        "text_fingerprint": fingerprint, "shards_fingerprint": "the-train-shards",
+        "train_image_ids": torch.tensor(list(train_image_ids), dtype=torch.int64)}, keep_last=1)
+
+
+@pytest.fixture(scope="module")
+def eval_setup(tmp_path_factory):
+    """(shards dir named "test", text cache path) with 13 images of 3 to 7 captions, in 3 shards."""
+    root = tmp_path_factory.mktemp("eval")
+    ann, images = write_coco(root / "coco", 13, captions_per_image=7, size=(40, 36), first_id=100)
+    data = json.loads(ann.read_text())
+    counts = {img["id"]: 3 + i % 5 for i, img in enumerate(data["images"])}  # 3..7 captions per image
+    kept = []
+    for a in data["annotations"]:
+        if counts[a["image_id"]] > 0:
+            counts[a["image_id"]] -= 1
+            kept.append(a)
+    data["annotations"] = kept
+    ann.write_text(json.dumps(data))
+    shards = root / "shards" / "test"
+    build_shards(out=shards, images=images, annotations=ann, samples_per_shard=5, workers=1, progress=False)
+    return shards, write_text_cache(shards, root / "text.parquet")
+
+
+@pytest.fixture(scope="module")
+def loaded(eval_setup, tmp_path_factory):
+    """(ShardSet, TextCache, model) for the library-level tests."""
+    shards_dir, text = eval_setup
+    cache = TextCache.load(text)
+    ckpt = make_run(tmp_path_factory.mktemp("run"), fingerprint=cache.fingerprint)
+    return open_shards(shards_dir), cache, model_from_checkpoint(load_checkpoint(ckpt))
+
+
+def fingerprint_of(text: Path) -> dict:
+    return TextCache.load(text).fingerprint
+
+
+def embed(loaded, batch_size: int):
+    shards, cache, model = loaded
+    return embed_split(model, shards=shards, text=cache, device=torch.device("cpu"), loader="torch",
+                       batch_size=batch_size, image_size=16, threads=1, progress=False)
+
+
+def test_every_image_once_with_a_batch_size_that_does_not_divide(loaded):
+    shards, cache, _ = loaded
+    emb = embed(loaded, 4)  # 13 images: batches of 4, 4, 4, 1
+    assert np.array_equal(emb.image_ids, shards.image_ids()) and emb.image_feats.shape == (13, 16)
+    assert len(emb.caption_ids) == len(cache) == 62 and emb.text_to_image.max() == 12
+    assert torch.equal(emb.text_to_image, torch.from_numpy(np.searchsorted(emb.image_ids, cache.image_ids)))
+    one_batch = embed(loaded, 13)
+    torch.testing.assert_close(emb.image_feats, one_batch.image_feats, atol=1e-5, rtol=1e-5)
+
+
+def test_a_loader_that_repeats_an_image_is_refused(loaded, monkeypatch):
+    def padded_loader(*args, **kwargs):  # a loader that pads its last batch by repeating images
+        batches = list(make_loader(*args, **kwargs))
+        last = batches[-1]
+        batches[-1] = type(last)(images=torch.cat([last.images, batches[0].images[:3]]),
+                                 image_ids=torch.cat([last.image_ids, batches[0].image_ids[:3]]))
+        return batches
+
+    monkeypatch.setattr(evaluate_module, "make_loader", padded_loader)
+    with pytest.raises(RuntimeError, match="16 images \\(3 repeated, 0 missing\\)"):
+        embed(loaded, 4)
+
+
+def test_shuffled_loader_order_gives_the_same_scores(loaded, monkeypatch):
+    shards, cache, model = loaded
+    kw = dict(shards=shards, text=cache, device="cpu", loader="torch", batch_size=4, image_size=16, threads=1,
+              progress=False)
+    want = score_model(model, **kw)
+
+    def shuffled_loader(*args, **kwargs):
+        batches = list(make_loader(*args, **kwargs))
+        images = torch.cat([b.images for b in batches])
+        ids = torch.cat([b.image_ids for b in batches])
+        order = torch.from_numpy(np.random.default_rng(5).permutation(len(ids)))
+        return [type(batches[0])(images=images[order[i:i + 3]], image_ids=ids[order[i:i + 3]])
+                for i in range(0, len(ids), 3)]
+
+    monkeypatch.setattr(evaluate_module, "make_loader", shuffled_loader)
+    got = score_model(model, **kw)
+    for key in ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "i2t_medr", "t2i_medr"):
+        assert got[key] == want[key], key
+    assert 0 < want["t2i_r5"] < 1  # an informative (not all-or-nothing) result
+def test_evaluate_writes_report_and_embeddings_and_counts_the_overlap(eval_setup, tmp_path, capsys):
+    shards_dir, text = eval_setup
+    train_ids = [100, 105, 112, 999]  # three eval images planted in the run's training set
+    ckpt = make_run(tmp_path / "run", fingerprint=fingerprint_of(text), train_image_ids=train_ids)
+    report = evaluate(tmp_path / "run", shards=shards_dir, text=text, loader="torch", device="cpu", batch_size=5,
+                      progress=False)
+    assert "warning" in capsys.readouterr().out
+    saved = json.loads((tmp_path / "run" / "eval-test.json").read_text())
+    assert saved == report
+    assert report["overlap_with_train"] == 3
+    assert (report["n_images"], report["n_captions"], report["step"]) == (13, 62, 7)
+    assert report["checkpoint"] == str(ckpt) and report["image_size"] == 16
+    assert report["shards_fingerprint"] == open_shards(shards_dir).fingerprint
+    assert report["text_fingerprint"] == fingerprint_of(text)
+    for key in ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "mean_recall"):
+        assert 0 <= report[key] <= 1
+    table = pq.read_table(tmp_path / "run" / "embeddings-test.parquet")
+    kinds = table.column("kind").to_pylist()
+    assert kinds.count("image") == 13 and kinds.count("text") == 62
+    assert table.column("caption_id").to_pylist()[:13] == [-1] * 13
+    assert table.schema.field("embedding").type.list_size == 16
+
+
+def test_clean_run_has_no_overlap_and_folds_name_their_report(eval_setup, tmp_path):
+    shards_dir, text = eval_setup
+    ckpt = make_run(tmp_path / "run", fingerprint=fingerprint_of(text), train_image_ids=[1, 2, 3])
+    result = CliRunner().invoke(app, ["eval", str(ckpt), "--shards", str(shards_dir), "--text", str(text),
+                                      "--loader", "torch", "--device", "cpu", "--folds", "2"])
+    assert result.exit_code == 0, result.output
+    assert "warning" not in result.output and "R@10" in result.output
+    report = json.loads((tmp_path / "run" / "eval-test-folds2.json").read_text())
+    assert report["overlap_with_train"] == 0 and report["folds"] == 2 and report["fold_size"] == 6
+    assert len(report["per_fold"]) == 2 and report["n_images"] == 12
+
+
+def test_mismatched_text_cache_is_refused(eval_setup, tmp_path):
+    shards_dir, text = eval_setup
+    trained_on = {**fingerprint_of(text), "pooling": "cls"}
+    make_run(tmp_path / "run", fingerprint=trained_on)
+    with pytest.raises(UserError, match="pooling: cache 'mean', run 'cls'"):
+        evaluate(tmp_path / "run", shards=shards_dir, text=text, loader="torch", device="cpu", progress=False)

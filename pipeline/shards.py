@@ -40,6 +40,7 @@ from pipeline.coco import ImageRecord, read_coco_captions, read_karpathy
 from pipeline.errors import UserError
 
 MEMBERS = ("id", "jpg", "json", "txt")  # the order TarWriter writes them in (sorted)
+EXIF_ORIENTATION = 0x0112
 SHARD_RE = re.compile(r"^shard-(\d{6})\.(tar|idx|json)(\.tmp)?$")
 DETERMINISTIC_FILES = ("captions.parquet", "failures.jsonl")  # manifest.json also holds paths and timings
 
@@ -98,6 +99,8 @@ _ADDRESS = re.compile(r"<[^<>]* at 0x[0-9a-fA-F]+>")
 def prepare_image(path: Path, *, resize_shorter: int = 0, quality: int = 95) -> Prepared | Rejected:
     """Read and fully decode one image; keep its bytes when DALI can decode them as they are.
 
+    The width and height returned are those of the image as DALI decodes it (EXIF orientation applied).
+
     A plain RGB or grayscale JPEG is kept byte for byte unless it must be shrunk; anything else PIL
     can decode (PNG named .jpg, CMYK, ...) is re-encoded as a JPEG at `quality`.
     """
@@ -116,6 +119,8 @@ def prepare_image(path: Path, *, resize_shorter: int = 0, quality: int = 95) -> 
             width, height = image.size
             scale = resize_shorter / min(width, height) if resize_shorter else 1.0
             if plain and scale >= 1.0:
+                if image.getexif().get(EXIF_ORIENTATION) in (5, 6, 7, 8):  # DALI shows these turned by 90 degrees
+                    width, height = height, width
                 return Prepared(data, width, height, reencoded=False)
             # EXIF is dropped by re-encoding, so apply its orientation now, as DALI would have.
             image = ImageOps.exif_transpose(image)

@@ -149,6 +149,9 @@ def bad_coco(tmp_path_factory):
     Image.fromarray(rgb).convert("CMYK").save(images / "000000000008.jpg", format="JPEG")  # CMYK JPEG
     (images / "000000000009.jpg").write_bytes(_jpeg(rgb[..., 0]))  # grayscale: kept
     (images / "000000000010.jpg").write_bytes(_jpeg(rgb, progressive=True))  # progressive: kept
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotated by 90 degrees: kept, its json gives the size DALI decodes to
+    (images / "000000000014.jpg").write_bytes(_jpeg(rgb, exif=exif))
     (images / "999999.jpg").write_bytes(good)  # not listed: ignored
     coco = json.loads(ann.read_text())
     for a in coco["annotations"]:
@@ -182,8 +185,10 @@ def test_bad_inputs_left_out_or_reencoded(bad_coco, tmp_path):
     for image_id in (7, 8):  # re-encoded as plain RGB JPEGs
         with Image.open(io.BytesIO(samples[image_id]["jpg"])) as im:
             assert (im.format, im.mode, im.size) == ("JPEG", "RGB", (64, 48))
-    for image_id in (9, 10):
+    for image_id in (9, 10, 14):
         assert samples[image_id]["jpg"] == (images / f"{image_id:012d}.jpg").read_bytes()
+    meta = json.loads(samples[14]["json"])
+    assert (meta["width"], meta["height"]) == (48, 64)
 
 
 def test_deterministic_across_workers_and_out(bad_coco, tmp_path):
@@ -196,8 +201,8 @@ def test_deterministic_across_workers_and_out(bad_coco, tmp_path):
     assert str(tmp_path).encode() not in b"".join(a.values())  # no absolute paths outside manifest.json
     shards = open_shards(tmp_path / "a")
     assert shards.fingerprint == open_shards(tmp_path / "elsewhere" / "b").fingerprint
-    for image_id, shape in _dali_read(shards):  # shorter side 32, aspect kept
-        assert shape == (32, 43, 3), image_id
+    for image_id, shape in _dali_read(shards):  # shorter side 32, aspect kept, EXIF rotation applied (14)
+        assert shape == ((43, 32, 3) if image_id == 14 else (32, 43, 3)), image_id
 
 
 def test_resize_never_upscales(tiny_coco, tmp_path):

@@ -371,6 +371,50 @@ def _write_captions(out: Path, records: dict[int, ImageRecord], packed_ids: list
     return len(captions)
 
 
+def _advancing(items: Iterable, advance: Callable[[], None]) -> Iterator:
+    for item in items:
+        advance()
+        yield item
+
+
+def checked(results: Iterable[tuple[ImageRecord, Prepared | Rejected]]) -> Iterator[tuple[dict, bool] | dict]:
+    """In input order: (sample, reencoded) for each image to pack, a failure dict for each one left out."""
+    for record, result in results:
+        captions, caption_ids = usable_captions(record)
+        if isinstance(result, Prepared) and not captions:
+            result = Rejected("no_caption", "every caption is empty or whitespace")
+        if isinstance(result, Rejected):
+            yield _failure(record, result)
+        else:
+            yield make_sample(record, result, captions, caption_ids), result.reencoded
+
+
+def write_shards(items: Iterable[tuple[dict, bool] | dict], *, out: Path, build_id: str, first_index: int,
+                 samples_per_shard: int) -> tuple[list[dict], list[dict]]:
+    """Fill shards first_index, first_index + 1, ... in order; returns (their sidecars, failures after the last).
+
+    Each sidecar carries the failures met since the previous shard, so a rerun that skips complete
+    shards still knows every failure.
+    """
+    sidecars: list[dict] = []
+    failures: list[dict] = []
+    writer: ShardWriter | None = None
+    for item in items:
+        if isinstance(item, dict):
+            failures.append(item)
+            continue
+        if writer is None:
+            writer = ShardWriter(out, first_index + len(sidecars), build_id)
+        writer.add(*item)
+        if len(writer.keys) == samples_per_shard:
+            sidecars.append(writer.close(failures))
+            writer, failures = None, []
+    if writer is not None:
+        sidecars.append(writer.close(failures))
+        failures = []
+    return sidecars, failures
+
+
 def build_shards(*, out: Path, images: Path, annotations: Path | None = None, karpathy: Path | None = None,
                  split: str | None = None, resize_shorter: int = 0, quality: int = 95,
                  samples_per_shard: int = 1000, workers: int = 0, max_failure_rate: float = 0.01,
@@ -405,8 +449,6 @@ def build_shards(*, out: Path, images: Path, annotations: Path | None = None, ka
     resume_after = int(done[-1]["keys"][-1]) if done else -1
     todo = [r for r in records if r.image_id > resume_after]
 
-    sidecars = list(done)
-    trailing: list[dict[str, Any]] = []  # left out after the last shard's last image: in no sidecar
     workers = workers or len(os.sched_getaffinity(0))
     # The pool starts before the progress bar's refresh thread, so no lock is held across the fork.
     pool = multiprocessing.get_context("fork").Pool(workers) if workers > 1 and len(todo) > 1 else None
@@ -414,37 +456,21 @@ def build_shards(*, out: Path, images: Path, annotations: Path | None = None, ka
         imap = (lambda f, it: pool.imap(f, it, chunksize=4)) if pool else map
         with _progress_bar(progress) as bar:
             task = bar.add_task("packing", total=len(records), completed=len(records) - len(todo))
-            writer: ShardWriter | None = None
-            for record, result in prepared_in_order(todo, resize_shorter=resize_shorter, quality=quality,
-                                                    imap=imap):
-                bar.advance(task)
-                captions, caption_ids = usable_captions(record)
-                if isinstance(result, Prepared) and not captions:
-                    result = Rejected("no_caption", "every caption is empty or whitespace")
-                if isinstance(result, Rejected):
-                    trailing.append(_failure(record, result))
-                    continue
-                if writer is None:
-                    writer = ShardWriter(out, len(sidecars), build_id)
-                writer.add(make_sample(record, result, captions, caption_ids), result.reencoded)
-                if len(writer.keys) == samples_per_shard:
-                    sidecars.append(writer.close(trailing))
-                    writer, trailing = None, []
-            if writer is not None:
-                sidecars.append(writer.close(trailing))
-                trailing = []
+            results = prepared_in_order(todo, resize_shorter=resize_shorter, quality=quality, imap=imap)
+            items = checked(_advancing(results, lambda: bar.advance(task)))
+            new, trailing = write_shards(items, out=out, build_id=build_id, first_index=len(done),
+                                         samples_per_shard=samples_per_shard)
     finally:
         if pool is not None:
             pool.terminate()
+    sidecars = done + new
 
-    by_id = {r.image_id: r for r in records}
-    packed_ids = [int(k) for s in sidecars for k in s["keys"]]
     failures = [f for s in sidecars for f in s["left_out"]] + trailing
     _write_atomic(out / "failures.jsonl", "".join(json.dumps(f, ensure_ascii=False) + "\n"
                                                   for f in failures).encode("utf-8"))
-    captions_packed = _write_captions(out, by_id, packed_ids)
+    packed_ids = [int(k) for s in sidecars for k in s["keys"]]
+    captions_packed = _write_captions(out, {r.image_id: r for r in records}, packed_ids)
     reasons = Counter(f["reason"] for f in failures)
-    total_bytes = sum(s["bytes"] for s in sidecars)
     manifest = {
         "tool": "clipcoco shards", "version": __version__,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -458,7 +484,7 @@ def build_shards(*, out: Path, images: Path, annotations: Path | None = None, ka
                    "images_reencoded": sum(s["reencoded"] for s in sidecars),
                    "captions_packed": captions_packed,
                    "captions_dropped": sum(len(r.captions) - len(usable_captions(r)[0]) for r in records),
-                   "bytes": total_bytes, "shards": len(sidecars)},
+                   "bytes": sum(s["bytes"] for s in sidecars), "shards": len(sidecars)},
         "shards": [{"tar": s["shard"], "idx": s["shard"][:-4] + ".idx", "count": s["count"], "bytes": s["bytes"],
                     "sha256": s["sha256"], "first_key": s["keys"][0], "last_key": s["keys"][-1]} for s in sidecars],
         "fingerprint": fingerprint_of(s["sha256"] for s in sidecars),
@@ -470,7 +496,7 @@ def build_shards(*, out: Path, images: Path, annotations: Path | None = None, ka
         from rich.console import Console
 
         Console().print(f"packed {len(packed_ids):,} images ({len(failures):,} left out) into {len(sidecars)} "
-                        f"shards, {total_bytes / 1e6:,.1f} MB, {manifest['seconds']:.1f} s -> {out}")
+                        f"shards, {manifest['totals']['bytes'] / 1e6:,.1f} MB, {manifest['seconds']:.1f} s -> {out}")
     if not packed_ids:
         raise UserError(f"no image could be packed ({_top_reasons(reasons)}); see {out / 'failures.jsonl'}")
     if len(failures) > max_failure_rate * len(records):

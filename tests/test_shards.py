@@ -348,3 +348,23 @@ def test_karpathy_trainval(tmp_path):
         assert meta["file_name"] == f"{folder}/COCO_{folder}_{image_id:012d}.jpg"
         assert (meta["width"], meta["height"]) == (56, 40)
         assert sample["jpg"] == (tmp_path / "coco" / meta["file_name"]).read_bytes()
+
+
+def test_checked_turns_results_into_samples_and_failures():
+    from pipeline.coco import ImageRecord
+    from pipeline.shards import Prepared, Rejected, checked
+
+    def record(image_id, captions):
+        return ImageRecord(image_id, f"{image_id}.jpg", Path(f"{image_id}.jpg"), 4, 3, captions,
+                           tuple(range(10, 10 + len(captions))))
+
+    ok = Prepared(b"\xff\xd8jpeg", 4, 3, reencoded=True)
+    items = list(checked(iter([(record(7, ("a", "  ", "b")), ok), (record(8, ("x",)), Rejected("empty", "zero")),
+                               (record(9, ("\n",)), ok)])))
+    (sample, reencoded), failure, no_caption = items
+    assert reencoded and sample["__key__"] == "000000000007" and sample["txt"] == b"a" and sample["jpg"] == ok.jpeg
+    assert sample["id"] == (7).to_bytes(8, "little")
+    assert json.loads(sample["json"]) == {"image_id": 7, "file_name": "7.jpg", "width": 4, "height": 3,
+                                          "captions": ["a", "b"], "caption_ids": [10, 12]}
+    assert failure == {"image_id": 8, "file_name": "8.jpg", "reason": "empty", "detail": "zero"}
+    assert no_caption["reason"] == "no_caption"

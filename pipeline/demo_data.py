@@ -78,6 +78,16 @@ class Scene:
     def key(self) -> str:
         return f"{self.axis}:{'-'.join(self.first)}:{'-'.join(self.second)}"
 
+    @classmethod
+    def from_key(cls, key: str) -> "Scene":
+        axis, first, second = key.split(":")
+        return cls(axis, tuple(first.split("-")), tuple(second.split("-")))
+
+    def describe(self) -> str:
+        """The plainest caption of the scene, e.g. "a red circle to the left of a blue square"."""
+        relation = "to the left of" if self.axis == "horizontal" else "above"
+        return f"{_article(' '.join(self.first))} {relation} {_article(' '.join(self.second))}"
+
 
 @dataclass(frozen=True)
 class DemoData:

@@ -8,7 +8,15 @@ import pytest
 from PIL import Image
 
 from pipeline.coco import read_coco_captions
-from pipeline.demo_data import COLOURS, SHAPE_WORDS, all_scenes, captions_for, generate_demo_data, split_scenes
+from pipeline.demo_data import (
+    COLOURS,
+    SHAPE_WORDS,
+    Scene,
+    all_scenes,
+    captions_for,
+    generate_demo_data,
+    split_scenes,
+)
 from pipeline.errors import UserError
 
 
@@ -82,3 +90,10 @@ def test_bad_sizes_are_user_errors(tmp_path):
         generate_demo_data(tmp_path, n_train=10, n_test=0)
     with pytest.raises(UserError, match="n_train"):
         generate_demo_data(tmp_path, n_train=0, n_test=10)
+
+
+def test_scene_key_round_trips_and_describes():
+    for scene in all_scenes()[::53]:
+        assert Scene.from_key(scene.key()) == scene
+    scene = Scene("vertical", ("orange", "circle"), ("red", "square"))
+    assert scene.describe() == "an orange circle above a red square"

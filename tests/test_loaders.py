@@ -1,0 +1,216 @@
+"""Both loaders on generated shards and on coco-mini: batch format, epoch coverage, ranks, exact resume."""
+
+import json
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import write_coco
+from PIL import Image
+
+from pipeline.errors import UserError
+from pipeline.loaders import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    center_square_box,
+    make_loader,
+    random_resized_crop_box,
+)
+from pipeline.shards import build_shards, open_shards
+
+KINDS = ["dali", "torch"]
+CPU = torch.device("cpu")
+N_GENERATED = 23  # prime: no batch size or rank count used here divides it
+SIZE = 32
+
+
+@pytest.fixture(scope="module")
+def generated(tmp_path_factory):
+    """23 random JPEGs, 12 landscape 72x48 and 11 portrait 40x64, in 5 shards of up to 5."""
+    root = tmp_path_factory.mktemp("loaders")
+    annotations, images = write_coco(root, 12, size=(72, 48))
+    landscape = json.loads(annotations.read_text())
+    write_coco(root, N_GENERATED - 12, size=(40, 64), seed=1, first_id=100)  # same folder, rewrites the JSON
+    coco = json.loads(annotations.read_text())
+    for a in landscape["annotations"]:
+        a["id"] += 10_000
+    coco["images"] += landscape["images"]
+    coco["annotations"] += landscape["annotations"]
+    annotations.write_text(json.dumps(coco))
+    build_shards(out=root / "shards", images=images, annotations=annotations, samples_per_shard=5, progress=False)
+    return open_shards(root / "shards")
+
+
+@pytest.fixture(scope="module")
+def mini(coco_mini, tmp_path_factory):
+    """coco-mini val2017 (79 annotated images) in 3 shards."""
+    out = tmp_path_factory.mktemp("mini") / "shards"
+    build_shards(out=out, images=coco_mini / "val2017", annotations=coco_mini / "annotations" / "captions_val2017.json",
+                 samples_per_shard=30, progress=False)
+    return open_shards(out)
+
+
+def loader(shards, kind, *, train, batch_size=4, **options):
+    return make_loader(shards, kind=kind, batch_size=batch_size, image_size=SIZE, train=train, device=CPU,
+                       **options)
+
+
+def unnormalise(images: torch.Tensor) -> torch.Tensor:
+    """Normalised float images back to 0..255 pixel levels."""
+    std, mean = (torch.tensor(v).view(1, 3, 1, 1) * 255 for v in (IMAGENET_STD, IMAGENET_MEAN))
+    return images * std + mean
+
+
+def epoch_ids(batches) -> list[int]:
+    return [i for b in batches for i in b.image_ids.tolist()]
+
+
+def take(ldr, n: int) -> list:
+    """The next `n` batches, crossing into following epochs as needed."""
+    out = []
+    while len(out) < n:
+        for batch in ldr:
+            out.append(batch)
+            if len(out) == n:
+                break
+    return out
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("train", [True, False])
+def test_batch_format_and_normalisation(generated, kind, train):
+    batch = next(iter(loader(generated, kind, train=train)))
+    assert batch.images.shape == (4, 3, SIZE, SIZE) and batch.images.dtype == torch.float32
+    assert batch.images.is_contiguous(memory_format=torch.channels_last)
+    assert batch.image_ids.shape == (4,) and batch.image_ids.dtype == torch.int64 and batch.image_ids.device == CPU
+    # Undoing ImageNet normalisation must give back 8-bit pixel values: whole numbers in [0, 255].
+    pixels = unnormalise(batch.images)
+    assert pixels.min() > -1e-3 and pixels.max() < 255 + 1e-3
+    torch.testing.assert_close(pixels, pixels.round(), atol=2e-3, rtol=0)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_eval_matches_a_pil_reference(mini, coco_mini, kind):
+    """Colour order and geometry against PIL: the center square (side = shorter side) resized to S x S."""
+    batch = next(iter(loader(mini, kind, train=False, batch_size=8)))
+    pixels = unnormalise(batch.images)
+    for image, image_id in zip(pixels, batch.image_ids.tolist(), strict=True):
+        pil = Image.open(coco_mini / "val2017" / f"{image_id:012d}.jpg").convert("RGB")
+        top, left, h, w = center_square_box(pil.height, pil.width)
+        ref = pil.crop((left, top, left + w, top + h)).resize((SIZE, SIZE), Image.BILINEAR)
+        ref = torch.from_numpy(np.array(ref)).permute(2, 0, 1).float()
+        # Resamplers and JPEG decoders differ by a few levels; a one-pixel shift or swapped channels by far more.
+        assert (image - ref).abs().mean() < 3, image_id
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("data", ["generated", "mini"])
+def test_eval_epoch_yields_every_image_once_in_file_order(request, kind, data):
+    shards = request.getfixturevalue(data)
+    ldr = loader(shards, kind, train=False, batch_size=5)  # 5 divides neither 23 nor 79
+    for _ in range(2):
+        batches = list(ldr)
+        assert len(batches) == ldr.steps_per_epoch == -(-shards.n_images // 5)
+        assert [len(b.image_ids) for b in batches[:-1]] == [5] * (len(batches) - 1)
+        assert epoch_ids(batches) == shards.image_ids().tolist()  # ids sorted = file order
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("data", ["generated", "mini"])
+def test_train_epochs_are_full_batches_without_repeats_in_a_new_order(request, kind, data):
+    shards = request.getfixturevalue(data)
+    ldr = loader(shards, kind, train=True, batch_size=3, seed=5)
+    epochs = [list(ldr) for _ in range(2)]
+    assert ldr.steps_per_epoch == shards.n_images // 3
+    assert ldr.dropped_per_epoch == shards.n_images % 3
+    everything = set(shards.image_ids().tolist())
+    for batches in epochs:
+        ids = epoch_ids(batches)
+        assert len(batches) == ldr.steps_per_epoch and all(len(b.image_ids) == 3 for b in batches)
+        assert len(set(ids)) == len(ids) == ldr.steps_per_epoch * 3 and set(ids) <= everything
+    assert epoch_ids(epochs[0]) != epoch_ids(epochs[1])
+    again = take(loader(shards, kind, train=True, batch_size=3, seed=5), 2)
+    assert epoch_ids(again) == epoch_ids(epochs[0][:2])
+    torch.testing.assert_close(again[0].images, epochs[0][0].images, atol=0, rtol=0)
+    assert epoch_ids(take(loader(shards, kind, train=True, batch_size=3, seed=6), 2)) != epoch_ids(epochs[0][:2])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("train", [True, False])
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_ranks_see_disjoint_images_covering_the_split(generated, kind, train, world_size):
+    ranks = [loader(generated, kind, train=train, batch_size=3, rank=r, world_size=world_size)
+             for r in range(world_size)]
+    for _ in range(2):
+        seen = [epoch_ids(list(ldr)) for ldr in ranks]
+        flat = [i for ids in seen for i in ids]
+        assert len(flat) == len(set(flat))
+        if train:
+            assert {len(ids) for ids in seen} == {ranks[0].steps_per_epoch * 3}  # every rank steps together
+            assert len(flat) + ranks[0].dropped_per_epoch == N_GENERATED
+        else:
+            assert sorted(flat) == generated.image_ids().tolist()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize(("train", "stop"), [(True, 2), (True, 7), (True, 9), (False, 3)])
+def test_resume_yields_exactly_what_an_uninterrupted_loader_would(generated, kind, train, stop, tmp_path):
+    """Stop after `stop` batches (7 = the end of a train epoch, 9 = into the next), save, restore, continue."""
+    uninterrupted = loader(generated, kind, train=train, batch_size=3, seed=3)
+    straight = take(uninterrupted, stop + 6)
+    first = loader(generated, kind, train=train, batch_size=3, seed=3)
+    take(first, stop)
+    torch.save(first.state_dict(), tmp_path / "state.pt")
+    resumed = loader(generated, kind, train=train, batch_size=3, seed=3)
+    resumed.load_state_dict(torch.load(tmp_path / "state.pt", weights_only=True))
+    rest = take(resumed, 6)
+    assert [b.image_ids.tolist() for b in rest] == [b.image_ids.tolist() for b in straight[stop:]]
+    for a, b in zip(rest, straight[stop:], strict=True):
+        torch.testing.assert_close(a.images, b.images, atol=0, rtol=0)  # the same random crops too
+    assert (resumed.epoch, resumed.batch) == (uninterrupted.epoch, uninterrupted.batch)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_state_from_a_different_loader_is_refused(generated, kind):
+    state = loader(generated, kind, train=True, batch_size=3).state_dict()
+    with pytest.raises(UserError, match="batch_size"):
+        loader(generated, kind, train=True, batch_size=4).load_state_dict(state)
+
+
+def test_dali_and_torch_give_the_same_eval_images(mini):
+    """The same crop box in both; only the JPEG decoders and resamplers differ."""
+    dali, torch_ = (list(loader(mini, kind, train=False, batch_size=16)) for kind in KINDS)
+    assert epoch_ids(dali) == epoch_ids(torch_)
+    diff = (unnormalise(torch.cat([b.images for b in dali])) - unnormalise(torch.cat([b.images for b in torch_])))
+    assert diff.abs().mean() < 1  # measured 0.13 levels on coco-mini at 64 px; a one-pixel shift gives ~6
+    assert diff.abs().mean(dim=(1, 2, 3)).max() < 2
+
+
+def test_user_mistakes_are_refused_with_what_to_do(generated, monkeypatch):
+    with pytest.raises(UserError, match="dali, torch"):
+        loader(generated, "pil", train=False)
+    with pytest.raises(UserError, match="lower --batch-size"):
+        loader(generated, "torch", train=True, batch_size=12, world_size=2)
+    with pytest.raises(UserError, match="outside world size"):
+        loader(generated, "torch", train=False, rank=2, world_size=2)
+    monkeypatch.setitem(sys.modules, "nvidia.dali", None)  # import now raises ImportError, as without the wheel
+    with pytest.raises(UserError, match=r"clipcoco\[dali\].*--loader torch"):
+        loader(generated, "dali", train=False)
+
+
+def test_random_resized_crop_box_stays_in_range():
+    rng = np.random.default_rng(0)
+    for height, width in [(48, 72), (64, 40), (480, 640), (10, 1000)]:
+        for _ in range(200):
+            top, left, h, w = random_resized_crop_box(height, width, scale=(0.5, 1.0), rng=rng)
+            assert top >= 0 and top + h <= height and left >= 0 and left + w <= width and h > 0 and w > 0
+            if (height, width) != (10, 1000):  # a crop that fits is always found for ordinary shapes
+                assert 0.5 * height * width * 0.9 <= h * w and 3 / 4 * 0.9 <= w / h <= 4 / 3 * 1.1
+    # Too wide for any allowed aspect ratio: the fallback is the centered 4:3 box.
+    assert random_resized_crop_box(10, 1000, scale=(0.9, 1.0), rng=rng) == (0, 493, 10, 13)
+
+
+def test_center_square_box():
+    assert center_square_box(48, 72) == (0, 12, 48, 48)
+    assert center_square_box(65, 40) == (12, 0, 40, 40)

@@ -1,8 +1,33 @@
-"""`clipcoco embed-text`: not implemented yet (issue 4)."""
+"""`clipcoco embed-text`: the command-line wrapper of `pipeline.embed_text.embed_text`."""
 
-from pipeline.errors import UserError
+from pathlib import Path
+
+import typer
 
 
-def command() -> None:
-    """Run every caption through the frozen text tower once, into a Parquet cache."""
-    raise UserError("not implemented yet: issue 4")
+def command(
+    shards_dir: Path = typer.Argument(..., help="Shard directory written by `clipcoco shards` (its captions.parquet "
+                                      "is read)."),
+    model: str = typer.Option("distilbert-base-uncased", "--model", help="Hugging Face encoder-only model: a hub "
+                              "name or a local folder."),
+    pooling: str = typer.Option("mean", "--pooling", help="mean (masked mean over tokens) or cls (first token)."),
+    max_length: int = typer.Option(77, "--max-length", help="Tokens per caption; longer captions are truncated."),
+    batch_size: int = typer.Option(256, "--batch-size", help="Captions per forward pass."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    dtype: str = typer.Option("auto", "--dtype", help="Compute dtype: auto (bfloat16 on CUDA, float32 on CPU), "
+                              "float32 or bfloat16. Storage is always float16."),
+    out: Path = typer.Option(None, "--out", help="Cache file [default: SHARDS_DIR/text-<model-slug>-<pooling>"
+                             ".parquet]."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+) -> None:
+    """Run every caption through the frozen text tower once, into a Parquet cache.
+
+    Example: clipcoco embed-text data/shards/karpathy-test --model distilbert-base-uncased --pooling mean
+
+    Rerun the same command after a crash: it resumes from the last finished part. Under torchrun each
+    rank embeds its share of the captions and rank 0 writes the file.
+    """
+    from pipeline.embed_text import embed_text
+
+    embed_text(shards_dir, model=model, pooling=pooling, max_length=max_length, batch_size=batch_size,
+               device=device, dtype=dtype, out=out, progress=progress)

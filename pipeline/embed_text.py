@@ -1,0 +1,364 @@
+"""`clipcoco embed-text`: every packed caption through the frozen text tower once, into one Parquet file.
+
+Inputs: `SHARDS_DIR/captions.parquet` (written by `clipcoco shards`) and a Hugging Face encoder-only model
+(`--model`: a hub name or a local folder; DistilBERT by default).
+Output: the text cache (the design's "Text cache" contract), by default
+`SHARDS_DIR/text-<model-slug>-<pooling>.parquet`; `pipeline.text_cache.TextCache` reads it.
+Command: `clipcoco embed-text SHARDS_DIR [--model NAME_OR_PATH] [--pooling mean|cls]` (or `make embed-text`).
+
+How: the rows, sorted by (image_id, caption_id), are cut into fixed chunks. Each chunk is tokenized once
+(fast Rust tokenizer), sorted by token length and batched so there is almost no padding, run under
+`torch.inference_mode` (bf16 autocast on CUDA), pooled in float32 (masked mean or CLS), put back in id
+order and written as one part file. A finished part is a resume point, so memory never grows with the
+number of captions and a killed run picks up where it stopped. The cache is the concatenation of the
+parts (one row group each), written to a temporary name and renamed. Under `torchrun`, rank r embeds
+chunks r, r + world, ... and rank 0 merges.
+"""
+
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from pipeline import __version__
+from pipeline.errors import UserError
+from pipeline.text_cache import model_slug
+
+POOLINGS = ("mean", "cls")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+CHUNK_SIZE = 32768  # captions per part file / row group: ~50 MB of float16 at D=768
+_WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin")  # what from_pretrained loads, in its order of preference
+
+
+# ---------------------------------------------------------------------------------------------
+# The frozen encoder
+
+
+class Encoder:
+    """A loaded tokenizer + model and the metadata that identifies them (model, weights, tokenizer)."""
+
+    def __init__(self, model: str, *, device: str = "auto", dtype: str = "auto") -> None:
+        self.device = _resolve_device(device)
+        self.dtype = _resolve_dtype(dtype, self.device)
+        self.tokenizer, self.model, folder = _load(model)
+        self.name = str(folder) if Path(model).is_dir() else model
+        self.weights_sha256 = _weights_sha256(folder, model)
+        self.tokenizer_sha256 = _tokenizer_sha256(self.tokenizer)
+        self.max_positions = getattr(self.model.config, "max_position_embeddings", None)
+        self.model.to(self.device).eval().requires_grad_(False)
+        self.dim = _check_encoder(self.model, self.tokenizer, model, self.device)
+
+    def encode(self, texts: list[str], *, pooling: str, max_length: int, batch_size: int,
+               on_batch=None) -> torch.Tensor:
+        """[len(texts), D] float16 on the CPU, in the order of `texts`.
+
+        Batches are cut from the texts sorted by token length (longest first, so an out-of-memory shows at
+        once), which keeps padding near zero; padding never changes a caption's vector (the mask hides it).
+        """
+        input_ids = self.tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
+        lengths = np.fromiter(map(len, input_ids), dtype=np.int64, count=len(input_ids))
+        order = np.argsort(-lengths, kind="stable")
+        # Results stay on the device until the chunk is done: no host sync per batch, so the GPU runs ahead.
+        out = torch.empty((len(texts), self.dim), dtype=torch.float16, device=self.device)
+        pad = self.tokenizer.pad_token_id or 0
+        autocast = torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
+        with torch.inference_mode(), autocast:
+            for start in range(0, len(order), batch_size):
+                rows = order[start:start + batch_size]
+                mask = np.arange(lengths[rows[0]]) < lengths[rows][:, None]  # [B, L]
+                ids = np.full(mask.shape, pad, dtype=np.int64)
+                ids[mask] = np.concatenate([input_ids[r] for r in rows])  # row-major: row r's tokens, left-aligned
+                ids_t = torch.from_numpy(ids).to(self.device, non_blocking=True)
+                mask_t = torch.from_numpy(mask).to(self.device, non_blocking=True)
+                hidden = self.model(input_ids=ids_t, attention_mask=mask_t).last_hidden_state.float()  # [B, L, D]
+                out[torch.from_numpy(rows).to(self.device)] = _pool(hidden, mask_t, pooling).half()
+                if on_batch is not None:
+                    on_batch(len(rows))
+        return out.cpu()
+
+
+def _pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor:
+    if pooling == "cls":
+        return hidden[:, 0]
+    weights = mask.unsqueeze(-1).float()  # [B, L, 1]; the same masked mean as sentence-transformers
+    return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
+
+
+def _resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("--device cuda but no CUDA GPU is visible: use --device cpu (or auto)")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise UserError(f"--device must be auto, cpu or cuda, not {device!r}")
+    return torch.device(device)
+
+
+def _resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise UserError(f"--dtype must be auto, {' or '.join(DTYPES)}, not {dtype!r}")
+    return DTYPES[dtype]
+
+
+def _load(model: str):
+    """(tokenizer, model, local folder holding its files); any failure becomes a UserError naming --model."""
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
+    from transformers.utils import cached_file, logging
+
+    logging.disable_progress_bar()  # the stage draws its own bar; a second one per weight file is noise
+    try:
+        config = AutoConfig.from_pretrained(model)
+        if getattr(config, "is_encoder_decoder", False):
+            raise UserError(f"--model {model} is an encoder-decoder ({config.model_type}); embed-text needs an "
+                            f"encoder-only text model such as distilbert-base-uncased")
+        tokenizer = AutoTokenizer.from_pretrained(model)
+        encoder = AutoModel.from_pretrained(model)
+        folder = Path(model) if Path(model).is_dir() else Path(cached_file(model, "config.json")).parent
+    except UserError:
+        raise
+    except (OSError, ValueError, KeyError) as err:
+        raise UserError(
+            f"cannot load --model {model!r} ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}). "
+            f"Pass a Hugging Face model name or a local folder written by save_pretrained; with HF_HUB_OFFLINE=1 "
+            f"(or no network) only models already in the Hugging Face cache load") from err
+    if not tokenizer.is_fast:
+        raise UserError(f"--model {model} has no fast (Rust) tokenizer: save one (tokenizer.json) next to it")
+    return tokenizer, encoder, folder.resolve()
+
+
+def _check_encoder(model, tokenizer, name: str, device: torch.device) -> int:
+    """The hidden size of a bidirectional text encoder; refuses any other model, by asking the model itself.
+
+    A causal (decoder) model's first tokens do not see later ones, so appending tokens leaves their
+    hidden states unchanged; in an encoder every position attends to every other and they move.
+    """
+    ids = torch.tensor([tokenizer("a photo of a dog on a beach")["input_ids"]], device=device)
+    try:
+        with torch.inference_mode():
+            full = model(input_ids=ids, attention_mask=torch.ones_like(ids))
+            head = model(input_ids=ids[:, :3], attention_mask=torch.ones_like(ids[:, :3]))
+    except (TypeError, ValueError) as err:
+        raise UserError(f"--model {name} is not a text encoder (its forward rejects input_ids: {err})") from err
+    if getattr(full, "last_hidden_state", None) is None:
+        raise UserError(f"--model {name} is not a text encoder: its output has no last_hidden_state")
+    if torch.allclose(full.last_hidden_state[:, :3], head.last_hidden_state, rtol=1e-4, atol=1e-5):
+        raise UserError(f"--model {name} is a causal (decoder-only) model ({model.config.model_type}): embed-text "
+                        f"needs an encoder-only text model such as distilbert-base-uncased")
+    return int(full.last_hidden_state.shape[-1])
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _weights_sha256(folder: Path, model: str) -> str:
+    """sha256 over the weight files from_pretrained loaded (name and content of each)."""
+    for pattern in _WEIGHT_PATTERNS:
+        files = sorted(folder.glob(pattern))
+        if files:
+            h = hashlib.sha256()
+            for f in files:
+                h.update(f"{f.name} {_sha256_file(f)}\n".encode())
+            return h.hexdigest()
+    raise UserError(f"--model {model}: no weight files ({' or '.join(_WEIGHT_PATTERNS)}) in {folder}")
+
+
+def _tokenizer_sha256(tokenizer) -> str:
+    """sha256 of the fast tokenizer's full definition (vocab, normalizer, special tokens), minus the
+    per-call truncation/padding state the library mutates."""
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    spec["truncation"] = spec["padding"] = None
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# Parts, resume and the final file
+
+
+def _read_captions(shards_dir: Path) -> pa.Table:
+    path = shards_dir / "captions.parquet"
+    if not path.is_file():
+        raise UserError(f"no captions.parquet in {shards_dir}: did you run `clipcoco shards`?")
+    table = pq.read_table(path, columns=["image_id", "caption_id", "caption"])
+    table = table.cast(pa.schema([("image_id", pa.int64()), ("caption_id", pa.int64()), ("caption", pa.string())]))
+    table = table.sort_by([("image_id", "ascending"), ("caption_id", "ascending")])
+    if table.num_rows == 0:
+        raise UserError(f"{path} holds no captions: rebuild the shards with `clipcoco shards`")
+    return table
+
+
+def _schema(dim: int, metadata: dict[str, str]) -> pa.Schema:
+    return pa.schema([("image_id", pa.int64()), ("caption_id", pa.int64()), ("caption", pa.string()),
+                      ("embedding", pa.list_(pa.float16(), dim))], metadata=metadata)
+
+
+def _chunks(n_rows: int, chunk_size: int, rank: int, world: int) -> Iterator[tuple[int, int, int]]:
+    """(part index, first row, end row) of the chunks this rank embeds."""
+    for index, start in enumerate(range(0, n_rows, chunk_size)):
+        if index % world == rank:
+            yield index, start, min(start + chunk_size, n_rows)
+
+
+def _write_part(path: Path, table: pa.Table) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    pq.write_table(table, tmp, compression="none")  # parts live minutes; the final file is compressed
+    os.replace(tmp, path)
+
+
+def _prepare_parts(parts: Path, plan: dict, rank: int) -> None:
+    """Keep parts from an interrupted run with the same plan; anything else there is stale."""
+    if rank != 0:
+        return
+    plan_file = parts / "plan.json"
+    if parts.is_dir() and (not plan_file.is_file() or json.loads(plan_file.read_text()) != plan):
+        shutil.rmtree(parts)
+    if not parts.is_dir():
+        parts.mkdir(parents=True)
+        plan_file.write_text(json.dumps(plan, sort_keys=True))
+
+
+def _merge(parts: list[Path], out: Path, schema: pa.Schema) -> None:
+    tmp = out.with_name(out.name + ".tmp")
+    # zstd for ids and text; float16 noise does not compress, so the embeddings are stored plain.
+    with pq.ParquetWriter(tmp, schema, compression={"image_id": "zstd", "caption_id": "zstd", "caption": "zstd",
+                                                    "embedding": "none"},
+                          use_dictionary=False, write_statistics=["image_id", "caption_id"]) as writer:
+        for part in parts:
+            table = pq.read_table(part).replace_schema_metadata(schema.metadata)
+            writer.write_table(table, row_group_size=table.num_rows)
+    os.replace(tmp, out)
+
+
+def _progress_bar(enabled: bool):
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        ProgressColumn,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+    from rich.text import Text
+
+    class Rate(ProgressColumn):
+        def render(self, task) -> Text:
+            return Text(f"{task.speed or 0:,.0f} captions/s")
+
+    return Progress(TextColumn("[bold]embedding"), BarColumn(), MofNCompleteColumn(), Rate(), TimeElapsedColumn(),
+                    TimeRemainingColumn(), console=Console(stderr=True), disable=not enabled)
+
+
+def _say(message: str) -> None:
+    from rich.console import Console
+
+    Console(stderr=True, highlight=False, soft_wrap=True).print(message)
+
+
+def _distributed() -> tuple[int, int]:
+    """(rank, world size) from torchrun's environment, joining its process group when there is one."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), world
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage
+
+
+def embed_text(shards_dir: Path, *, model: str = "distilbert-base-uncased", pooling: str = "mean",
+               max_length: int = 77, batch_size: int = 256, device: str = "auto", dtype: str = "auto",
+               out: Path | None = None, progress: bool = True, chunk_size: int = CHUNK_SIZE) -> Path:
+    """Write the text cache of `shards_dir`'s captions and return its path (see the module docstring)."""
+    shards_dir = Path(shards_dir)
+    if pooling not in POOLINGS:
+        raise UserError(f"--pooling must be one of {', '.join(POOLINGS)}, not {pooling!r}")
+    if max_length < 2 or batch_size < 1 or chunk_size < 1:
+        raise UserError("--max-length must be >= 2 and --batch-size >= 1")
+    captions_path = shards_dir / "captions.parquet"
+    table = _read_captions(shards_dir)
+    out = Path(out) if out is not None else shards_dir / f"text-{model_slug(model)}-{pooling}.parquet"
+
+    rank, world = _distributed()
+    if world > 1 and device == "auto" and torch.cuda.is_available():
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    encoder = Encoder(model, device=device, dtype=dtype)
+    if encoder.max_positions is not None and max_length > encoder.max_positions:
+        raise UserError(f"--max-length {max_length} exceeds what --model {model} can read "
+                        f"({encoder.max_positions} positions): pass --max-length {encoder.max_positions} or less")
+    metadata = {
+        "model": encoder.name, "weights_sha256": encoder.weights_sha256, "tokenizer_sha256": encoder.tokenizer_sha256,
+        "pooling": pooling, "max_length": str(max_length),
+        "normalization": "none",  # raw pooled vectors: normalising is the consumer's choice
+        "dim": str(encoder.dim), "dtype": str(encoder.dtype).removeprefix("torch."),
+        "captions_sha256": _sha256_file(captions_path), "clipcoco_version": __version__,
+    }
+    schema = _schema(encoder.dim, metadata)
+    if out.is_file() and pq.read_schema(out).metadata == schema.metadata:
+        _say(f"up to date: {out} already holds these {table.num_rows:,} captions embedded with these options; "
+             f"nothing to do")
+        return out
+
+    parts_dir = out.with_name(f".{out.name}.parts")
+    _prepare_parts(parts_dir, {"metadata": metadata, "chunk_size": chunk_size, "rows": table.num_rows}, rank)
+    _barrier(world)
+    n_parts = -(-table.num_rows // chunk_size)
+    part_paths = [parts_dir / f"part-{i:06d}.parquet" for i in range(n_parts)]
+    todo = [c for c in _chunks(table.num_rows, chunk_size, rank, world) if not part_paths[c[0]].is_file()]
+    mine = len(list(_chunks(table.num_rows, chunk_size, rank, world)))
+    if len(todo) < mine and rank == 0:
+        _say(f"resuming: {mine - len(todo)} of {mine} parts already embedded in {parts_dir}")
+    with _progress_bar(progress and rank == 0) as bar:
+        task = bar.add_task("embed", total=sum(end - start for _, start, end in todo))
+        for index, start, end in todo:
+            rows = table.slice(start, end - start)
+            vectors = encoder.encode(rows.column("caption").to_pylist(), pooling=pooling, max_length=max_length,
+                                     batch_size=batch_size, on_batch=lambda n: bar.advance(task, n))
+            values = pa.array(vectors.numpy().reshape(-1), type=pa.float16())
+            part = rows.append_column("embedding", pa.FixedSizeListArray.from_arrays(values, encoder.dim))
+            _write_part(part_paths[index], part.cast(schema))
+    _barrier(world)
+    if rank == 0:
+        _merge(part_paths, out, schema)
+        shutil.rmtree(parts_dir)
+        _say(f"wrote {out}: {table.num_rows:,} captions x {encoder.dim} ({model}, {pooling} pooling)")
+    _barrier(world)
+    return out
+
+
+def encode_queries(texts: list[str], metadata: dict[str, str], *, device: str = "auto") -> torch.Tensor:
+    """[N, D] float32 vectors of `texts` made exactly as a cache with this `metadata` was (model, pooling,
+    max_length); stops when the model found under that name is not the one the cache was made with."""
+    encoder = Encoder(metadata["model"], device=device)
+    if encoder.weights_sha256 != metadata["weights_sha256"] or encoder.tokenizer_sha256 != metadata["tokenizer_sha256"]:
+        raise UserError(f"the model at {metadata['model']} is not the one this text cache was made with (weights or "
+                        f"tokenizer differ): restore that model or rerun `clipcoco embed-text`")
+    vectors = encoder.encode(list(texts), pooling=metadata["pooling"], max_length=int(metadata["max_length"]),
+                             batch_size=256)
+    return vectors.float()

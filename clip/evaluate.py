@@ -31,6 +31,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 import torch.distributed as dist
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+from rich.text import Text
 
 from clip.checkpoint import load_checkpoint, model_from_checkpoint, resolve_checkpoint
 from clip.model import CLIP
@@ -163,9 +167,6 @@ class EvalEmbeddings:
 
 
 def _progress(enabled: bool, label: str, unit: str):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn
-    from rich.text import Text
-
     class Rate(ProgressColumn):
         def render(self, task) -> Text:
             return Text(f"{task.speed or 0:,.0f} {unit}/s")
@@ -277,6 +278,10 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _relative_to(path: Path, root: Path) -> Path:
+    return path.relative_to(root) if path.is_relative_to(root) else path
+
+
 def run_dir_of(checkpoint: Path) -> Path:
     """The run directory a checkpoint belongs to (RUN/checkpoints/step_*.pt -> RUN)."""
     return checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent
@@ -336,10 +341,7 @@ def save_embeddings(path: Path, emb: EvalEmbeddings, metadata: dict[str, str]) -
     return path
 
 
-def print_report(report: dict, console=None) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
+def print_report(report: dict, console: Console | None = None) -> None:
     console = console or Console()
     protocol = f"{report['n_images']:,} images, {report['n_captions']:,} captions"
     if report["folds"] > 1:
@@ -366,6 +368,9 @@ def evaluate(run_or_ckpt: Path, *, shards: Path, text: Path, out: Path | None = 
     ckpt_path = resolve_checkpoint(Path(run_or_ckpt))
     ckpt = load_checkpoint(ckpt_path)
     shard_set = open_shards(Path(shards))
+    if not 1 <= folds <= shard_set.n_images:  # checked before the images are scored, not after
+        raise UserError(f"--folds {folds}: pass 1 (all images) or 5 (the 1K protocol), at most the "
+                        f"{shard_set.n_images} images of {shard_set.root}")
     cache = TextCache.load(Path(text))
     check_text_cache(ckpt, cache, Path(text))
     run_dir = run_dir_of(ckpt_path)
@@ -404,9 +409,7 @@ def evaluate(run_or_ckpt: Path, *, shards: Path, text: Path, out: Path | None = 
         "loader": loader,
         "clipcoco_version": __version__,
     }
-    from rich.console import Console
-
-    console = Console(stderr=False)
+    console = Console()
     if overlap:
         console.print(f"[bold yellow]warning:[/] {overlap:,} of the {len(emb.image_ids):,} eval images in "
                       f"{shard_set.root} were in this run's training set: these recalls overstate the model "
@@ -419,7 +422,8 @@ def evaluate(run_or_ckpt: Path, *, shards: Path, text: Path, out: Path | None = 
     os.replace(tmp, out)
     embeddings = save_embeddings(run_dir / f"embeddings-{split}.parquet", emb, {
         "clipcoco_version": __version__,
-        "checkpoint": str(ckpt_path.resolve()),
+        # relative to the run when inside it, so a moved or copied run still finds its text head
+        "checkpoint": str(_relative_to(ckpt_path.resolve(), run_dir.resolve())),
         "step": str(int(ckpt["step"])),
         "shards_fingerprint": shard_set.fingerprint,
         "text_metadata": json.dumps(cache.metadata),  # what `clipcoco search` embeds a query with

@@ -22,8 +22,15 @@ import numpy as np
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
+from PIL import Image
+from rich.console import Console
+from rich.table import Table
 
+from clip.checkpoint import load_checkpoint, model_from_checkpoint
+from clip.plot import figure_class
+from pipeline.embed_text import encode_queries
 from pipeline.errors import UserError
+from pipeline.shards import ShardSet, open_shards
 
 
 @dataclass(frozen=True)
@@ -51,7 +58,7 @@ def load_image_embeddings(path: Path) -> tuple[np.ndarray, torch.Tensor, dict[st
     return images.column("image_id").to_numpy().astype(np.int64), torch.tensor(feats, dtype=torch.float32), metadata
 
 
-def read_samples(shards, image_ids: list[int]) -> dict[int, dict]:
+def read_samples(shards: ShardSet, image_ids: list[int]) -> dict[int, dict]:
     """{image id: {"json": sample metadata, "jpg": bytes}} for the wanted ids, read from the shards' tars.
 
     The shard sidecars list their keys, so only the tars that hold a wanted image are opened.
@@ -70,12 +77,10 @@ def read_samples(shards, image_ids: list[int]) -> dict[int, dict]:
     return {i: {"json": json.loads(s["json"]), "jpg": s["jpg"]} for i, s in found.items()}
 
 
-def text_query(query: str, *, metadata: dict[str, str], device: torch.device) -> torch.Tensor:
-    """[E] the query through the frozen text model the embeddings' cache was made with, then the run's text head."""
-    from clip.checkpoint import load_checkpoint, model_from_checkpoint
-    from pipeline.embed_text import encode_queries
-
-    checkpoint = Path(metadata["checkpoint"])
+def text_query(query: str, *, run: Path, metadata: dict[str, str], device: torch.device) -> torch.Tensor:
+    """[E] the query through the frozen text model the embeddings' cache was made with, then the text head of
+    the checkpoint that made the embeddings."""
+    checkpoint = run / metadata["checkpoint"]  # stored relative to the run (an absolute path stays as it is)
     if not checkpoint.is_file():
         raise UserError(f"the checkpoint the saved embeddings were made with ({checkpoint}) is gone: "
                         "rerun `clipcoco eval` with the run's current checkpoint")
@@ -96,10 +101,6 @@ def rank_images(feats: torch.Tensor, query: torch.Tensor, *, k: int, exclude: in
 
 def write_grid(hits: list[Hit], *, title: str, out: Path) -> Path:
     """A PNG grid of the hits' images, each titled with its rank, id and score."""
-    from PIL import Image
-
-    from clip.plot import figure_class
-
     Figure = figure_class()
     cols = min(4, len(hits))
     rows = -(-len(hits) // cols)
@@ -118,8 +119,7 @@ def write_grid(hits: list[Hit], *, title: str, out: Path) -> Path:
     return out
 
 
-def print_hits(hits: list[Hit], title: str, console) -> None:
-    from rich.table import Table
+def print_hits(hits: list[Hit], title: str, console: Console) -> None:
 
     table = Table(title=title)
     for column, justify in (("#", "right"), ("image id", "right"), ("file", "left"), ("score", "right"),
@@ -136,9 +136,7 @@ def search(query: str | None = None, *, run: Path, shards: Path, image_id: int |
 
     Prints them, writes the grid PNG (default RUN/search-<split>.png), returns them.
     """
-    from rich.console import Console
 
-    from pipeline.shards import open_shards
 
     if (query is None) == (image_id is None):
         raise UserError('pass either a text query ("a dog on a couch") or --image-id N, not both or neither')
@@ -157,7 +155,7 @@ def search(query: str | None = None, *, run: Path, shards: Path, image_id: int |
                         f"rerun `clipcoco eval {run} --shards {shards} --text ...`")
     if image_id is None:
         use_cuda = torch.cuda.is_available() and device != "cpu"
-        vector = text_query(query, metadata=metadata, device=torch.device("cuda" if use_cuda else "cpu"))
+        vector = text_query(query, run=run, metadata=metadata, device=torch.device("cuda" if use_cuda else "cpu"))
         exclude, title = None, f'"{query}"'
     else:
         matches = np.flatnonzero(ids == image_id)
@@ -167,7 +165,9 @@ def search(query: str | None = None, *, run: Path, shards: Path, image_id: int |
         exclude = int(matches[0])
         vector, title = feats[exclude], f"images like {image_id}"
     rows = rank_images(feats, vector, k=k, exclude=exclude)
-    samples = read_samples(shard_set, [int(ids[r]) for r in rows])
+    samples = read_samples(shard_set, [int(ids[r]) for r in [*rows, *([] if exclude is None else [exclude])]])
+    if exclude is not None:  # name the query image by its caption too
+        title += f': "{samples[image_id]["json"]["captions"][0]}"'
     hits = []
     for rank, row in enumerate(rows, 1):
         sample = samples[int(ids[row])]

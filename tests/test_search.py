@@ -1,5 +1,7 @@
 """`clipcoco search`: text and image queries over a run's saved eval embeddings, on tiny data."""
 
+import shutil
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -66,7 +68,8 @@ def test_text_query_finds_the_planted_image(run, tmp_path):
         query = model.encode_text(encode_queries(["a red square on grass"], TextCache.load(text).metadata,
                                                  device="cpu"))[0]
     plant(embeddings, 507, query)
-    hits = search("a red square on grass", run=run_dir, shards=shards, k=3, out=tmp_path / "grid.png", device="cpu")
+    moved = shutil.copytree(run_dir, tmp_path / "moved-run")  # a run finds its checkpoint wherever it lives
+    hits = search("a red square on grass", run=moved, shards=shards, k=3, out=tmp_path / "grid.png", device="cpu")
     assert [h.rank for h in hits] == [1, 2, 3]
     assert hits[0].image_id == 507 and hits[0].score == pytest.approx(1.0, abs=1e-4)
     assert hits[0].score >= hits[1].score >= hits[2].score

@@ -3,6 +3,11 @@
 Inputs: a shard directory (`clipcoco shards`), its text cache (`clipcoco embed-text`), a `Config`.
 Output: a run directory: `config.yaml` (resolved), `metrics.jsonl`, `checkpoints/step_XXXXXXXX.pt` +
 `checkpoints/latest`, and TensorBoard events under `tensorboard/` when tensorboard is installed.
+metrics.jsonl holds one JSON object per line: `{"kind": "train", "step", "epoch", "loss", "lr", "temperature",
+"images_per_s", "data_wait", "peak_mem_gb"}` every `train.log_every` steps (data_wait: the fraction of wall time
+spent waiting for the next batch; peak_mem_gb: GPU memory on CUDA, the process's peak RSS on a CPU),
+`{"kind": "eval", "step", ...scores}` after each eval, and `{"kind": "start", "step", "world_size",
+"steps_per_epoch", "dropped_per_epoch", "target_step"}` each time a run starts or resumes.
 
     clipcoco train --shards data/shards/train --text data/shards/train/text.parquet --out runs/r1
     torchrun --nproc_per_node 8 $(which clipcoco) train ...      # DDP, one process per GPU
@@ -415,6 +420,9 @@ def train(cfg: Config, *, out: Path, overwrite: bool = False, progress: bool = T
             dist.barrier()  # the run directory is ready before any rank writes into it
         run = build_run(cfg, out, env, inputs, resume)
         log = RunLog(out, enabled=env.rank == 0)
+        # The images a train epoch leaves out (partial batches, over all ranks) are counted here once per start.
+        log.write("start", run.step, {"world_size": env.world_size, "steps_per_epoch": run.loader.steps_per_epoch,
+                                      "dropped_per_epoch": run.loader.dropped_per_epoch, "target_step": run.total})
         try:
             return fit(run, log, progress=progress)
         finally:

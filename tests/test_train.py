@@ -79,18 +79,15 @@ def record_steps(monkeypatch):
 
     class Recorder:  # wraps the real loader to see which image ids feed each step
         def __init__(self, inner):
-            self.inner, self.steps_per_epoch = inner, inner.steps_per_epoch
+            self.inner = inner
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
 
         def __iter__(self):
             for batch in self.inner:
                 state["ids"] = batch.image_ids.tolist()
                 yield batch
-
-        def state_dict(self):
-            return self.inner.state_dict()
-
-        def load_state_dict(self, saved):
-            self.inner.load_state_dict(saved)
 
     def recorded_step(*args, **kwargs):
         if len(calls) + 1 == state["kill_at"]:
@@ -124,7 +121,9 @@ def test_exact_resume_after_a_kill(data, tmp_path, record_steps):
     assert [ids for ids, _ in before_kill + calls] == [ids for ids, _ in straight]
     np.testing.assert_allclose([loss for _, loss in before_kill + calls], [loss for _, loss in straight], rtol=1e-5)
     # Steps logged continue (step 4, logged before the kill, was dropped on resume and logged again).
-    assert [m["step"] for m in metrics(tmp_path / "resumed")] == list(range(1, 7))
+    logged = metrics(tmp_path / "resumed")
+    assert [m["step"] for m in logged if m["kind"] == "train"] == list(range(1, 7))
+    assert [(m["step"], m["dropped_per_epoch"]) for m in logged if m["kind"] == "start"] == [(0, 0), (3, 0)]
     ckpt = load_checkpoint(tmp_path / "resumed")
     assert ckpt["step"] == 6 and ckpt["samples_seen"] == 24 and ckpt["loader"][0]["epoch"] == 1
     assert sorted(ckpt) == sorted(["model", "optimizer", "scheduler", "step", "epoch", "samples_seen", "rng",
@@ -140,7 +139,9 @@ def test_run_directory_metrics_and_eval(data, tmp_path):
     result = train_module.train(cfg, out=out, progress=False)
     assert load_config(out / "config.yaml") == cfg
     lines = metrics(out)
-    assert [(m["kind"], m["step"]) for m in lines] == [("train", 2), ("eval", 2), ("train", 3), ("eval", 3)]
+    assert [(m["kind"], m["step"]) for m in lines] == [("start", 0), ("train", 2), ("eval", 2), ("train", 3),
+                                                       ("eval", 3)]
+    lines = lines[1:]
     assert set(lines[0]) == {"kind", "step", "epoch", "loss", "lr", "temperature", "images_per_s", "data_wait",
                              "peak_mem_gb"}
     assert 0 <= lines[0]["data_wait"] <= 1 and lines[0]["images_per_s"] > 0
@@ -207,7 +208,7 @@ def test_refuses_other_model_shape_unless_overwrite(data, finished_run):
         train_module.train(cfg, out=finished_run)
     train_module.train(cfg, out=finished_run, overwrite=True, progress=False)
     assert load_checkpoint(finished_run)["config"]["model"]["embed_dim"] == 32
-    assert [m["step"] for m in metrics(finished_run)] == [1]
+    assert [(m["kind"], m["step"]) for m in metrics(finished_run)] == [("start", 0), ("train", 1)]
 
 
 def test_refuses_dali_when_not_installed(data, tmp_path, monkeypatch):
@@ -228,6 +229,6 @@ def test_cli_trains_then_resumes_to_a_new_target(data, tmp_path):
     second = CliRunner().invoke(app, [*args, "--steps", "2", "--lr", "1e-3"])
     assert second.exit_code == 0, second.output
     assert json.loads(second.output.strip().splitlines()[-1])["step"] == 2
-    assert [m["step"] for m in metrics(tmp_path / "run")] == [1, 2]
+    assert [m["step"] for m in metrics(tmp_path / "run") if m["kind"] == "train"] == [1, 2]
     saved = load_config(tmp_path / "run" / "config.yaml")
     assert (saved.model.head, saved.optim.lr, saved.train.steps, saved.data.threads) == ("mlp", 1e-3, 2, 1)

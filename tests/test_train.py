@@ -101,9 +101,12 @@ def record_steps(monkeypatch):
     return calls, state
 
 
-def test_exact_resume_after_a_kill(data, tmp_path, record_steps):
+@pytest.mark.parametrize("loader", ["torch", "dali"])
+def test_exact_resume_after_a_kill(data, tmp_path, record_steps, loader):
+    if loader == "dali":
+        pytest.importorskip("nvidia.dali")
     calls, state = record_steps
-    cfg = config(data)  # 6 steps, 4 per epoch: the resumed part crosses an epoch boundary
+    cfg = config(data, **{"data.loader": loader})  # 6 steps, 4 per epoch: the resumed part crosses an epoch end
     train_module.train(cfg, out=tmp_path / "straight", progress=False)
     straight = list(calls)
     calls.clear()

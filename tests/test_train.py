@@ -18,7 +18,8 @@ from typer.testing import CliRunner
 import clip.train as train_module
 from cli.main import app
 from clip.checkpoint import list_checkpoints, load_checkpoint
-from clip.config import load_config
+from clip.config import ModelConfig, load_config
+from clip.model import build_model
 from pipeline.errors import UserError
 from pipeline.shards import build_shards
 
@@ -235,3 +236,21 @@ def test_cli_trains_then_resumes_to_a_new_target(data, tmp_path):
     assert [m["step"] for m in metrics(tmp_path / "run") if m["kind"] == "train"] == [1, 2]
     saved = load_config(tmp_path / "run" / "config.yaml")
     assert (saved.model.head, saved.optim.lr, saved.train.steps, saved.data.threads) == ("mlp", 1e-3, 2, 1)
+
+
+def test_lr_schedule_warms_up_linearly_then_decays_by_cosine():
+    factors = [train_module.lr_factor(s, warmup=4, total=12) for s in range(12)]
+    assert factors[:4] == [0.25, 0.5, 0.75, 1.0]
+    assert factors[4] == 1.0 and factors[8] == pytest.approx(0.5) and factors[11] == pytest.approx(0.0380602)
+    assert all(a >= b for a, b in zip(factors[3:], factors[4:], strict=False))
+
+
+def test_no_weight_decay_on_biases_norms_and_temperature():
+    model = build_model(ModelConfig(image_model="resnet18", image_weights="none", embed_dim=8), DIM)
+    decay, no_decay = train_module.param_groups(model, 0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    skipped = {names[id(p)] for p in no_decay["params"]}
+    assert {"log_logit_scale", "trunk.bn1.weight", "trunk.bn1.bias", "image_head.bias", "text_head.bias"} <= skipped
+    assert {names[id(p)] for p in decay["params"]} == {n for n, p in model.named_parameters() if n not in skipped}
+    assert "trunk.conv1.weight" not in skipped and "image_head.weight" not in skipped

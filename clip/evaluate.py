@@ -14,8 +14,10 @@ Protocol, over all captions (about 5 per image, not always exactly 5):
 - text->image rank of a caption = rank of its image among all images;
 - R@K = fraction of queries with rank < K (0-based ranks); medr = floor(median 0-based rank) + 1,
   as in VSE++; mean_recall = mean of the six recalls;
-- `folds=5` is the 1K protocol: five folds of consecutive images (in image-id order) with their
-  captions, each scored alone, every metric averaged over the folds.
+- `folds=5` is the 1K protocol: five folds of consecutive images with their captions, each scored
+  alone, every metric averaged over the folds. Shards hold images in image-id order, so the folds
+  are consecutive by image id; the literature cuts them in dataset_coco.json order, so 1K numbers
+  are comparable but their fold membership differs (the 5K numbers do not depend on any order).
 Ties: a competitor whose score equals the positive's counts ahead of it (pessimistic).
 """
 

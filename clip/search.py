@@ -104,7 +104,7 @@ def write_grid(hits: list[Hit], *, title: str, out: Path) -> Path:
     Figure = figure_class()
     cols = min(4, len(hits))
     rows = -(-len(hits) // cols)
-    fig = Figure(figsize=(4 * cols, 4.2 * rows + 0.6), layout="constrained")
+    fig = Figure(figsize=(4 * cols, 3.6 * rows + 0.6), layout="constrained")
     axes = np.atleast_1d(fig.subplots(rows, cols)).ravel()
     for ax in axes:
         ax.axis("off")

@@ -277,6 +277,8 @@ def _distributed() -> tuple[int, int]:
     import torch.distributed as dist
 
     if not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))  # NCCL's barrier runs on this device
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     return dist.get_rank(), world
 

@@ -248,7 +248,8 @@ def embed_split(model: CLIP, *, shards: ShardSet, text: TextCache, device: torch
         text.check_covers(image_ids)
         keep = np.isin(text.image_ids, image_ids)  # a cache may hold more images than these shards
         caption_image_ids = text.image_ids[keep]
-        text_feats = _embed_texts(model, text.embeddings[torch.from_numpy(keep)], device=device)
+        vectors = text.embeddings if keep.all() else text.embeddings[torch.from_numpy(keep)]  # no copy when all
+        text_feats = _embed_texts(model, vectors, device=device)
     finally:
         model.train(was_training)
     return EvalEmbeddings(image_ids=image_ids, image_feats=image_feats, caption_image_ids=caption_image_ids,

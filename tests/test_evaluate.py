@@ -219,6 +219,18 @@ def test_every_image_once_with_a_batch_size_that_does_not_divide(loaded):
     torch.testing.assert_close(emb.image_feats, one_batch.image_feats, atol=1e-5, rtol=1e-5)
 
 
+def test_a_cache_of_more_images_keeps_only_the_shards_captions(loaded, eval_setup, tmp_path):
+    shards, cache, model = loaded
+    table = pq.read_table(eval_setup[1])
+    extra = table.slice(0, 2).set_column(0, "image_id", pa.array([99999, 99999], pa.int64()))
+    pq.write_table(pa.concat_tables([table, extra]).replace_schema_metadata(table.schema.metadata), tmp_path / "t.pq")
+    bigger = TextCache.load(tmp_path / "t.pq")
+    emb = embed_split(model, shards=shards, text=bigger, device=torch.device("cpu"), loader="torch", batch_size=13,
+                      image_size=16, threads=1, progress=False)
+    assert len(bigger) == 64 and len(emb.caption_ids) == 62 and 99999 not in emb.caption_image_ids
+    torch.testing.assert_close(emb.text_feats, embed(loaded, 13).text_feats)
+
+
 def test_a_loader_that_repeats_an_image_is_refused(loaded, monkeypatch):
     def padded_loader(*args, **kwargs):  # a loader that pads its last batch by repeating images
         batches = list(make_loader(*args, **kwargs))

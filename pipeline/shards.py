@@ -22,6 +22,7 @@ import os
 import re
 import tarfile
 import tempfile
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
@@ -142,11 +143,31 @@ def _prepare_task(task: tuple[str, int, int]) -> Prepared | Rejected:
     return prepare_image(Path(path), resize_shorter=resize_shorter, quality=quality)
 
 
-def prepared_in_order(records: list[ImageRecord], *, resize_shorter: int, quality: int,
-                      imap: Callable = map) -> Iterator[tuple[ImageRecord, Prepared | Rejected]]:
-    """(record, result) in record order; `imap` is `map` or a pool's ordered `imap`."""
-    tasks = ((str(r.path), resize_shorter, quality) for r in records)
-    yield from zip(records, imap(_prepare_task, tasks), strict=True)
+def bounded_imap(pool, func: Callable, tasks: Iterable, *, window: int, chunksize: int = 4) -> Iterator:
+    """`pool.imap(func, tasks)` with at most `window` tasks in flight.
+
+    Pool.imap feeds every task at once; when the workers decode faster than this process writes
+    (many cores, no resizing), their JPEG bytes would pile up in memory without this limit. Results
+    come back in task order, so what is written never depends on the number of workers. Close the
+    generator before terminating the pool.
+    """
+    slots, stop = threading.Semaphore(window), threading.Event()
+
+    def throttled():
+        for task in tasks:
+            # Poll, so that the pool's feeder thread never blocks forever once we stop consuming:
+            # Pool.terminate joins that thread.
+            while not slots.acquire(timeout=0.05):
+                if stop.is_set():
+                    return
+            yield task
+
+    try:
+        for result in pool.imap(func, throttled(), chunksize=chunksize):
+            slots.release()
+            yield result
+    finally:
+        stop.set()
 
 
 def usable_captions(record: ImageRecord) -> tuple[tuple[str, ...], tuple[int, ...]]:
@@ -450,18 +471,19 @@ def build_shards(*, out: Path, images: Path, annotations: Path | None = None, ka
     todo = [r for r in records if r.image_id > resume_after]
 
     workers = workers or len(os.sched_getaffinity(0))
+    tasks = ((str(r.path), resize_shorter, quality) for r in todo)
     # The pool starts before the progress bar's refresh thread, so no lock is held across the fork.
     pool = multiprocessing.get_context("fork").Pool(workers) if workers > 1 and len(todo) > 1 else None
+    prepared = bounded_imap(pool, _prepare_task, tasks, window=64 * workers) if pool else map(_prepare_task, tasks)
     try:
-        imap = (lambda f, it: pool.imap(f, it, chunksize=4)) if pool else map
         with _progress_bar(progress) as bar:
             task = bar.add_task("packing", total=len(records), completed=len(records) - len(todo))
-            results = prepared_in_order(todo, resize_shorter=resize_shorter, quality=quality, imap=imap)
-            items = checked(_advancing(results, lambda: bar.advance(task)))
-            new, trailing = write_shards(items, out=out, build_id=build_id, first_index=len(done),
+            results = _advancing(zip(todo, prepared, strict=True), lambda: bar.advance(task))
+            new, trailing = write_shards(checked(results), out=out, build_id=build_id, first_index=len(done),
                                          samples_per_shard=samples_per_shard)
     finally:
         if pool is not None:
+            prepared.close()  # stops the pool's feeder thread, which terminate() waits for
             pool.terminate()
     sidecars = done + new
 

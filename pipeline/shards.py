@@ -330,7 +330,7 @@ def complete_prefix(out: Path, build_id: str, samples_per_shard: int) -> list[di
 # The stage
 
 
-def _progress_bar(enabled: bool):
+def _progress_bar(enabled: bool, label: str, unit: str):
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -344,9 +344,9 @@ def _progress_bar(enabled: bool):
 
     class Rate(ProgressColumn):
         def render(self, task) -> Text:
-            return Text(f"{task.speed or 0:,.0f} images/s")
+            return Text(f"{task.speed or 0:,.0f} {unit}/s")
 
-    return Progress(TextColumn("[bold]packing"), BarColumn(), MofNCompleteColumn(), Rate(), TimeElapsedColumn(),
+    return Progress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), Rate(), TimeElapsedColumn(),
                     TimeRemainingColumn(), disable=not enabled, transient=False)
 
 
@@ -476,7 +476,7 @@ def build_shards(*, out: Path, images: Path, annotations: Path | None = None, ka
     pool = multiprocessing.get_context("fork").Pool(workers) if workers > 1 and len(todo) > 1 else None
     prepared = bounded_imap(pool, _prepare_task, tasks, window=64 * workers) if pool else map(_prepare_task, tasks)
     try:
-        with _progress_bar(progress) as bar:
+        with _progress_bar(progress, "packing", "images") as bar:
             task = bar.add_task("packing", total=len(records), completed=len(records) - len(todo))
             results = _advancing(zip(todo, prepared, strict=True), lambda: bar.advance(task))
             new, trailing = write_shards(checked(results), out=out, build_id=build_id, first_index=len(done),
@@ -572,7 +572,7 @@ def verify_shards(shards_dir: Path, *, progress: bool = True) -> dict:
     shards = _shard_set(root, _load_manifest(root))  # not open_shards: report a wrong size, do not stop at it
     problems: list[str] = []
     checked_ids: list[int] = []
-    with tempfile.TemporaryDirectory() as tmp, _progress_bar(progress) as bar:
+    with tempfile.TemporaryDirectory() as tmp, _progress_bar(progress, "verifying", "shards") as bar:
         task = bar.add_task("verifying", total=len(shards.tars))
         for entry, tar, idx in zip(shards.manifest["shards"], shards.tars, shards.indexes, strict=True):
             sidecar = _read_sidecar(tar.with_suffix(".json")) or {}

@@ -254,3 +254,16 @@ def test_no_weight_decay_on_biases_norms_and_temperature():
     assert {"log_logit_scale", "trunk.bn1.weight", "trunk.bn1.bias", "image_head.bias", "text_head.bias"} <= skipped
     assert {names[id(p)] for p in decay["params"]} == {n for n, p in model.named_parameters() if n not in skipped}
     assert "trunk.conv1.weight" not in skipped and "image_head.weight" not in skipped
+
+
+@pytest.mark.gpu
+def test_gpu_bf16_dali_run_resumes(data, tmp_path):
+    pytest.importorskip("nvidia.dali")
+    gpu = {"train.device": "cuda", "train.precision": "bf16", "data.loader": "dali", "data.image_size": 64,
+           "train.save_every": 2}
+    first = train_module.train(config(data, **gpu, **{"train.steps": 3}), out=tmp_path / "run", progress=False)
+    resumed = train_module.train(config(data, **gpu, **{"train.steps": 5}), out=tmp_path / "run", progress=False)
+    logged = [m for m in metrics(tmp_path / "run") if m["kind"] == "train"]
+    assert first["step"] == 3 and resumed["step"] == 5 and [m["step"] for m in logged] == [1, 2, 3, 4, 5]
+    assert all(np.isfinite(m["loss"]) and m["peak_mem_gb"] > 0 for m in logged)
+    assert load_checkpoint(tmp_path / "run")["model"]["trunk.conv1.weight"].dtype == torch.float32

@@ -197,6 +197,10 @@ def _read_captions(shards_dir: Path) -> pa.Table:
     table = table.sort_by([("image_id", "ascending"), ("caption_id", "ascending")])
     if table.num_rows == 0:
         raise UserError(f"{path} holds no captions: rebuild the shards with `clipcoco shards`")
+    image_ids, caption_ids = (table.column(c).to_numpy() for c in ("image_id", "caption_id"))
+    if ((np.diff(image_ids) == 0) & (np.diff(caption_ids) == 0)).any():
+        raise UserError(f"{path} lists a caption twice (same image_id and caption_id): rebuild the shards with "
+                        f"`clipcoco shards`")
     return table
 
 

@@ -190,6 +190,15 @@ def test_missing_captions(tmp_path, tiny_model):
         embed_text(tmp_path, model=str(tiny_model), progress=False)
 
 
+def test_duplicate_captions(tmp_path, tiny_model):
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    pq.write_table(pa.table({"image_id": pa.array([1, 1], pa.int64()), "caption_id": pa.array([5, 5], pa.int64()),
+                             "caption": ["a", "b"]}), shards / "captions.parquet")
+    with pytest.raises(UserError, match="lists a caption twice"):
+        embed_text(shards, model=str(tiny_model), progress=False)
+
+
 def test_model_that_cannot_load(tmp_path, monkeypatch):
     write_captions(tmp_path / "shards", n_images=2)
     import huggingface_hub.constants

@@ -124,11 +124,12 @@ def source_data(work: Path) -> tuple[list[tuple[Path, Path]], str]:
     if (COCO_MINI / "annotations" / "captions_val2017.json").is_file():
         return ([(COCO_MINI / "annotations" / f"captions_{s}.json", COCO_MINI / s) for s in ("train2017", "val2017")],
                 f"coco-mini ({COCO_MINI}): real COCO 2017 JPEGs and captions, train2017 + val2017")
-    from pipeline.demo_data import write_demo_data
+    from pipeline.demo_data import generate_demo_data
 
-    demo = write_demo_data(work / "demo")
-    return [(demo.train_annotations, demo.train_images), (demo.test_annotations, demo.test_images)], \
-        "the generated demo data (coco-mini was not found)"
+    # About coco-mini's count (159 images, ~800 captions), at a size where decoding is not trivial.
+    demo = generate_demo_data(work / "demo", n_train=120, n_test=40, image_size=320)
+    return ([(demo.annotations[s], demo.images[s]) for s in ("train", "test")],
+            "the generated demo data (coco-mini was not found): 160 images of 320 px")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -278,10 +279,10 @@ def embed_rows(shards: Path, work: Path, sizes: Sizes) -> tuple[list[Row], Path]
 
     model = minilm_path()
     n = pq.read_metadata(shards / "captions.parquet").num_rows
-    ours_out, peer_out = work / "text-ours.parquet", work / "text-peer.npy"
+    ours_out, peer_out = work / "text-ours.parquet", work / "text-peer.parquet"
     ours_cmd = [CLIPCOCO, "embed-text", str(shards), "--model", str(model), "--device", "cpu", "--out", str(ours_out)]
-    peer_cmd = [sys.executable, str(REPO / "scripts" / "bench_st_encode.py"), "--captions",
-                str(shards / "captions.parquet"), "--model", str(model), "--out", str(peer_out)]
+    peer_cmd = [sys.executable, str(REPO / "scripts" / "bench_st_encode.py"), str(shards / "captions.parquet"),
+                str(model), str(peer_out), "--device", "cpu"]
     env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 
     def timed(cmd: list[str], out: Path) -> float:

@@ -137,23 +137,22 @@ def test_exact_resume_after_a_kill(data, tmp_path, record_steps, loader):
 
 def test_run_directory_metrics_and_eval(data, tmp_path):
     out = tmp_path / "run"
-    cfg = config(data, **{"train.steps": 3, "train.save_every": 2, "train.keep_last": 1, "train.log_every": 2,
+    cfg = config(data, **{"train.steps": 2, "train.save_every": 1, "train.keep_last": 1, "train.log_every": 2,
                           "data.eval_shards": str(data["shards"]), "data.eval_text": str(data["text"]),
-                          "train.eval_every": 2})
+                          "train.eval_every": 1})
     result = train_module.train(cfg, out=out, progress=False)
     assert load_config(out / "config.yaml") == cfg
     lines = metrics(out)
-    assert [(m["kind"], m["step"]) for m in lines] == [("start", 0), ("train", 2), ("eval", 2), ("train", 3),
-                                                       ("eval", 3)]
-    lines = lines[1:]
+    assert [(m["kind"], m["step"]) for m in lines] == [("start", 0), ("eval", 1), ("train", 2), ("eval", 2)]
+    lines = lines[2:]
     assert set(lines[0]) == {"kind", "step", "epoch", "loss", "lr", "temperature", "images_per_s", "data_wait",
                              "peak_mem_gb"}
     assert 0 <= lines[0]["data_wait"] <= 1 and lines[0]["images_per_s"] > 0
     assert lines[0]["temperature"] == pytest.approx(0.07, rel=0.05)
     assert lines[1]["n_images"] == N_IMAGES and 0 <= lines[1]["i2t_r1"] <= 100
-    assert result["eval"] == {k: v for k, v in lines[3].items() if k not in ("kind", "step")}
-    assert [p.name for p in list_checkpoints(out)] == ["step_00000003.pt"]  # keep_last 1
-    ckpt = torch.load(out / "checkpoints" / "step_00000003.pt", weights_only=True)
+    assert result["eval"] == {k: v for k, v in lines[1].items() if k not in ("kind", "step")}
+    assert [p.name for p in list_checkpoints(out)] == ["step_00000002.pt"]  # keep_last 1
+    ckpt = torch.load(out / "checkpoints" / "step_00000002.pt", weights_only=True)
     assert ckpt["train_image_ids"].tolist() == list(range(1, N_IMAGES + 1))
 
 

@@ -25,6 +25,7 @@ once across ranks, the last batch partial.
 
 import math
 import os
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -212,6 +213,7 @@ class TorchLoader(Loader):
         if len(self._samples.table) != shards.n_images:
             raise UserError(f"the .idx files of {shards.root} list {len(self._samples.table)} samples but the "
                             f"manifest says {shards.n_images}: rebuild with `clipcoco shards --overwrite`")
+        self._loader: torch.utils.data.DataLoader | None = None  # built on first use, kept across epochs
 
     def epoch_rows(self, epoch: int) -> np.ndarray:
         """Sample rows this rank reads in `epoch`, in order (a seeded permutation when training)."""
@@ -220,18 +222,41 @@ class TorchLoader(Loader):
         mine = order[n * self.rank // self.world_size: n * (self.rank + 1) // self.world_size]
         return mine[: self.steps_per_epoch * self.batch_size] if self.train else mine
 
-    def __iter__(self) -> Iterator[Batch]:
+    def _remaining_batches(self) -> list[list[tuple[int, int]]]:
+        """The batch sampler's pass: (epoch, row) items of the batches still to come in the current epoch."""
         epoch, rows = self.epoch, self.epoch_rows(self.epoch)
-        batches = [[(epoch, int(r)) for r in rows[k: k + self.batch_size]]
-                   for k in range(self.batch * self.batch_size, len(rows), self.batch_size)]
-        loader = torch.utils.data.DataLoader(self._samples, batch_sampler=batches, num_workers=self.threads,
-                                             pin_memory=self.device.type == "cuda")
+        return [[(epoch, int(r)) for r in rows[k: k + self.batch_size]]
+                for k in range(self.batch * self.batch_size, len(rows), self.batch_size)]
+
+    def __iter__(self) -> Iterator[Batch]:
+        if self._loader is None:
+            # Persistent workers: forking them costs more than a small epoch takes; the sampler re-reads the
+            # position at every pass, so one DataLoader serves every epoch and every resume.
+            self._loader = torch.utils.data.DataLoader(
+                self._samples, batch_sampler=_Sampler(weakref.WeakMethod(self._remaining_batches)),
+                num_workers=self.threads,
+                persistent_workers=True, pin_memory=self.device.type == "cuda")
         mean, std = self._mean.to(self.device).view(1, 3, 1, 1), self._std.to(self.device).view(1, 3, 1, 1)
-        for images, ids in loader:
+        for images, ids in self._loader:
             images = images.to(self.device, non_blocking=True).float().sub_(mean).div_(std)
             self.batch += 1
             yield Batch(images=images.contiguous(memory_format=torch.channels_last), image_ids=ids)
         self.epoch, self.batch = self.epoch + 1, 0
+
+
+class _Sampler:
+    """A batch sampler whose batches are computed afresh each time a pass starts.
+
+    It holds the loader weakly and hands out a plain list: a reference cycle (loader -> DataLoader -> sampler
+    -> loader) would leave the workers to the garbage collector, which may close their queues first and then
+    wait 5 s per worker for them to exit.
+    """
+
+    def __init__(self, batches: weakref.WeakMethod) -> None:
+        self.batches = batches
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        return iter(self.batches()())
 
 
 def index_samples(tars: list[Path], indexes: list[Path]) -> np.ndarray:

@@ -1,7 +1,9 @@
 """Both loaders on generated shards and on coco-mini: batch format, epoch coverage, ranks, exact resume."""
 
+import gc
 import json
 import sys
+import weakref
 
 import numpy as np
 import pytest
@@ -214,3 +216,18 @@ def test_random_resized_crop_box_stays_in_range():
 def test_center_square_box():
     assert center_square_box(48, 72) == (0, 12, 48, 48)
     assert center_square_box(65, 40) == (12, 0, 40, 40)
+
+
+def test_torch_loader_workers_are_freed_without_the_garbage_collector(generated):
+    """No reference cycle keeps the persistent workers: a cycle leaves them to gc, which waits 5 s per worker."""
+    gc.disable()
+    try:
+        ldr = loader(generated, "torch", train=True)
+        list(ldr)
+        unfinished = iter(ldr)
+        next(unfinished)
+        workers = weakref.ref(ldr._loader)
+        del ldr, unfinished
+        assert workers() is None
+    finally:
+        gc.enable()

@@ -147,11 +147,13 @@ class DaliLoader(Loader):
 
         cuda = self.device.type == "cuda"
         decoder = "mixed" if cuda else "cpu"
+        gpu = (self.device.index if self.device.index is not None else torch.cuda.current_device()) if cuda else None
         size = self.image_size
 
-        @pipeline_def(batch_size=self.batch_size, num_threads=self.threads,
-                      device_id=(self.device.index or 0) if cuda else None, seed=self.seed * 1009 + self.rank,
-                      enable_checkpointing=True, checkpoint=self._checkpoint)
+        # The pipeline seed drives the crops: distinct per (seed, rank); the reader's seed drives the order.
+        @pipeline_def(batch_size=self.batch_size, num_threads=self.threads, device_id=gpu,
+                      seed=self.seed * self.world_size + self.rank, enable_checkpointing=True,
+                      checkpoint=self._checkpoint)
         def pipeline():
             # Train ranks move to the next share each epoch (more variety per rank); eval ranks keep theirs.
             # pad_last_batch ends every reader epoch exactly at the shard's end (the padding is trimmed by the

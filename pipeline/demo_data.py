@@ -176,15 +176,18 @@ def render(scene: Scene, rng: np.random.Generator, size: int) -> Image.Image:
     image = Image.new("RGB", (size, size), background)
     draw = ImageDraw.Draw(image)
     u = size / 64  # positions below are in 64-pixel units
-    along = (rng.uniform(10, 24) * u, rng.uniform(40, 54) * u)  # first object's and second's coordinate on the axis
+    # Large shapes, so they stay recognisable when the trainer shrinks the picture to 32 px; they never touch.
+    radius = rng.uniform(8, 11, size=2)
+    first = rng.uniform(radius[0] + 1, 26)
+    along = (first, rng.uniform(max(first + radius.sum() + 2, 38), 63 - radius[1]))  # coordinates on the axis
     # The other coordinate: offsets kept well under the gap along the axis, so "left of" never reads as "above".
-    offset = rng.uniform(-1, 1) * min(0.2 * (along[1] - along[0]), 6 * u)
-    centre = rng.uniform(20, 44) * u
+    offset = rng.uniform(-1, 1) * min(0.2 * (along[1] - along[0]), 6)
+    centre = rng.uniform(20, 44)
     across = (centre - offset, centre + offset)
-    for obj, a, c in zip((scene.first, scene.second), along, across, strict=True):
+    for obj, a, c, r in zip((scene.first, scene.second), along, across, radius, strict=True):
         colour = tuple(int(np.clip(v + rng.integers(-25, 26), 0, 255)) for v in COLOURS[obj[0]])
         cx, cy = (a, c) if scene.axis == "horizontal" else (c, a)
-        _draw_shape(draw, obj[1], cx, cy, rng.uniform(7, 10) * u, colour)
+        _draw_shape(draw, obj[1], cx * u, cy * u, r * u, colour)
     return image
 
 
@@ -202,13 +205,14 @@ def write_split(out: Path, split: str, scenes: list[Scene], *, first_id: int, se
     images, annotations = [], []
     for i, scene in enumerate(scenes):
         image_id = first_id + i
-        # One generator per image, so an image's bytes depend only on (seed, split, index).
-        rng = np.random.default_rng([seed, SPLITS.index(split) + 1, i])
+        # Generators per image, so its bytes depend only on (seed, split, index), and separate ones for the
+        # picture and the captions, so changing how pictures are drawn leaves the captions (and text cache) alone.
+        picture_rng, caption_rng = (np.random.default_rng([seed, SPLITS.index(split) + 1, i, s]) for s in (0, 1))
         name = f"{image_id:012d}.jpg"
-        render(scene, rng, image_size).save(images_dir / name, format="JPEG", quality=quality)
+        render(scene, picture_rng, image_size).save(images_dir / name, format="JPEG", quality=quality)
         images.append({"id": image_id, "file_name": name, "width": image_size, "height": image_size,
                        "license": 0, "scene": scene.key()})
-        for caption in captions_for(scene, rng):
+        for caption in captions_for(scene, caption_rng):
             # At most 6 captions per image, so ids from 10 x first_id never reach the next split's range.
             annotations.append({"id": first_id * 10 + len(annotations), "image_id": image_id, "caption": caption})
     data = {

@@ -16,16 +16,17 @@ def command(
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
     dtype: str = typer.Option("auto", "--dtype", help="Compute dtype: auto (bfloat16 on CUDA, float32 on CPU), "
                               "float32 or bfloat16. Storage is always float16."),
-    out: Path = typer.Option(None, "--out", help="Cache file [default: SHARDS_DIR/text-<model-slug>-<pooling>"
-                             ".parquet]."),
+    out: Path = typer.Option(None, "--out", help="Cache file (default: SHARDS_DIR/text-<model-slug>-<pooling>"
+                             ".parquet)."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
 ) -> None:
     """Run every caption through the frozen text tower once, into a Parquet cache.
 
     Example: clipcoco embed-text data/shards/karpathy-test --model distilbert-base-uncased --pooling mean
 
-    Rerun the same command after a crash: it resumes from the last finished part. Under torchrun each
-    rank embeds its share of the captions and rank 0 writes the file.
+    Rerun the same command after a crash: it resumes from the last finished part.
+
+    Under torchrun each rank embeds its share of the captions and rank 0 writes the file.
     """
     from pipeline.embed_text import embed_text
 

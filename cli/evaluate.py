@@ -4,8 +4,6 @@ from pathlib import Path
 
 import typer
 
-from clip.evaluate import evaluate
-
 
 def command(
     run: Path = typer.Argument(..., help="Run directory (its latest checkpoint) or a checkpoint .pt file."),
@@ -25,5 +23,7 @@ def command(
     Example: clipcoco eval runs/coco-karpathy --shards data/shards/karpathy-test
     --text data/shards/karpathy-test/text-distilbert-base-uncased-mean.parquet --folds 5
     """
+    from clip.evaluate import evaluate  # here, not at the top: `clipcoco --help` should not import torch
+
     evaluate(run, shards=shards, text=text, out=out, folds=folds, loader=loader, device=device,
              batch_size=batch_size, image_size=image_size, threads=threads)

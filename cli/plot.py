@@ -4,8 +4,6 @@ from pathlib import Path
 
 import typer
 
-from clip.plot import plot_run
-
 
 def command(
     run: Path = typer.Argument(..., help="Run directory written by `clipcoco train` (reads its metrics.jsonl)."),
@@ -15,4 +13,6 @@ def command(
 
     Example: clipcoco plot runs/coco-karpathy --out curves.png
     """
+    from clip.plot import plot_run  # here, not at the top: `clipcoco --help` should not import torch
+
     typer.echo(plot_run(run, out=out))

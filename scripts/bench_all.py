@@ -31,6 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 COCO_MINI = REPO.parent / "shared" / "coco-mini"
 BIN = Path(sys.executable).parent
 CLIPCOCO = str(BIN / "clipcoco")
+GPU_HEADING = "## GPU"
 VERSIONS = ("torch", "torchvision", "nvidia-dali-cuda130", "nvidia-dali-cuda120", "transformers",
             "sentence-transformers", "webdataset", "pillow", "pyarrow", "numpy")
 
@@ -169,7 +170,8 @@ def source_data(work: Path) -> tuple[list[tuple[Path, Path]], str]:
     """coco-mini's train2017 + val2017 when present, else the generated demo data; and a line saying which."""
     if (COCO_MINI / "annotations" / "captions_val2017.json").is_file():
         return ([(COCO_MINI / "annotations" / f"captions_{s}.json", COCO_MINI / s) for s in ("train2017", "val2017")],
-                f"coco-mini ({COCO_MINI}): real COCO 2017 JPEGs and captions, train2017 + val2017")
+                f"coco-mini ({os.path.relpath(COCO_MINI, REPO)}): real COCO 2017 JPEGs and captions, "
+                "train2017 + val2017")
     from pipeline.demo_data import generate_demo_data
 
     # About coco-mini's count (159 images, ~800 captions), at a size where decoding is not trivial.
@@ -431,8 +433,21 @@ def render(rows: list[Row], *, info: dict, vers: dict, data: str, sizes: Sizes, 
     for r in rows:
         for i, (a, b, ratio) in enumerate(r.rounds, 1):
             out.append(f"| {r.what} | {i} | {_value(a, r.unit)} | {_value(b, r.unit)} | {ratio:.3f} |")
-    out += ["", "## GPU", "", "Not measured yet: needs a lent GPU (issue 9). No GPU numbers are recorded here.", ""]
+    out += ["", GPU_HEADING, "", "Not measured yet: needs a lent GPU (issue 9). No GPU numbers are recorded here.", ""]
     return "\n".join(out)
+
+
+def keep_gpu_section(report: str, previous: str | None) -> str:
+    """`report` with the GPU section of the previous doc, when that one holds results from a GPU run.
+
+    The GPU section is written from a lent GPU machine (issue 9); rerunning `make bench` on a CPU must not erase it.
+    """
+    if previous is None or GPU_HEADING not in previous:
+        return report
+    old = previous[previous.index(GPU_HEADING):]
+    if "Not measured yet" in old:
+        return report
+    return report[:report.index(GPU_HEADING)] + old
 
 
 def main() -> None:
@@ -462,6 +477,7 @@ def main() -> None:
         else:
             shutil.rmtree(work, ignore_errors=True)
     report = render(rows, info=info, vers=versions(), data=data, sizes=sizes, seconds=time.perf_counter() - started)
+    report = keep_gpu_section(report, args.out.read_text() if args.out.is_file() else None)
     args.out.write_text(report)
     print(report)
     print(f"wrote {args.out}", file=sys.stderr)

@@ -140,3 +140,12 @@ def test_report_medians_targets_and_gpu_line():
     assert "| loader, 224 px | 1 | 30.0 images/s | 10.0 images/s | 3.000 |" in doc
     assert "Some CPU, 2 cores" in doc and "- **embed-text**: tokenizer" in doc
     assert "Not measured yet: needs a lent GPU (issue 9)" in doc
+
+
+def test_rerun_keeps_a_measured_gpu_section():
+    bench_all = _load_bench_all()
+    fresh = "# Benchmarks\n\nCPU rows\n\n## GPU\n\nNot measured yet: needs a lent GPU (issue 9).\n"
+    assert bench_all.keep_gpu_section(fresh, None) == fresh
+    assert bench_all.keep_gpu_section(fresh, "# old\n\n## GPU\n\nNot measured yet: needs a lent GPU\n") == fresh
+    measured = "# old\n\nold CPU rows\n\n## GPU\n\nH100: 3,100 images/s\n"
+    assert bench_all.keep_gpu_section(fresh, measured) == "# Benchmarks\n\nCPU rows\n\n## GPU\n\nH100: 3,100 images/s\n"

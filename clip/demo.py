@@ -111,6 +111,20 @@ def search_queries(annotations: Path) -> list[tuple[str, str]]:
     return [next((s.describe(), s.key()) for s in scenes if s.axis == axis) for axis in ("horizontal", "vertical")]
 
 
+def run_searches(annotations: Path, *, run: Path, shards: Path, out: Path) -> list[dict]:
+    """`clipcoco search` for each query of `search_queries`; notes whether the top hit is the scene described."""
+    from clip.search import search
+
+    scenes = {image["id"]: image["scene"] for image in json.loads(annotations.read_text())["images"]}
+    results = []
+    for n, (query, key) in enumerate(search_queries(annotations), 1):
+        png = out / f"search-{n}.png"
+        hits = search(query, run=run, shards=shards, k=8, out=png, device="cpu")
+        results.append({"query": query, "scene": key, "png": str(png), "top1_is_scene": scenes[hits[0].image_id] == key,
+                        "hits": [h.image_id for h in hits]})
+    return results
+
+
 def print_summary(summary: dict, console) -> None:
     from rich.table import Table
 
@@ -154,7 +168,6 @@ def run_demo(out: Path = Path("demo-out"), *, text_model: str | None = None, siz
     from clip.config import load_config
     from clip.evaluate import evaluate
     from clip.plot import plot_run
-    from clip.search import search
     from clip.train import train
     from pipeline.demo_data import generate_demo_data
     from pipeline.embed_text import embed_text
@@ -187,19 +200,8 @@ def run_demo(out: Path = Path("demo-out"), *, text_model: str | None = None, siz
         report = stages.run("eval", lambda: evaluate(
             run_dir, shards=shards_dir / "test", text=text["test"], loader=cfg.data.loader, device="cpu",
             threads=cfg.data.threads, progress=progress))
-
-        def run_searches() -> list[dict]:
-            scenes = {im["id"]: im["scene"] for im in json.loads(data.annotations["test"].read_text())["images"]}
-            results = []
-            for n, (query, key) in enumerate(search_queries(data.annotations["test"]), 1):
-                png = out / f"search-{n}.png"
-                hits = search(query, run=run_dir, shards=shards_dir / "test", k=8, out=png, device="cpu")
-                results.append({"query": query, "scene": key, "png": str(png),
-                                "top1_is_scene": scenes[hits[0].image_id] == key,
-                                "hits": [h.image_id for h in hits]})
-            return results
-
-        searches = stages.run("search (2 queries)", run_searches)
+        searches = stages.run("search (2 queries)", lambda: run_searches(
+            data.annotations["test"], run=run_dir, shards=shards_dir / "test", out=out))
         curves = stages.run("plot", lambda: plot_run(run_dir, out=out / "curves.png"))
 
     test_cache = TextCache.load(text["test"])  # the captions eval ranked: chance is computed over the same ones

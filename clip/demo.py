@@ -165,6 +165,9 @@ def run_demo(out: Path = Path("demo-out"), *, text_model: str | None = None, siz
     """
     if size not in SIZES:
         raise UserError(f"size {size!r}: choose one of {', '.join(SIZES)}")
+    if text_model is not None and str(text_model).startswith(("/", ".", "~")) and not Path(text_model).is_dir():
+        raise UserError(f"--text-model {text_model}: no such folder; pass a folder holding a Hugging Face model "
+                        "(config.json, weights, tokenizer) or leave --text-model out for all-MiniLM-L6-v2")
     from rich.console import Console
 
     from clip.config import load_config

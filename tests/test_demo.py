@@ -33,9 +33,12 @@ def test_offline_sets_and_restores_the_hub_variables(monkeypatch):
     assert "HF_HUB_OFFLINE" not in os.environ and os.environ["TRANSFORMERS_OFFLINE"] == "0"
 
 
-def test_unknown_size_is_a_user_error(tmp_path):
+def test_bad_arguments_are_user_errors(tmp_path):
     with pytest.raises(UserError, match="small"):
         run_demo(tmp_path, size="huge")
+    with pytest.raises(UserError, match="no such folder"):
+        run_demo(tmp_path, text_model=str(tmp_path / "missing"))
+    assert not any(tmp_path.iterdir())  # refused before writing anything
 
 
 def test_small_demo_runs_every_stage(tmp_path):

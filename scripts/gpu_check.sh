@@ -148,6 +148,14 @@ step text-cache 120 "${CLIPCOCO[@]}" embed-text "$WORK/shards" --model "$WORK/te
 step train 200 "${CLIPCOCO[@]}" bench train --shards "$WORK/shards" --text "$WORK/text.parquet" \
   --image-model "$MODEL" --image-size "$SIZE" --batch-size "$BATCH" --steps "$STEPS" --loader dali \
   --threads "$THREADS" --device "$DEV" --precision bf16 && keep_json train train.json
+# Without a working DALI the real block still gets measured, fed by the torch loader (train.json says which).
+if [ ! -s "$OUT/train.json" ] && [ ! -s "$OUT/loader-dali.json" ]; then
+  step train-torch 200 "${CLIPCOCO[@]}" bench train --shards "$WORK/shards" --text "$WORK/text.parquet" \
+    --image-model "$MODEL" --image-size "$SIZE" --batch-size "$BATCH" --steps "$STEPS" --loader torch \
+    --threads "$THREADS" --device "$DEV" --precision bf16 && keep_json train-torch train.json
+fi
+step autotune 120 "$PY" scripts/gpu_check.py autotune --image-model "$MODEL" --image-size "$SIZE" \
+  --batch-size "$BATCH" --steps "$STEPS" --device "$DEV"
 
 step captions 60 "$PY" scripts/gpu_check.py captions "$WORK/captions" --captions "$CAPTIONS"
 t0=$(date +%s.%N)

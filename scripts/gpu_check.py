@@ -263,7 +263,7 @@ def _jpeg_utilisation(dmon_log: Path) -> int | None:
 def _pytest_counts(log: Path) -> dict:
     text = log.read_text() if log.is_file() else ""
     counts = {word: int(n) for n, word in re.findall(r"(\d+) (passed|failed|skipped|errors?|deselected)", text)}
-    return counts or {"status": "did not run" if not text else "no summary line (timed out?)"}
+    return counts or {"status": "did not run" if not text else "no summary line (timed out? see pytest.txt)"}
 
 
 def _embed_rates(embed: dict, small_cache: Path, small_seconds: float | None) -> dict:
@@ -335,7 +335,9 @@ def print_table(s: dict) -> None:
         ("616,767 captions", f"{_fmt(e.get('projected_full_coco_s'), '.1f', ' s')} projected, start-up included "
                              "(target <= 60 s)"),
         ("pytest -m gpu", ", ".join(f"{v} {k}" for k, v in s["pytest"].items())),
-        ("steps failed", ", ".join(f"{x['step']} (rc {x['rc']})" for x in s["steps"] if x["rc"] != "0") or "none"),
+        ("steps failed", ", ".join(f"{x['step']} (rc {x['rc']}{': timed out' if x['rc'] == '124' else ''})"
+                                   for x in s["steps"] if x["rc"].isdigit() and x["rc"] != "0") or "none"),
+        ("steps cut by the budget", ", ".join(x["step"] for x in s["steps"] if x["rc"] == "budget") or "none"),
     ]
     width = max(len(r[0]) for r in rows)
     print("\n== GPU check ==")

@@ -17,8 +17,9 @@
 #    bash .devdali/unpack.sh 4 && export PYTHONPATH=/tmp/devsite:$PWD && bash scripts/gpu_check.sh
 # 6. give_back (unless rerunning 5 at once). If 5 says a part is missing, the machine went cold: redo 1-5.
 #    The results lie under files_at (summary.json has everything; the table is the end of output_tail).
-#    A rerun of 5 alone on the still-warm machine: `export PYTHONPATH=/tmp/devsite:$PWD && bash scripts/gpu_check.sh`
-#    (DALI stays unpacked in /tmp/devsite while the machine is warm).
+#    A rerun on the still-warm machine (DALI stays unpacked in /tmp/devsite), no carry, e.g. only the tests:
+#    export PYTHONPATH=/tmp/devsite:$PWD && GPU_CHECK_ONLY=pytest bash scripts/gpu_check.sh
+#    Typical run on an H100: ~4-5 min (budget 330 s + unpack); device time: start + 5 calls, ~8-9 min of 15.
 # ---------------------------------------------------------------------------------------------------------------
 #
 # CPU dry run (every step runs; the GPU tests skip):
@@ -30,8 +31,11 @@
 # GPU_CHECK_DEVICE (cuda), GPU_CHECK_IMAGES (2000), GPU_CHECK_CAPTIONS (200000), GPU_CHECK_BATCH (256),
 # GPU_CHECK_STEPS (30), GPU_CHECK_LOADER_BATCHES (40), GPU_CHECK_IMAGE_SIZE (224), GPU_CHECK_MODEL (resnet50),
 # GPU_CHECK_THREADS (cores - 2), GPU_CHECK_SHARD_SIZE (250), GPU_CHECK_TEXT_DIM (768), GPU_CHECK_TEXT_LAYERS (6),
-# GPU_CHECK_EMBED_BATCH (256, embed-text's default), GPU_CHECK_BUDGET (300: seconds for all steps; each step's
-# timeout is its own limit or what is left of the budget, whichever is less), PYTHON (python3).
+# GPU_CHECK_EMBED_BATCH (256, embed-text's default), GPU_CHECK_BUDGET (330: seconds for all steps; each step's
+# timeout is its own limit or what is left of the budget, whichever is less), GPU_CHECK_ONLY (space-separated step
+# names to run, e.g. "pytest"; default all; the probe always runs), PYTHON (python3).
+# Steps: probe imports coco shards loader-dali loader-torch text-model text-cache train [train-torch] autotune
+# captions embed-text pytest; then the summary.
 set -uo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -66,7 +70,8 @@ SHARD_SIZE=${GPU_CHECK_SHARD_SIZE:-250}
 TEXT_DIM=${GPU_CHECK_TEXT_DIM:-768}
 TEXT_LAYERS=${GPU_CHECK_TEXT_LAYERS:-6}
 EMBED_BATCH=${GPU_CHECK_EMBED_BATCH:-256}
-BUDGET=${GPU_CHECK_BUDGET:-300}
+BUDGET=${GPU_CHECK_BUDGET:-330}
+ONLY=${GPU_CHECK_ONLY:-}
 OUT=${OUT:-$(mktemp -d -t gpu-check-out.XXXXXX)}
 WORK=${GPU_CHECK_WORK:-$(mktemp -d -t gpu-check-work.XXXXXX)}
 mkdir -p "$OUT" "$WORK"
@@ -91,6 +96,10 @@ START=$(date +%s)
 step() {
   local name=$1 limit=$2
   shift 2
+  if [ -n "$ONLY" ] && [[ " $ONLY probe " != *" $name "* ]]; then
+    printf '%s\tunselected\t0\n' "$name" >> "$WORK/steps.tsv"
+    return 1
+  fi
   local left=$(( BUDGET - ($(date +%s) - START) ))
   (( left < limit )) && limit=$left
   if (( limit < 5 )); then

@@ -334,7 +334,7 @@ def print_table(s: dict) -> None:
                        f"(batch {e.get('batch_size')}, {e.get('layers')} x {e.get('dim')})"),
         ("616,767 captions", f"{_fmt(e.get('projected_full_coco_s'), '.1f', ' s')} projected, start-up included "
                              "(target <= 60 s)"),
-        ("pytest -m gpu", ", ".join(f"{v} {k}" for k, v in s["pytest"].items())),
+        ("pytest -m gpu", s["pytest"].get("status") or ", ".join(f"{v} {k}" for k, v in s["pytest"].items())),
         ("steps failed", ", ".join(f"{x['step']} (rc {x['rc']}{': timed out' if x['rc'] == '124' else ''})"
                                    for x in s["steps"] if x["rc"].isdigit() and x["rc"] != "0") or "none"),
         ("steps cut by the budget", ", ".join(x["step"] for x in s["steps"] if x["rc"] == "budget") or "none"),

@@ -290,15 +290,16 @@ def summary(work: Path, out: Path) -> dict:
     env = json.loads((out / "env.json").read_text()) if (out / "env.json").is_file() else {}
     dali, torch_loader = _json(out / "loader-dali.json"), _json(out / "loader-torch.json")
     train, embed = _json(out / "train.json"), _json(out / "embed-text.json")
-    autotuned = _json(work / "autotune.out")
     steps = [dict(zip(("step", "rc", "seconds"), line.split("\t"), strict=True))
              for line in (work / "steps.tsv").read_text().splitlines()] if (work / "steps.tsv").is_file() else []
     seconds = {x["step"]: float(x["seconds"]) for x in steps if x["rc"] == "0"}
+    # A reused work dir may hold a step's output from an earlier run: only this run's successful steps count.
+    autotuned = _json(work / "autotune.out") if "autotune" in seconds else None
     result = {
         "card": env.get("gpu") or "none (cpu dry run)", "nvidia_smi": env.get("nvidia_smi"),
         "torch": env.get("torch"), "dali": env.get("dali"),
         "nvjpeg_hardware": env.get("nvjpeg_hardware"),
-        "jpg_engine_peak_utilisation": _jpeg_utilisation(work / "dmon.log"),
+        "jpg_engine_peak_utilisation": _jpeg_utilisation(work / "dmon.log") if "loader-dali" in seconds else None,
         "dali_images_per_s": dali and dali["images_per_s"], "dali_device": dali and dali["device"],
         "torch_loader_images_per_s": torch_loader and torch_loader["images_per_s"],
         "train": train,

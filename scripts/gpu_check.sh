@@ -14,11 +14,13 @@
 # 3. run  carry [".devdali/part-02"]                                     command "ls -l .devdali"
 # 4. run  carry [".devdali/coco-mini", ".whl"]                           command "ls -l .devdali .whl"
 # 5. run  carry [".devdali/part-03", ".devdali/sha256", ".devdali/unpack.sh"]   timeout_s 420, command:
-#    bash .devdali/unpack.sh 4 && export PYTHONPATH=/tmp/devsite:$PWD && bash scripts/gpu_check.sh
+#    bash .devdali/unpack.sh 4 && export PYTHONPATH=/tmp/devsite:$PWD GPU_CHECK_WORK=/tmp/gpu-check && bash scripts/gpu_check.sh
 # 6. give_back (unless rerunning 5 at once). If 5 says a part is missing, the machine went cold: redo 1-5.
 #    The results lie under files_at (summary.json has everything; the table is the end of output_tail).
-#    A rerun on the still-warm machine (DALI stays unpacked in /tmp/devsite), no carry, e.g. only the tests:
-#    export PYTHONPATH=/tmp/devsite:$PWD && GPU_CHECK_ONLY=pytest bash scripts/gpu_check.sh
+#    A rerun on the still-warm machine (DALI stays unpacked in /tmp/devsite, the data in /tmp/gpu-check), no
+#    carry, of some steps only, e.g. the tests or the training benchmark:
+#    export PYTHONPATH=/tmp/devsite:$PWD GPU_CHECK_WORK=/tmp/gpu-check && GPU_CHECK_ONLY=pytest bash scripts/gpu_check.sh
+#    export PYTHONPATH=/tmp/devsite:$PWD GPU_CHECK_WORK=/tmp/gpu-check && GPU_CHECK_ONLY="train" bash scripts/gpu_check.sh
 #    Typical run on an H100: ~4-5 min (budget 330 s + unpack); device time: start + 5 calls, ~8-9 min of 15.
 # ---------------------------------------------------------------------------------------------------------------
 #
@@ -91,12 +93,14 @@ fi
 CLIPCOCO=("$PY" -c 'import sys; sys.argv[0] = "clipcoco"; from cli.main import main; main()')
 START=$(date +%s)
 
+selected() { [ -z "$ONLY" ] || [[ " $ONLY probe " == *" $1 "* ]]; }
+
 # step NAME MAX_SECONDS CMD...: runs CMD under `timeout` (its limit or what is left of the budget), stdout to
 # $WORK/NAME.out, stderr to $WORK/NAME.err; records rc and seconds; a step after the budget is spent is skipped.
 step() {
   local name=$1 limit=$2
   shift 2
-  if [ -n "$ONLY" ] && [[ " $ONLY probe " != *" $name "* ]]; then
+  if ! selected "$name"; then
     printf '%s\tunselected\t0\n' "$name" >> "$WORK/steps.tsv"
     return 1
   fi
@@ -142,7 +146,7 @@ LOADER=(bench loader --shards "$WORK/shards" --device "$DEV" --batch-size "$BATC
         --image-size "$SIZE" --threads "$THREADS")
 # nvidia-smi dmon's `jpg` column is the hardware JPEG engines' load: non-zero while DALI decodes = NVJPG used.
 dmon=
-if [ "$DEV" = cuda ] && command -v nvidia-smi > /dev/null; then
+if [ "$DEV" = cuda ] && selected loader-dali && command -v nvidia-smi > /dev/null; then
   nvidia-smi dmon -s u -d 1 > "$WORK/dmon.log" 2>&1 &
   dmon=$!
 fi
@@ -151,7 +155,10 @@ step loader-dali 120 "${CLIPCOCO[@]}" "${LOADER[@]}" --loader dali && keep_json 
 step loader-torch 120 "${CLIPCOCO[@]}" "${LOADER[@]}" --loader torch && keep_json loader-torch loader-torch.json
 
 step text-model 120 "$PY" scripts/gpu_check.py text-model "$WORK/text-model" --dim "$TEXT_DIM" --layers "$TEXT_LAYERS"
-# The training benchmark's text cache: the shards' own captions through the same DistilBERT-shaped model.
+# The training benchmark's text cache: the shards' own captions through the same DistilBERT-shaped model. Both
+# caches are removed first: in a reused work dir embed-text would find them up to date and time nothing.
+selected text-cache && rm -f "$WORK/text.parquet"
+selected embed-text && rm -f "$WORK/captions/text.parquet"
 step text-cache 120 "${CLIPCOCO[@]}" embed-text "$WORK/shards" --model "$WORK/text-model" --device "$DEV" \
   --out "$WORK/text.parquet" --no-progress
 step train 200 "${CLIPCOCO[@]}" bench train --shards "$WORK/shards" --text "$WORK/text.parquet" \
@@ -178,7 +185,7 @@ fi
 # Only the modules holding GPU-marked tests: the others may import what this machine lacks (matplotlib, ...).
 mapfile -t gpu_tests < <(grep -l 'mark\.gpu' tests/test_*.py)
 step pytest 240 "$PY" -m pytest -m gpu -q -p no:cacheprovider "${gpu_tests[@]}"
-cp "$WORK/pytest.out" "$OUT/pytest.txt" 2> /dev/null
+selected pytest && cp "$WORK/pytest.out" "$OUT/pytest.txt" 2> /dev/null
 
 "$PY" scripts/gpu_check.py summary --work "$WORK" --out "$OUT"
 echo "results: $OUT ($(ls "$OUT" | tr '\n' ' '))"

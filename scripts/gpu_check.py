@@ -352,7 +352,7 @@ def main() -> None:
     sub.add_parser("probe", help="print env.json: the card, versions, nvJPEG hardware decoder")
     p = sub.add_parser("coco", help="generated JPEGs + captions in the COCO layout")
     p.add_argument("root", type=Path)
-    p.add_argument("--images", type=int, default=2000)
+    p.add_argument("--images", type=int, default=2048)
     p.add_argument("--width", type=int, default=640)
     p.add_argument("--height", type=int, default=480)
     p.add_argument("--workers", type=int, default=os.cpu_count())

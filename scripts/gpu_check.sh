@@ -30,12 +30,14 @@
 #     GPU_CHECK_TEXT_DIM=64 GPU_CHECK_TEXT_LAYERS=2 GPU_CHECK_THREADS=2 GPU_CHECK_SHARD_SIZE=16 bash scripts/gpu_check.sh
 #
 # Knobs (environment): OUT (default: a new temp dir), GPU_CHECK_WORK (scratch, default: a new temp dir),
-# GPU_CHECK_DEVICE (cuda), GPU_CHECK_IMAGES (2000), GPU_CHECK_CAPTIONS (200000), GPU_CHECK_BATCH (256),
+# GPU_CHECK_DEVICE (cuda), GPU_CHECK_IMAGES (2048), GPU_CHECK_CAPTIONS (200000), GPU_CHECK_BATCH (256),
 # GPU_CHECK_STEPS (30), GPU_CHECK_LOADER_BATCHES (40), GPU_CHECK_IMAGE_SIZE (224), GPU_CHECK_MODEL (resnet50),
-# GPU_CHECK_THREADS (cores - 2), GPU_CHECK_SHARD_SIZE (250), GPU_CHECK_TEXT_DIM (768), GPU_CHECK_TEXT_LAYERS (6),
+# GPU_CHECK_THREADS (cores - 2), GPU_CHECK_SHARD_SIZE (256), GPU_CHECK_TEXT_DIM (768), GPU_CHECK_TEXT_LAYERS (6),
 # GPU_CHECK_EMBED_BATCH (256, embed-text's default), GPU_CHECK_BUDGET (330: seconds for all steps; each step's
 # timeout is its own limit or what is left of the budget, whichever is less), GPU_CHECK_ONLY (space-separated step
 # names to run, e.g. "pytest"; default all; the probe always runs), PYTHON (python3).
+# Keep IMAGES a multiple of BATCH: in training mode the DALI loader decodes an epoch's last partial batch and drops
+# it (its reader must reach the epoch's end), so a remainder would be decoded but not counted.
 # Steps: probe imports coco shards loader-dali loader-torch text-model text-cache train [train-torch] autotune
 # captions embed-text pytest; then the summary.
 set -uo pipefail
@@ -59,7 +61,7 @@ fi
 
 PY=${PYTHON:-python3}
 DEV=${GPU_CHECK_DEVICE:-cuda}
-IMAGES=${GPU_CHECK_IMAGES:-2000}
+IMAGES=${GPU_CHECK_IMAGES:-2048}
 CAPTIONS=${GPU_CHECK_CAPTIONS:-200000}
 BATCH=${GPU_CHECK_BATCH:-256}
 STEPS=${GPU_CHECK_STEPS:-30}
@@ -68,7 +70,7 @@ SIZE=${GPU_CHECK_IMAGE_SIZE:-224}
 MODEL=${GPU_CHECK_MODEL:-resnet50}
 CORES=$(nproc)
 THREADS=${GPU_CHECK_THREADS:-$(( CORES > 4 ? CORES - 2 : 2 ))}
-SHARD_SIZE=${GPU_CHECK_SHARD_SIZE:-250}
+SHARD_SIZE=${GPU_CHECK_SHARD_SIZE:-256}
 TEXT_DIM=${GPU_CHECK_TEXT_DIM:-768}
 TEXT_LAYERS=${GPU_CHECK_TEXT_LAYERS:-6}
 EMBED_BATCH=${GPU_CHECK_EMBED_BATCH:-256}

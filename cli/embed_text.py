@@ -12,7 +12,8 @@ def command(
                               "name or a local folder."),
     pooling: str = typer.Option("mean", "--pooling", help="mean (masked mean over tokens) or cls (first token)."),
     max_length: int = typer.Option(77, "--max-length", help="Tokens per caption; longer captions are truncated."),
-    batch_size: int = typer.Option(256, "--batch-size", help="Captions per forward pass."),
+    batch_size: int = typer.Option(None, "--batch-size", help="Captions per forward pass (default: 256 on CUDA, "
+                                   "64 on a CPU, where small batches stay in cache)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
     dtype: str = typer.Option("auto", "--dtype", help="Compute dtype: auto (bfloat16 on CUDA, float32 on CPU), "
                               "float32 or bfloat16. Storage is always float16."),

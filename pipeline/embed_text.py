@@ -34,6 +34,9 @@ from pipeline.text_cache import model_slug
 POOLINGS = ("mean", "cls")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 CHUNK_SIZE = 32768  # captions per part file / row group: ~50 MB of float16 at D=768
+# Default captions per forward pass. On a CPU, 64 short captions keep the activations in cache (measured
+# 20-30% faster than 256 with all-MiniLM on 2 cores); a GPU wants big batches.
+BATCH_SIZE = {"cuda": 256, "cpu": 64}
 _WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin")  # what from_pretrained loads, in its order of preference
 
 
@@ -300,13 +303,13 @@ def _barrier(world: int) -> None:
 
 
 def embed_text(shards_dir: Path, *, model: str = "distilbert-base-uncased", pooling: str = "mean",
-               max_length: int = 77, batch_size: int = 256, device: str = "auto", dtype: str = "auto",
+               max_length: int = 77, batch_size: int | None = None, device: str = "auto", dtype: str = "auto",
                out: Path | None = None, progress: bool = True, chunk_size: int = CHUNK_SIZE) -> Path:
     """Write the text cache of `shards_dir`'s captions and return its path (see the module docstring)."""
     shards_dir = Path(shards_dir)
     if pooling not in POOLINGS:
         raise UserError(f"--pooling must be one of {', '.join(POOLINGS)}, not {pooling!r}")
-    if max_length < 2 or batch_size < 1 or chunk_size < 1:
+    if max_length < 2 or (batch_size is not None and batch_size < 1) or chunk_size < 1:
         raise UserError("--max-length must be >= 2 and --batch-size >= 1")
     captions_path = shards_dir / "captions.parquet"
     table = _read_captions(shards_dir)
@@ -316,6 +319,7 @@ def embed_text(shards_dir: Path, *, model: str = "distilbert-base-uncased", pool
     if world > 1 and device == "auto" and torch.cuda.is_available():
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
     encoder = Encoder(model, device=device, dtype=dtype)
+    batch_size = batch_size or BATCH_SIZE[encoder.device.type]
     if encoder.max_positions is not None and max_length > encoder.max_positions:
         raise UserError(f"--max-length {max_length} exceeds what --model {model} can read "
                         f"({encoder.max_positions} positions): pass --max-length {encoder.max_positions} or less")
@@ -367,5 +371,5 @@ def encode_queries(texts: list[str], metadata: dict[str, str], *, device: str = 
         raise UserError(f"the model at {metadata['model']} is not the one this text cache was made with (weights or "
                         f"tokenizer differ): restore that model or rerun `clipcoco embed-text`")
     vectors = encoder.encode(list(texts), pooling=metadata["pooling"], max_length=int(metadata["max_length"]),
-                             batch_size=256)
+                             batch_size=BATCH_SIZE[encoder.device.type])
     return vectors.float()

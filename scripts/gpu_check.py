@@ -273,10 +273,10 @@ def _embed_rates(embed: dict, small_cache: Path, small_seconds: float | None) ->
     import pyarrow.parquet as pq
 
     out = {**embed, "captions_per_s": round(embed["captions"] / embed["seconds"], 1)}
-    if small_seconds is None or not small_cache.is_file():
+    small = pq.read_metadata(small_cache).num_rows if small_cache.is_file() else None
+    if small_seconds is None or small is None or small >= embed["captions"] or small_seconds >= embed["seconds"]:
         return {**out, "projected_full_coco_s": round(FULL_COCO_CAPTIONS / out["captions_per_s"], 1)}
-    small = pq.read_metadata(small_cache).num_rows
-    steady = (embed["captions"] - small) / max(embed["seconds"] - small_seconds, 1e-3)
+    steady = (embed["captions"] - small) / (embed["seconds"] - small_seconds)
     startup = max(small_seconds - small / steady, 0.0)
     return {**out, "steady_captions_per_s": round(steady, 1), "startup_s": round(startup, 1),
             "projected_full_coco_s": round(startup + FULL_COCO_CAPTIONS / steady, 1)}

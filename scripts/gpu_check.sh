@@ -33,7 +33,7 @@
 # GPU_CHECK_DEVICE (cuda), GPU_CHECK_IMAGES (2048), GPU_CHECK_CAPTIONS (200000), GPU_CHECK_BATCH (256),
 # GPU_CHECK_STEPS (30), GPU_CHECK_LOADER_BATCHES (40), GPU_CHECK_IMAGE_SIZE (224), GPU_CHECK_MODEL (resnet50),
 # GPU_CHECK_THREADS (cores - 2), GPU_CHECK_SHARD_SIZE (256), GPU_CHECK_TEXT_DIM (768), GPU_CHECK_TEXT_LAYERS (6),
-# GPU_CHECK_EMBED_BATCH (256, embed-text's default), GPU_CHECK_BUDGET (330: seconds for all steps; each step's
+# GPU_CHECK_EMBED_BATCH (unset: embed-text's own default), GPU_CHECK_BUDGET (330: seconds for all steps; each step's
 # timeout is its own limit or what is left of the budget, whichever is less), GPU_CHECK_ONLY (space-separated step
 # names to run, e.g. "pytest"; default all; the probe always runs), PYTHON (python3).
 # Keep IMAGES a multiple of BATCH: in training mode the DALI loader decodes an epoch's last partial batch and drops
@@ -73,12 +73,14 @@ THREADS=${GPU_CHECK_THREADS:-$(( CORES > 4 ? CORES - 2 : 2 ))}
 SHARD_SIZE=${GPU_CHECK_SHARD_SIZE:-256}
 TEXT_DIM=${GPU_CHECK_TEXT_DIM:-768}
 TEXT_LAYERS=${GPU_CHECK_TEXT_LAYERS:-6}
-EMBED_BATCH=${GPU_CHECK_EMBED_BATCH:-256}
+EMBED_BATCH=${GPU_CHECK_EMBED_BATCH:-}
 BUDGET=${GPU_CHECK_BUDGET:-330}
 ONLY=${GPU_CHECK_ONLY:-}
 OUT=${OUT:-$(mktemp -d -t gpu-check-out.XXXXXX)}
 WORK=${GPU_CHECK_WORK:-$(mktemp -d -t gpu-check-work.XXXXXX)}
 mkdir -p "$OUT" "$WORK"
+# This run's files only, even in a reused $OUT (nothing else there is touched).
+rm -f "$OUT"/{env,loader-dali,loader-torch,train,embed-text,summary}.json "$OUT/pytest.txt"
 : > "$WORK/steps.tsv"
 : > "$OUT/log.txt"
 
@@ -178,10 +180,10 @@ step autotune 120 "$PY" scripts/gpu_check.py autotune --image-model "$MODEL" --i
 step captions 60 "$PY" scripts/gpu_check.py captions "$WORK/captions" --captions "$CAPTIONS"
 t0=$(date +%s.%N)
 if step embed-text 200 "${CLIPCOCO[@]}" embed-text "$WORK/captions" --model "$WORK/text-model" --device "$DEV" \
-    --batch-size "$EMBED_BATCH" --out "$WORK/captions/text.parquet" --no-progress; then
+    ${EMBED_BATCH:+--batch-size "$EMBED_BATCH"} --out "$WORK/captions/text.parquet" --no-progress; then
   seconds=$(awk -v a="$t0" -v b="$(date +%s.%N)" 'BEGIN { printf "%.2f", b - a }')
-  printf '{"captions": %s, "seconds": %s, "batch_size": %s, "dim": %s, "layers": %s, "device": "%s"}\n' \
-    "$CAPTIONS" "$seconds" "$EMBED_BATCH" "$TEXT_DIM" "$TEXT_LAYERS" "$DEV" > "$OUT/embed-text.json"
+  printf '{"captions": %s, "seconds": %s, "batch_size": "%s", "dim": %s, "layers": %s, "device": "%s"}\n' \
+    "$CAPTIONS" "$seconds" "${EMBED_BATCH:-default}" "$TEXT_DIM" "$TEXT_LAYERS" "$DEV" > "$OUT/embed-text.json"
 fi
 
 # Only the modules holding GPU-marked tests: the others may import what this machine lacks (matplotlib, ...).

@@ -89,9 +89,9 @@ if [ -d /tmp/devsite ] && [[ ":${PYTHONPATH:-}:" != *":/tmp/devsite:"* ]]; then
   PYTHONPATH=/tmp/devsite${PYTHONPATH:+:$PYTHONPATH}
 fi
 export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}
-# tests/conftest.py looks for coco-mini beside the checkout; on the GPU machine it came in .devdali/coco-mini.
+# ../shared does not travel to the GPU machine: the tests find the carried copy of coco-mini by this variable.
 if [ -d .devdali/coco-mini ] && [ ! -e ../shared/coco-mini ]; then
-  mkdir -p ../shared && ln -s "$ROOT/.devdali/coco-mini" ../shared/coco-mini
+  export CLIPCOCO_COCO_MINI=$ROOT/.devdali/coco-mini
 fi
 
 CLIPCOCO=("$PY" -c 'import sys; sys.argv[0] = "clipcoco"; from cli.main import main; main()')

@@ -1,13 +1,15 @@
 """Shared fixtures: tiny generated COCO-layout data, the bundled coco-mini, the gpu marker."""
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-COCO_MINI = Path(__file__).resolve().parents[1].parent / "shared" / "coco-mini"
+# ../shared/coco-mini beside the checkout; CLIPCOCO_COCO_MINI points elsewhere (e.g. a copy carried to a GPU machine).
+COCO_MINI = Path(os.environ.get("CLIPCOCO_COCO_MINI") or Path(__file__).resolve().parents[2] / "shared" / "coco-mini")
 
 
 def pytest_collection_modifyitems(config, items):

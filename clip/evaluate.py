@@ -34,15 +34,14 @@ import pyarrow.parquet as pq
 import torch
 import torch.distributed as dist
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
-from rich.text import Text
 
 from clip.checkpoint import load_checkpoint, model_from_checkpoint, resolve_checkpoint
 from clip.model import CLIP
 from pipeline import __version__
 from pipeline.errors import UserError
 from pipeline.loaders import make_loader
+from pipeline.progress import rate_bar
 from pipeline.shards import ShardSet, open_shards
 from pipeline.text_cache import TextCache
 
@@ -168,15 +167,6 @@ class EvalEmbeddings:
     text_to_image: torch.Tensor  # [T] int64, each caption's row in image_feats
 
 
-def _progress(enabled: bool, label: str, unit: str):
-    class Rate(ProgressColumn):
-        def render(self, task) -> Text:
-            return Text(f"{task.speed or 0:,.0f} {unit}/s")
-
-    return Progress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), Rate(), TimeElapsedColumn(),
-                    disable=not enabled)
-
-
 def _gather_rows(local: torch.Tensor) -> torch.Tensor:
     """Concatenate every rank's rows (the counts may differ by rank) over the default process group."""
     sizes = [torch.zeros(1, dtype=torch.long, device=local.device) for _ in range(dist.get_world_size())]
@@ -195,7 +185,7 @@ def _embed_images(model: CLIP, *, shards: ShardSet, device: torch.device, loader
     batches = make_loader(shards, kind=loader, batch_size=batch_size, image_size=image_size, train=False,
                           device=device, rank=rank, world_size=world, threads=threads)
     ids, feats = [], []
-    with _progress(progress and rank == 0, "scoring images", "images") as bar:
+    with rate_bar("scoring images", "images", enabled=progress and rank == 0) as bar:
         task = bar.add_task("images", total=shards.n_images)
         for batch in batches:
             feats.append(model.encode_image(batch.images).float())

@@ -29,6 +29,7 @@ import torch
 
 from pipeline import __version__
 from pipeline.errors import UserError
+from pipeline.progress import rate_bar
 from pipeline.text_cache import model_slug
 
 POOLINGS = ("mean", "cls")
@@ -250,27 +251,6 @@ def _merge(parts: list[Path], out: Path, schema: pa.Schema) -> None:
     os.replace(tmp, out)
 
 
-def _progress_bar(enabled: bool):
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        ProgressColumn,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-    from rich.text import Text
-
-    class Rate(ProgressColumn):
-        def render(self, task) -> Text:
-            return Text(f"{task.speed or 0:,.0f} captions/s")
-
-    return Progress(TextColumn("[bold]embedding"), BarColumn(), MofNCompleteColumn(), Rate(), TimeElapsedColumn(),
-                    TimeRemainingColumn(), console=Console(stderr=True), disable=not enabled)
-
-
 def _say(message: str) -> None:
     from rich.console import Console
 
@@ -345,7 +325,7 @@ def embed_text(shards_dir: Path, *, model: str = "distilbert-base-uncased", pool
     mine = len(list(_chunks(table.num_rows, chunk_size, rank, world)))
     if len(todo) < mine and rank == 0:
         _say(f"resuming: {mine - len(todo)} of {mine} parts already embedded in {parts_dir}")
-    with _progress_bar(progress and rank == 0) as bar:
+    with rate_bar("embedding", "captions", enabled=progress and rank == 0) as bar:
         task = bar.add_task("embed", total=sum(end - start for _, start, end in todo))
         for index, start, end in todo:
             rows = table.slice(start, end - start)

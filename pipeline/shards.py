@@ -39,6 +39,7 @@ from PIL import Image, ImageOps
 from pipeline import __version__
 from pipeline.coco import ImageRecord, read_coco_captions, read_karpathy
 from pipeline.errors import UserError
+from pipeline.progress import rate_bar
 
 MEMBERS = ("id", "jpg", "json", "txt")  # the order TarWriter writes them in (sorted)
 EXIF_ORIENTATION = 0x0112
@@ -330,26 +331,6 @@ def complete_prefix(out: Path, build_id: str, samples_per_shard: int) -> list[di
 # The stage
 
 
-def _progress_bar(enabled: bool, label: str, unit: str):
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        ProgressColumn,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-    from rich.text import Text
-
-    class Rate(ProgressColumn):
-        def render(self, task) -> Text:
-            return Text(f"{task.speed or 0:,.0f} {unit}/s")
-
-    return Progress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), Rate(), TimeElapsedColumn(),
-                    TimeRemainingColumn(), disable=not enabled, transient=False)
-
-
 def _check_options(*, out: Path, images: Path, annotations: Path | None, karpathy: Path | None,
                    split: str | None, resize_shorter: int, quality: int, samples_per_shard: int, workers: int,
                    max_failure_rate: float) -> None:
@@ -476,7 +457,7 @@ def build_shards(*, out: Path, images: Path, annotations: Path | None = None, ka
     pool = multiprocessing.get_context("fork").Pool(workers) if workers > 1 and len(todo) > 1 else None
     prepared = bounded_imap(pool, _prepare_task, tasks, window=64 * workers) if pool else map(_prepare_task, tasks)
     try:
-        with _progress_bar(progress, "packing", "images") as bar:
+        with rate_bar("packing", "images", enabled=progress) as bar:
             task = bar.add_task("packing", total=len(records), completed=len(records) - len(todo))
             results = _advancing(zip(todo, prepared, strict=True), lambda: bar.advance(task))
             new, trailing = write_shards(checked(results), out=out, build_id=build_id, first_index=len(done),
@@ -572,7 +553,7 @@ def verify_shards(shards_dir: Path, *, progress: bool = True) -> dict:
     shards = _shard_set(root, _load_manifest(root))  # not open_shards: report a wrong size, do not stop at it
     problems: list[str] = []
     checked_ids: list[int] = []
-    with tempfile.TemporaryDirectory() as tmp, _progress_bar(progress, "verifying", "shards") as bar:
+    with tempfile.TemporaryDirectory() as tmp, rate_bar("verifying", "shards", enabled=progress) as bar:
         task = bar.add_task("verifying", total=len(shards.tars))
         for entry, tar, idx in zip(shards.manifest["shards"], shards.tars, shards.indexes, strict=True):
             sidecar = _read_sidecar(tar.with_suffix(".json")) or {}

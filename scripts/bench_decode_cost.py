@@ -4,7 +4,8 @@
 
 One thread each (DALI num_threads=1, torch.set_num_threads(1)), CPU time of the process (`time.process_time`),
 so the split does not depend on other load on the machine. Steps, each including the ones before it:
-DALI: decode (fused random crop, as pipeline/loaders.py) -> + resize (antialiased linear) -> + normalise;
+DALI: decode (fused random crop, as pipeline/loaders.py) -> + resize (antialiased linear) -> + normalise, and
++ resize without antialiasing (not what the loader does: it shows what DALI's CPU resampler costs by itself);
 torchvision: decode_jpeg -> + crop and antialiased resize (uint8). Prints one JSON line.
 """
 
@@ -30,7 +31,8 @@ def dali_costs(tars: list[Path], size: int, n: int, batch: int = 32) -> dict:
                                           random_shuffle=True)
             images = fn.decoders.image_random_crop(jpegs, device="cpu", output_type=types.RGB, **CROP)
             if stage != "decode":
-                images = fn.resize(images, size=[size, size])
+                # resize_noaa: the same resize without antialiasing, only to show what the resampler costs
+                images = fn.resize(images, size=[size, size], antialias=stage != "resize_noaa")
             if stage == "normalise":
                 images = fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="HWC",
                                                   mean=[123.7, 116.3, 103.5], std=[58.4, 57.1, 57.4])
@@ -41,7 +43,7 @@ def dali_costs(tars: list[Path], size: int, n: int, batch: int = 32) -> dict:
         return p
 
     out = {}
-    for stage in ("decode", "resize", "normalise"):
+    for stage in ("decode", "resize", "resize_noaa", "normalise"):
         p = build(stage)
         p.run()  # warm-up
         start = time.process_time()

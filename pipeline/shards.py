@@ -154,8 +154,11 @@ def bounded_imap(pool, func: Callable, tasks: Iterable, *, window: int, chunksiz
     Pool.imap feeds every task at once; when the workers decode faster than this process writes
     (many cores, no resizing), their JPEG bytes would pile up in memory without this limit. Results
     come back in task order, so what is written never depends on the number of workers. Close the
-    generator before terminating the pool.
+    generator before terminating the pool. A chunk is sent once it is full, so `chunksize` must not exceed
+    `window`.
     """
+    if chunksize > window:
+        raise ValueError(f"chunksize {chunksize} exceeds window {window}: the first chunk would never fill")
     slots, stop = threading.Semaphore(window), threading.Event()
 
     def throttled():
@@ -472,7 +475,9 @@ def build_shards(*, out: Path, images: Path, annotations: Path | None = None, ka
     tasks = ((str(r.path), resize_shorter, quality) for r in todo)
     # The pool starts before the progress bar's refresh thread, so no lock is held across the fork.
     pool = multiprocessing.get_context("fork").Pool(workers) if workers > 1 and len(todo) > 1 else None
-    prepared = bounded_imap(pool, _prepare_task, tasks, window=64 * workers) if pool else map(_prepare_task, tasks)
+    # Chunks of 16 keep the parent's per-message work (its result thread) small: it shares the cores with the workers.
+    prepared = (bounded_imap(pool, _prepare_task, tasks, window=64 * workers, chunksize=16) if pool
+                else map(_prepare_task, tasks))
     try:
         with rate_bar("packing", "images", enabled=progress) as bar:
             task = bar.add_task("packing", total=len(records), completed=len(records) - len(todo))

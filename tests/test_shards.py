@@ -419,6 +419,8 @@ def test_bounded_imap_keeps_order_and_bounds_work_in_flight():
         abandoned = bounded_imap(pool, _square, iter(range(1000)), window=8)
         next(abandoned)
         abandoned.close()  # the pool's feeder thread must stop, or terminating the pool would hang
+        with pytest.raises(ValueError, match="chunksize"):  # a chunk larger than the window would never be sent
+            next(bounded_imap(pool, _square, iter(range(10)), window=4, chunksize=8))
 
 
 def test_a_write_error_stops_the_workers_and_a_rerun_recovers(tiny_coco, tmp_path, monkeypatch):

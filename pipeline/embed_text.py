@@ -29,6 +29,7 @@ import torch
 
 from pipeline import __version__
 from pipeline.errors import UserError
+from pipeline.hashing import sha256_file
 from pipeline.progress import rate_bar
 from pipeline.text_cache import model_slug
 
@@ -161,14 +162,6 @@ def _check_encoder(model, tokenizer, name: str, device: torch.device) -> int:
     return int(full.last_hidden_state.shape[-1])
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _weights_sha256(folder: Path, model: str) -> str:
     """sha256 over the weight files from_pretrained loaded (name and content of each)."""
     for pattern in _WEIGHT_PATTERNS:
@@ -176,7 +169,7 @@ def _weights_sha256(folder: Path, model: str) -> str:
         if files:
             h = hashlib.sha256()
             for f in files:
-                h.update(f"{f.name} {_sha256_file(f)}\n".encode())
+                h.update(f"{f.name} {sha256_file(f)}\n".encode())
             return h.hexdigest()
     raise UserError(f"--model {model}: no weight files ({' or '.join(_WEIGHT_PATTERNS)}) in {folder}")
 
@@ -308,7 +301,7 @@ def embed_text(shards_dir: Path, *, model: str = "distilbert-base-uncased", pool
         "pooling": pooling, "max_length": str(max_length),
         "normalization": "none",  # raw pooled vectors: normalising is the consumer's choice
         "dim": str(encoder.dim), "dtype": str(encoder.dtype).removeprefix("torch."),
-        "captions_sha256": _sha256_file(captions_path), "clipcoco_version": __version__,
+        "captions_sha256": sha256_file(captions_path), "clipcoco_version": __version__,
     }
     schema = _schema(encoder.dim, metadata)
     if out.is_file() and pq.read_schema(out).metadata == schema.metadata:

@@ -39,6 +39,7 @@ from PIL import Image, ImageOps
 from pipeline import __version__
 from pipeline.coco import ImageRecord, read_coco_captions, read_karpathy
 from pipeline.errors import UserError
+from pipeline.hashing import sha256_file
 from pipeline.progress import rate_bar
 
 MEMBERS = ("id", "jpg", "json", "txt")  # a sample's members, in the order they are written (sorted, as webdataset does)
@@ -49,14 +50,6 @@ SHARD_RE = re.compile(r"^shard-(\d{6})\.(tar|idx|json)(\.tmp)?$")
 
 def _shard_name(index: int, ext: str) -> str:
     return f"shard-{index:06d}.{ext}"
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
@@ -458,7 +451,7 @@ def build_shards(*, out: Path, images: Path, annotations: Path | None = None, ka
         raise UserError(f"{source} lists no images" + (f" in split {split!r}" if split else ""))
 
     # Everything that determines the bytes, and nothing else (not --workers, not paths).
-    identity = {"source": "coco" if annotations is not None else "karpathy", "source_sha256": _sha256_file(source),
+    identity = {"source": "coco" if annotations is not None else "karpathy", "source_sha256": sha256_file(source),
                 "split": split, "resize_shorter": resize_shorter, "quality": quality,
                 "samples_per_shard": samples_per_shard, "version": __version__}
     build_id = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
@@ -588,7 +581,7 @@ def verify_shards(shards_dir: Path, *, progress: bool = True) -> dict:
             if manifest_entry != {k: entry[k] for k in manifest_entry}:
                 problems.append(f"{tar.name}: its sidecar and manifest.json disagree (mixed runs: rebuild with "
                                 "--overwrite)")
-            if _sha256_file(tar) != sidecar.get("sha256") or tar.stat().st_size != sidecar.get("bytes"):
+            if sha256_file(tar) != sidecar.get("sha256") or tar.stat().st_size != sidecar.get("bytes"):
                 problems.append(f"{tar.name}: sha256 or size differs from the sidecar (altered or truncated)")
             fresh = Path(tmp) / idx.name
             try:

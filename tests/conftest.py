@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from pipeline.shards import build_shards, open_shards
+
 # ../shared/coco-mini beside the checkout; CLIPCOCO_COCO_MINI points elsewhere (e.g. a copy carried to a GPU machine).
 COCO_MINI = Path(os.environ.get("CLIPCOCO_COCO_MINI") or Path(__file__).resolve().parents[2] / "shared" / "coco-mini")
 
@@ -57,3 +59,23 @@ def coco_mini() -> Path:
     if not (COCO_MINI / "annotations" / "captions_val2017.json").is_file():
         pytest.skip(f"coco-mini not found at {COCO_MINI}")
     return COCO_MINI
+
+
+def take(loader, n: int) -> list:
+    """The next `n` batches, crossing into following epochs as needed."""
+    out = []
+    while len(out) < n:
+        for batch in loader:
+            out.append(batch)
+            if len(out) == n:
+                break
+    return out
+
+
+@pytest.fixture(scope="module")
+def mini(coco_mini, tmp_path_factory):
+    """coco-mini val2017 (79 annotated images) in 3 shards."""
+    out = tmp_path_factory.mktemp("mini") / "shards"
+    build_shards(out=out, images=coco_mini / "val2017", annotations=coco_mini / "annotations" / "captions_val2017.json",
+                 samples_per_shard=30, progress=False)
+    return open_shards(out)

@@ -2,20 +2,12 @@
 
 import pytest
 import torch
+from conftest import take
 
 from pipeline.loaders import make_loader
-from pipeline.shards import build_shards, open_shards
 
 pytestmark = pytest.mark.gpu
 CUDA = torch.device("cuda", 0)
-
-
-@pytest.fixture(scope="module")
-def mini(coco_mini, tmp_path_factory):
-    out = tmp_path_factory.mktemp("mini") / "shards"
-    build_shards(out=out, images=coco_mini / "val2017", annotations=coco_mini / "annotations" / "captions_val2017.json",
-                 samples_per_shard=30, progress=False)
-    return open_shards(out)
 
 
 def epoch(shards, kind, device, *, train=False, size=224):
@@ -46,17 +38,6 @@ def test_torch_loader_on_cuda_matches_cpu(mini):
     cpu_ids, cpu = epoch(mini, "torch", torch.device("cpu"), size=64)
     assert torch.equal(gpu_ids, cpu_ids)
     torch.testing.assert_close(gpu, cpu, atol=1e-5, rtol=0)
-
-
-def take(loader, n: int) -> list:
-    """The next `n` batches, crossing into following epochs as needed."""
-    out = []
-    while len(out) < n:
-        for batch in loader:
-            out.append(batch)
-            if len(out) == n:
-                break
-    return out
 
 
 def test_dali_mixed_resume_is_exact(mini, tmp_path):

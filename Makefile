@@ -57,7 +57,7 @@ test: install ## run the test suite (GPU tests skip cleanly without a GPU)
 	@$(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: treating that as a failure" >&2; fi; exit $$rc
 
-bench: install ## measure every stage against its peer (coco-mini, ~10 min on 2 cores) into docs/benchmarks.md
+bench: install ## measure every stage against its peer (coco-mini, ~8 min on 2 cores) into docs/benchmarks.md
 	$(BIN)/python scripts/bench_all.py --out docs/benchmarks.md
 
 lint: install ## ruff check

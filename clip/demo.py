@@ -193,8 +193,11 @@ def run_demo(out: Path = Path("demo-out"), *, text_model: str | None = None, siz
             stages.run(f"shards ({split})", lambda s=split: build_shards(
                 out=shards_dir / s, images=data.images[s], annotations=data.annotations[s], overwrite=True,
                 progress=progress))
+        # The package's folder is called "model": name the default caches after the model instead.
+        cache = None if text_model is not None else "text-all-MiniLM-L6-v2-mean.parquet"
         text = {split: stages.run(f"embed-text ({split})", lambda s=split: embed_text(
-            shards_dir / s, model=model, device="cpu", progress=progress)) for split in ("train", "test")}
+            shards_dir / s, model=model, device="cpu", progress=progress,
+            out=shards_dir / s / cache if cache else None)) for split in ("train", "test")}
         cfg = load_config(config, {
             **demo_size.overrides, "train.seed": seed,
             "data.shards": str(shards_dir / "train"), "data.text": str(text["train"]),

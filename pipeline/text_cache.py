@@ -29,10 +29,14 @@ _INT_KEYS = ("max_length", "dim")
 
 
 def model_slug(model: str) -> str:
-    """A file-name-safe name for a model: hub names with "/" -> "--", a local folder -> its name."""
+    """A file-name-safe name for a model: hub names with "/" -> "--", a local folder -> its name, a folder of
+    the Hugging Face cache (models--org--name/snapshots/<revision>) -> "org--name", not the revision hash."""
     path = Path(model)
     if path.is_dir():
-        return path.resolve().name
+        path = path.resolve()
+        if path.parent.name == "snapshots" and path.parent.parent.name.startswith("models--"):
+            return path.parent.parent.name.removeprefix("models--")
+        return path.name
     return model.replace("/", "--")
 
 

@@ -108,3 +108,6 @@ def test_model_slug(tmp_path):
     assert model_slug("sentence-transformers/all-MiniLM-L6-v2") == "sentence-transformers--all-MiniLM-L6-v2"
     (tmp_path / "my-model").mkdir()
     assert model_slug(str(tmp_path / "my-model")) == "my-model"
+    snapshot = tmp_path / "hub" / "models--distilbert--distilbert-base-uncased" / "snapshots" / "12040accade4e8a0f"
+    snapshot.mkdir(parents=True)
+    assert model_slug(str(snapshot)) == "distilbert--distilbert-base-uncased"

@@ -2,6 +2,9 @@
 
 import json
 import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -79,3 +82,18 @@ def mini(coco_mini, tmp_path_factory):
     build_shards(out=out, images=coco_mini / "val2017", annotations=coco_mini / "annotations" / "captions_val2017.json",
                  samples_per_shard=30, progress=False)
     return open_shards(out)
+
+
+def torchrun(script: Path, *args: str, nproc: int = 2, timeout: int = 240) -> tuple[int, str]:
+    """(exit code, stderr) of `torchrun --standalone --nproc_per_node nproc script args...` on the CPU (gloo)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    # Own session, so a hang can be ended with the rank processes, not only their launcher.
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                             str(nproc), str(script), *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+    try:
+        _, stderr = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    return proc.returncode, stderr

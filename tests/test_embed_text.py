@@ -3,17 +3,13 @@ transformers forward and against sentence-transformers, resume, the up-to-date s
 
 import hashlib
 import json
-import os
-import signal
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from conftest import torchrun
 from typer.testing import CliRunner
 
 import pipeline.embed_text as et
@@ -21,8 +17,6 @@ from cli.main import app
 from pipeline.embed_text import embed_text, encode_queries
 from pipeline.errors import UserError
 from pipeline.text_cache import TextCache
-
-REPO = Path(__file__).resolve().parents[1]
 
 WORDS = ["a", "man", "woman", "dog", "cat", "riding", "sitting", "on", "the", "red", "blue", "bus", "train", "beach",
          "street", "with", "two", "small", "large", "next", "to"]
@@ -185,17 +179,8 @@ def test_two_ranks_under_torchrun_give_the_single_process_file(tmp_path, tiny_mo
                         progress=False, chunk_size=16)
     script = tmp_path / "embed_ranks.py"
     script.write_text(RANK_SCRIPT)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    # Own session, so a hang can be ended with the rank processes, not only their launcher.
-    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                             str(script), str(tmp_path / "shards"), str(tiny_model), str(tmp_path / "ranks.parquet")],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
-    try:
-        _, stderr = proc.communicate(timeout=240)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == 0, stderr[-3000:]
+    returncode, stderr = torchrun(script, str(tmp_path / "shards"), str(tiny_model), str(tmp_path / "ranks.parquet"))
+    assert returncode == 0, stderr[-3000:]
     assert pq.read_metadata(single).num_row_groups > 2  # both ranks had parts to embed
     assert (tmp_path / "ranks.parquet").read_bytes() == single.read_bytes()
     assert not list(tmp_path.glob(".*.parts")), "rank 0 removes the parts once merged"

@@ -1,9 +1,6 @@
 """`clipcoco train` end to end on generated shards + a text cache: exact resume, 2-rank DDP, eval, refusals, CLI."""
 
 import json
-import os
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
@@ -12,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import write_coco
+from conftest import torchrun, write_coco
 from typer.testing import CliRunner
 
 import clip.train as train_module
@@ -158,18 +155,9 @@ def test_run_directory_metrics_and_eval(data, tmp_path):
 
 def test_two_rank_torchrun_sees_disjoint_images(data, tmp_path):
     out = tmp_path / "ddp"
-    helper = Path(__file__).with_name("train_ranks.py")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    # Own session, so a hang can be ended with the rank processes, not only their launcher.
-    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                             str(helper), str(data["shards"]), str(data["text"]), str(out)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
-    try:
-        _, stderr = proc.communicate(timeout=240)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == 0, stderr[-3000:]
+    returncode, stderr = torchrun(Path(__file__).with_name("train_ranks.py"), str(data["shards"]), str(data["text"]),
+                                  str(out))
+    assert returncode == 0, stderr[-3000:]
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
     seen = [set(ids) for r in ranks for ids in [sum(r["ids"], [])]]
     assert not seen[0] & seen[1]

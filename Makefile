@@ -11,7 +11,9 @@ TRAIN     ?= $(DATA)/karpathy-trainval
 EVAL      ?= $(DATA)/karpathy-test
 TEXT_MODEL ?= distilbert-base-uncased
 POOLING   ?= mean
-TEXT_SLUG ?= $(subst /,--,$(TEXT_MODEL))-$(POOLING)
+# The cache's name (a hub name with / -> --, a local model folder -> its name); embed-text is given it with
+# --out, so train and eval always find the file embed-text wrote.
+TEXT_SLUG ?= $(if $(wildcard $(TEXT_MODEL)/config.json),$(notdir $(abspath $(TEXT_MODEL))),$(subst /,--,$(TEXT_MODEL)))-$(POOLING)
 CONFIG    ?= configs/coco-karpathy.yaml
 RUN       ?= runs/coco-karpathy
 DEMO_OUT  ?= demo-out
@@ -40,8 +42,8 @@ shards-2017: install ## COCO 2017 official split instead: $(DATA)/train2017 and 
 	$(BIN)/clipcoco shards --annotations $(COCO_ROOT)/annotations/captions_val2017.json --images $(COCO_ROOT)/val2017 --out $(DATA)/val2017 --workers $(WORKERS)
 
 embed-text: install ## every caption of $(TRAIN) and $(EVAL) through frozen $(TEXT_MODEL), once
-	$(BIN)/clipcoco embed-text $(TRAIN) --model $(TEXT_MODEL) --pooling $(POOLING)
-	$(BIN)/clipcoco embed-text $(EVAL) --model $(TEXT_MODEL) --pooling $(POOLING)
+	$(BIN)/clipcoco embed-text $(TRAIN) --model $(TEXT_MODEL) --pooling $(POOLING) --out $(TRAIN)/text-$(TEXT_SLUG).parquet
+	$(BIN)/clipcoco embed-text $(EVAL) --model $(TEXT_MODEL) --pooling $(POOLING) --out $(EVAL)/text-$(TEXT_SLUG).parquet
 
 train: install ## train with $(CONFIG) into $(RUN) (rerun to resume)
 	$(BIN)/clipcoco train --config $(CONFIG) --shards $(TRAIN) --text $(TRAIN)/text-$(TEXT_SLUG).parquet --out $(RUN)

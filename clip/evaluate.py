@@ -40,6 +40,7 @@ from clip.checkpoint import load_checkpoint, model_from_checkpoint, resolve_chec
 from clip.model import CLIP
 from pipeline import __version__
 from pipeline.errors import UserError
+from pipeline.files import replacing, write_atomic
 from pipeline.loaders import make_loader
 from pipeline.progress import rate_bar
 from pipeline.shards import ShardSet, open_shards
@@ -328,9 +329,8 @@ def save_embeddings(path: Path, emb: EvalEmbeddings, metadata: dict[str, str]) -
         "kind": pa.array(["image"] * n_images + ["text"] * len(emb.caption_ids), type=pa.string()),
         "embedding": pa.FixedSizeListArray.from_arrays(pa.array(feats.reshape(-1)), dim),
     }).replace_schema_metadata(metadata)
-    tmp = path.with_name(f".{path.name}.tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    with replacing(path) as tmp:
+        pq.write_table(table, tmp)
     return path
 
 
@@ -410,9 +410,7 @@ def evaluate(run_or_ckpt: Path, *, shards: Path, text: Path, out: Path | None = 
     suffix = f"-folds{folds}" if folds > 1 else ""
     out = Path(out) if out is not None else run_dir / f"eval-{split}{suffix}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    os.replace(tmp, out)
+    write_atomic(out, (json.dumps(report, indent=2) + "\n").encode())
     embeddings = save_embeddings(run_dir / f"embeddings-{split}.parquet", emb, {
         "clipcoco_version": __version__,
         # relative to the run when inside it, so a moved or copied run still finds its text head

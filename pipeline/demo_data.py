@@ -15,7 +15,6 @@ composes colours, shapes and positions it has seen in other combinations, not wh
 """
 
 import json
-import os
 from dataclasses import dataclass
 from itertools import product
 from pathlib import Path
@@ -24,6 +23,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from pipeline.errors import UserError
+from pipeline.files import write_atomic
 
 COLOURS = {  # name -> RGB centre; each image jitters it a little
     "red": (220, 30, 30),
@@ -191,12 +191,6 @@ def render(scene: Scene, rng: np.random.Generator, size: int) -> Image.Image:
     return image
 
 
-def _write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def write_split(out: Path, split: str, scenes: list[Scene], *, first_id: int, seed: int, image_size: int,
                 quality: int) -> tuple[Path, Path, int]:
     """Render and caption one split; returns (annotations JSON, image folder, caption count)."""
@@ -223,7 +217,7 @@ def write_split(out: Path, split: str, scenes: list[Scene], *, first_id: int, se
     }
     ann_path = out / "annotations" / f"captions_{split}.json"
     ann_path.parent.mkdir(parents=True, exist_ok=True)
-    _write_json_atomic(ann_path, data)
+    write_atomic(ann_path, (json.dumps(data, indent=1) + "\n").encode("utf-8"))
     return ann_path, images_dir, len(annotations)
 
 

@@ -29,7 +29,7 @@ import torch
 
 from pipeline import __version__
 from pipeline.errors import UserError
-from pipeline.hashing import sha256_file
+from pipeline.files import replacing, sha256_file
 from pipeline.progress import rate_bar
 from pipeline.text_cache import model_slug
 
@@ -215,9 +215,8 @@ def _chunks(n_rows: int, chunk_size: int, rank: int, world: int) -> Iterator[tup
 
 
 def _write_part(path: Path, table: pa.Table) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    pq.write_table(table, tmp, compression="none")  # parts live minutes; the final file is compressed
-    os.replace(tmp, path)
+    with replacing(path) as tmp:
+        pq.write_table(table, tmp, compression="none")  # parts live minutes; the final file is compressed
 
 
 def _prepare_parts(parts: Path, plan: dict, rank: int) -> None:
@@ -233,15 +232,13 @@ def _prepare_parts(parts: Path, plan: dict, rank: int) -> None:
 
 
 def _merge(parts: list[Path], out: Path, schema: pa.Schema) -> None:
-    tmp = out.with_name(out.name + ".tmp")
     # zstd for ids and text; float16 noise does not compress, so the embeddings are stored plain.
-    with pq.ParquetWriter(tmp, schema, compression={"image_id": "zstd", "caption_id": "zstd", "caption": "zstd",
-                                                    "embedding": "none"},
-                          use_dictionary=False, write_statistics=["image_id", "caption_id"]) as writer:
+    compression = {"image_id": "zstd", "caption_id": "zstd", "caption": "zstd", "embedding": "none"}
+    with replacing(out) as tmp, pq.ParquetWriter(tmp, schema, compression=compression, use_dictionary=False,
+                                                 write_statistics=["image_id", "caption_id"]) as writer:
         for part in parts:
             table = pq.read_table(part).replace_schema_metadata(schema.metadata)
             writer.write_table(table, row_group_size=table.num_rows)
-    os.replace(tmp, out)
 
 
 def _say(message: str) -> None:

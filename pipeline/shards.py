@@ -39,7 +39,7 @@ from PIL import Image, ImageOps
 from pipeline import __version__
 from pipeline.coco import ImageRecord, read_coco_captions, read_karpathy
 from pipeline.errors import UserError
-from pipeline.hashing import sha256_file
+from pipeline.files import replacing, sha256_file, write_atomic
 from pipeline.progress import rate_bar
 
 MEMBERS = ("id", "jpg", "json", "txt")  # a sample's members, in the order they are written (sorted, as webdataset does)
@@ -50,12 +50,6 @@ SHARD_RE = re.compile(r"^shard-(\d{6})\.(tar|idx|json)(\.tmp)?$")
 
 def _shard_name(index: int, ext: str) -> str:
     return f"shard-{index:06d}.{ext}"
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def _json_bytes(obj: Any) -> bytes:
@@ -290,14 +284,12 @@ class ShardWriter:
         os.fsync(self.file.fileno())
         self.file.close()
         os.replace(self.tmp, self.tar)
-        idx = self.out / _shard_name(self.index, "idx")
-        idx_tmp = idx.with_name(idx.name + ".tmp")
-        write_index(self.tar, idx_tmp)
-        os.replace(idx_tmp, idx)
+        with replacing(self.out / _shard_name(self.index, "idx")) as idx_tmp:
+            write_index(self.tar, idx_tmp)
         sidecar = {"shard": self.tar.name, "count": len(self.keys), "bytes": self.hashing.size,
                    "sha256": self.hashing.sha256.hexdigest(), "build_id": self.build_id,
                    "reencoded": self.reencoded, "keys": self.keys, "left_out": left_out}
-        _write_atomic(self.out / _shard_name(self.index, "json"), _json_bytes(sidecar))
+        write_atomic(self.out / _shard_name(self.index, "json"), _json_bytes(sidecar))
         return sidecar
 
 
@@ -405,9 +397,8 @@ def _write_captions(out: Path, records: dict[int, ImageRecord], packed_ids: list
         captions += [caps[i] for i in order]
     table = pa.table({"image_id": pa.array(image_ids, pa.int64()), "caption_id": pa.array(caption_ids, pa.int64()),
                       "caption": pa.array(captions, pa.string())})
-    tmp = out / "captions.parquet.tmp"
-    pq.write_table(table, tmp)
-    os.replace(tmp, out / "captions.parquet")
+    with replacing(out / "captions.parquet") as tmp:
+        pq.write_table(table, tmp)
     return len(captions)
 
 
@@ -509,7 +500,7 @@ def build_shards(*, out: Path, images: Path, annotations: Path | None = None, ka
     sidecars = done + new
 
     failures = [f for s in sidecars for f in s["left_out"]] + trailing
-    _write_atomic(out / "failures.jsonl", "".join(json.dumps(f, ensure_ascii=False) + "\n"
+    write_atomic(out / "failures.jsonl", "".join(json.dumps(f, ensure_ascii=False) + "\n"
                                                   for f in failures).encode("utf-8"))
     packed_ids = [int(k) for s in sidecars for k in s["keys"]]
     captions_packed = _write_captions(out, {r.image_id: r for r in records}, packed_ids)
@@ -533,7 +524,7 @@ def build_shards(*, out: Path, images: Path, annotations: Path | None = None, ka
         "fingerprint": fingerprint_of(s["sha256"] for s in sidecars),
         "seconds": round(time.perf_counter() - started, 3),
     }
-    _write_atomic(out / "manifest.json", _json_bytes(manifest))
+    write_atomic(out / "manifest.json", _json_bytes(manifest))
 
     if progress:
         from rich.console import Console

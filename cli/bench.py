@@ -8,10 +8,10 @@ from pathlib import Path
 
 import typer
 
+from cli import DEVICE_HELP
+
 app = typer.Typer(help="Measure each stage against its peer; each command prints one JSON line last.",
                   no_args_is_help=True)
-
-DEVICE_HELP = "auto (cuda when available) | cpu | cuda."
 
 
 @app.command("loader", no_args_is_help=True)

@@ -4,6 +4,8 @@ from pathlib import Path
 
 import typer
 
+from cli import DEVICE_HELP
+
 
 def command(
     shards_dir: Path = typer.Argument(..., help="Shard directory written by `clipcoco shards` (its captions.parquet "
@@ -14,7 +16,7 @@ def command(
     max_length: int = typer.Option(77, "--max-length", help="Tokens per caption; longer captions are truncated."),
     batch_size: int = typer.Option(None, "--batch-size", help="Captions per forward pass (default: 256 on CUDA, "
                                    "64 on a CPU, where small batches stay in cache)."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
     dtype: str = typer.Option("auto", "--dtype", help="Compute dtype: auto (bfloat16 on CUDA, float32 on CPU), "
                               "float32 or bfloat16. Storage is always float16."),
     out: Path = typer.Option(None, "--out", help="Cache file (default: SHARDS_DIR/text-<model-slug>-<pooling>"

@@ -4,6 +4,8 @@ from pathlib import Path
 
 import typer
 
+from cli import DEVICE_HELP
+
 
 def command(
     run: Path = typer.Argument(..., help="Run directory (its latest checkpoint) or a checkpoint .pt file."),
@@ -13,7 +15,7 @@ def command(
     folds: int = typer.Option(1, "--folds", help="1: all images (5K protocol); 5: five folds of consecutive "
                               "images, mean (1K protocol)."),
     loader: str = typer.Option("dali", "--loader", help="dali (GPU JPEG decoding on CUDA) or torch."),
-    device: str = typer.Option("auto", "--device", help="auto (cuda when available), cpu or cuda."),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
     batch_size: int = typer.Option(256, "--batch-size", help="Images per batch (per process under torchrun)."),
     image_size: int | None = typer.Option(None, "--image-size", help="Center-crop size. Default: the run's."),
     threads: int = typer.Option(2, "--threads", help="Decoding threads per process."),

@@ -4,6 +4,8 @@ from pathlib import Path
 
 import typer
 
+from cli import DEVICE_HELP
+
 
 def command(
     query: str | None = typer.Argument(None, help='A sentence, e.g. "a dog on a couch" (or use --image-id).'),
@@ -12,7 +14,7 @@ def command(
     image_id: int | None = typer.Option(None, "--image-id", help="Find the images most like this COCO image id."),
     k: int = typer.Option(8, "--k", help="How many images to return."),
     out: Path | None = typer.Option(None, "--out", help="Grid PNG to write. Default: RUN/search-<split>.png."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda (for the text model of a query)."),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
 ) -> None:
     """Search the eval images of a run with a text query (or an image), print the top k, draw a grid.
 

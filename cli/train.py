@@ -5,6 +5,7 @@ from pathlib import Path
 
 import typer
 
+from cli import DEVICE_HELP
 from pipeline.errors import UserError
 
 
@@ -26,7 +27,7 @@ def command(
     weight_decay: float = typer.Option(None, "--weight-decay", help="AdamW weight decay (not on biases/norms)."),
     warmup_steps: int = typer.Option(None, "--warmup-steps", help="Linear warmup steps before the cosine decay."),
     loader: str = typer.Option(None, "--loader", help="dali (GPU decoding on CUDA) or torch."),
-    device: str = typer.Option(None, "--device", help="auto, cpu or cuda."),
+    device: str = typer.Option(None, "--device", help=DEVICE_HELP),
     precision: str = typer.Option(None, "--precision", help="bf16 (autocast on CUDA) or fp32."),
     compile: bool = typer.Option(None, "--compile/--no-compile", help="torch.compile the model."),
     seed: int = typer.Option(None, "--seed", help="Seeds init, shuffling and caption choice."),

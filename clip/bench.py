@@ -23,21 +23,11 @@ from clip.model import build_model
 from clip.train import make_optimizer, make_scheduler, train_step
 from pipeline.errors import UserError
 from pipeline.loaders import Batch, Loader, make_loader
+from pipeline.runtime import resolve_device
 from pipeline.shards import open_shards
 from pipeline.text_cache import TextCache
 
 LOADERS = ("dali", "torch")
-
-
-def resolve_device(device: str) -> torch.device:
-    """auto -> cuda when available, else cpu; cuda without a GPU is the user's mistake."""
-    if device not in ("auto", "cpu", "cuda"):
-        raise UserError(f"--device {device!r}: use auto, cpu or cuda")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda but torch sees no CUDA GPU: use --device cpu (or auto)")
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(device)
 
 
 def _sync(device: torch.device) -> None:

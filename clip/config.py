@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from pipeline.errors import UserError
+from pipeline.runtime import DEVICE_CHOICES, is_device_name
 
 RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101")
 
@@ -88,7 +89,7 @@ class TrainConfig:
     batch_size: int = 256  # images per process per step (global batch = batch_size x world size)
     epochs: int = 10  # used when steps is 0
     steps: int = 0  # total target step count; 0 = epochs x steps per epoch
-    device: str = "auto"  # auto (cuda when available) | cpu | cuda
+    device: str = "auto"  # auto (cuda when available) | cpu | cuda (cuda:LOCAL_RANK under torchrun) | cuda:N
     precision: str = "bf16"  # bf16 autocast on CUDA (fp32 on CPU) | fp32
     compile: bool = False  # torch.compile the image tower
     seed: int = 0  # seeds model init, shuffling and caption choice
@@ -101,7 +102,7 @@ class TrainConfig:
         _check(self.batch_size >= 2, "train.batch_size must be >= 2 (contrastive loss needs negatives)")
         _check(self.epochs >= 0 and self.steps >= 0, "train.epochs and train.steps must be >= 0")
         _check(self.epochs > 0 or self.steps > 0, "set train.epochs or train.steps")
-        _check(self.device in ("auto", "cpu", "cuda"), "train.device must be auto, cpu or cuda")
+        _check(is_device_name(self.device), f"train.device must be {DEVICE_CHOICES}")
         _check(self.precision in ("bf16", "fp32"), "train.precision must be bf16 or fp32")
         _check(self.save_every >= 1 and self.keep_last >= 1, "train.save_every and train.keep_last must be >= 1")
         _check(self.eval_every >= 0 and self.log_every >= 1, "train.eval_every >= 0, train.log_every >= 1")

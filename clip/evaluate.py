@@ -24,7 +24,6 @@ Ties: a competitor whose score equals the positive's counts ahead of it (pessimi
 import hashlib
 import json
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,7 +31,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-import torch.distributed as dist
 from rich.console import Console
 from rich.table import Table
 
@@ -43,6 +41,7 @@ from pipeline.errors import UserError
 from pipeline.files import replacing, write_atomic
 from pipeline.loaders import make_loader
 from pipeline.progress import rate_bar
+from pipeline.runtime import distributed, gather_rows
 from pipeline.shards import ShardSet, open_shards
 from pipeline.text_cache import TextCache
 
@@ -168,18 +167,6 @@ class EvalEmbeddings:
     text_to_image: torch.Tensor  # [T] int64, each caption's row in image_feats
 
 
-def _gather_rows(local: torch.Tensor) -> torch.Tensor:
-    """Concatenate every rank's rows (the counts may differ by rank) over the default process group."""
-    sizes = [torch.zeros(1, dtype=torch.long, device=local.device) for _ in range(dist.get_world_size())]
-    dist.all_gather(sizes, torch.tensor([local.shape[0]], device=local.device))
-    longest = int(max(s.item() for s in sizes))
-    padded = torch.zeros((longest, *local.shape[1:]), dtype=local.dtype, device=local.device)
-    padded[: local.shape[0]] = local
-    parts = [torch.empty_like(padded) for _ in sizes]
-    dist.all_gather(parts, padded)  # all_gather needs equal shapes, hence the padding, trimmed here
-    return torch.cat([p[: int(n.item())] for p, n in zip(parts, sizes, strict=True)])
-
-
 @torch.inference_mode()
 def _embed_images(model: CLIP, *, shards: ShardSet, device: torch.device, loader: str, batch_size: int, image_size: int,
                   threads: int, rank: int, world: int, progress: bool) -> tuple[np.ndarray, torch.Tensor]:
@@ -199,7 +186,7 @@ def _embed_images(model: CLIP, *, shards: ShardSet, device: torch.device, loader
                                   device=device)
     local_ids = torch.cat(ids) if ids else torch.zeros(0, dtype=torch.long, device=device)
     if world > 1:
-        local_ids, local_feats = _gather_rows(local_ids), _gather_rows(local_feats)
+        local_ids, local_feats = gather_rows(local_ids), gather_rows(local_feats)
     all_ids, all_feats = local_ids.cpu().numpy(), local_feats.cpu()
     order = np.argsort(all_ids, kind="stable")
     return all_ids[order], all_feats[torch.from_numpy(order)]
@@ -299,26 +286,6 @@ def overlap_with_train(ckpt: dict, image_ids: np.ndarray) -> int:
     return int(np.intersect1d(np.asarray(ckpt["train_image_ids"], dtype=np.int64), image_ids).size)
 
 
-def _resolve_device(device: str) -> torch.device:
-    if device not in ("auto", "cpu", "cuda"):
-        raise UserError(f"--device {device!r}: pass auto, cpu or cuda")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda but no CUDA GPU is visible: pass --device cpu (and --loader torch)")
-    if device == "cpu" or not torch.cuda.is_available():
-        return torch.device("cpu")
-    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))  # torchrun: one GPU per local rank
-
-
-def _init_distributed(device: torch.device) -> bool:
-    """Join the torchrun process group when launched by torchrun; True when this call created it."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
-        return False
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return True
-
-
 def save_embeddings(path: Path, emb: EvalEmbeddings, metadata: dict[str, str]) -> Path:
     """Image rows (caption_id -1) then caption rows, as one Parquet file; written atomically."""
     n_images, dim = emb.image_feats.shape
@@ -368,23 +335,17 @@ def evaluate(run_or_ckpt: Path, *, shards: Path, text: Path, out: Path | None = 
     check_text_cache(ckpt, cache, Path(text))
     run_dir = run_dir_of(ckpt_path)
     split = shard_set.root.resolve().name
-    torch_device = _resolve_device(device)
-    created_group = _init_distributed(torch_device)
-    try:
-        model = model_from_checkpoint(ckpt).to(torch_device).to(memory_format=torch.channels_last)
+    with distributed(device) as rt:
+        model = model_from_checkpoint(ckpt).to(rt.device).to(memory_format=torch.channels_last)
         if image_size is None:
             image_size = int(ckpt["config"]["data"]["image_size"])
-        rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-        emb = embed_split(model, shards=shard_set, text=cache, device=torch_device, loader=loader,
-                          batch_size=batch_size, image_size=image_size, threads=threads, rank=rank,
-                          world_size=world, progress=progress)
-        if rank != 0:
+        emb = embed_split(model, shards=shard_set, text=cache, device=rt.device, loader=loader,
+                          batch_size=batch_size, image_size=image_size, threads=threads, rank=rt.rank,
+                          world_size=rt.world_size, progress=progress)
+        if not rt.main:
             return {}
-        metrics = retrieval_metrics(emb.image_feats.to(torch_device), emb.text_feats.to(torch_device),
+        metrics = retrieval_metrics(emb.image_feats.to(rt.device), emb.text_feats.to(rt.device),
                                     emb.text_to_image, folds=folds)
-    finally:
-        if created_group:
-            dist.destroy_process_group()
     overlap = overlap_with_train(ckpt, emb.image_ids)
     report = {
         **metrics,

@@ -30,6 +30,7 @@ from clip.checkpoint import load_checkpoint, model_from_checkpoint
 from clip.plot import figure_class
 from pipeline.embed_text import encode_queries
 from pipeline.errors import UserError
+from pipeline.runtime import resolve_device
 from pipeline.shards import ShardSet, open_shards
 
 
@@ -85,7 +86,7 @@ def text_query(query: str, *, run: Path, metadata: dict[str, str], device: torch
         raise UserError(f"the checkpoint the saved embeddings were made with ({checkpoint}) is gone: "
                         "rerun `clipcoco eval` with the run's current checkpoint")
     model = model_from_checkpoint(load_checkpoint(checkpoint)).to(device)
-    raw = encode_queries([query], json.loads(metadata["text_metadata"]), device=str(device.type))
+    raw = encode_queries([query], json.loads(metadata["text_metadata"]), device=device)
     with torch.inference_mode():
         return model.encode_text(raw.to(device)).float().cpu()[0]
 
@@ -136,14 +137,11 @@ def search(query: str | None = None, *, run: Path, shards: Path, image_id: int |
 
     Prints them, writes the grid PNG (default RUN/search-<split>.png), returns them.
     """
-
-
     if (query is None) == (image_id is None):
         raise UserError('pass either a text query ("a dog on a couch") or --image-id N, not both or neither')
     if k < 1:
         raise UserError(f"--k {k}: pass at least 1")
-    if device not in ("auto", "cpu", "cuda"):
-        raise UserError(f"--device {device!r}: pass auto, cpu or cuda")
+    torch_device = resolve_device(device)  # checked before any file is read
     run, shard_set = Path(run), open_shards(Path(shards))
     path = embeddings_path(run, shard_set.root)
     if not path.is_file():
@@ -154,8 +152,7 @@ def search(query: str | None = None, *, run: Path, shards: Path, image_id: int |
         raise UserError(f"{path} was computed on other shards than {shard_set.root} (fingerprints differ): "
                         f"rerun `clipcoco eval {run} --shards {shards} --text ...`")
     if image_id is None:
-        use_cuda = torch.cuda.is_available() and device != "cpu"
-        vector = text_query(query, run=run, metadata=metadata, device=torch.device("cuda" if use_cuda else "cpu"))
+        vector = text_query(query, run=run, metadata=metadata, device=torch_device)
         exclude, title = None, f'"{query}"'
     else:
         matches = np.flatnonzero(ids == image_id)

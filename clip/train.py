@@ -19,7 +19,6 @@ total target: rerunning into the same `--out` resumes from `latest` and continue
 
 import json
 import math
-import os
 import resource
 import shutil
 import time
@@ -28,7 +27,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
@@ -39,38 +37,11 @@ from clip.loss import clip_loss
 from clip.model import CLIP, build_model
 from pipeline.errors import UserError
 from pipeline.loaders import Loader, make_loader
+from pipeline.runtime import Runtime, barrier, distributed, gather_objects
 from pipeline.shards import ShardSet, open_shards
 from pipeline.text_cache import TextCache
 
 RUN_FILES = ("config.yaml", "metrics.jsonl", CHECKPOINT_DIR, "tensorboard")
-
-
-@dataclass(frozen=True)
-class Dist:
-    rank: int
-    world_size: int
-    device: torch.device
-    owns_group: bool  # this call joined the process group, so it leaves it at the end
-
-
-def _device(preference: str, local_rank: int) -> torch.device:
-    if preference == "cuda" and not torch.cuda.is_available():
-        raise UserError("train.device is cuda but no CUDA GPU is visible: use --device cpu or auto")
-    if preference == "cpu" or not torch.cuda.is_available():
-        return torch.device("cpu")
-    torch.cuda.set_device(local_rank)
-    return torch.device("cuda", local_rank)
-
-
-def setup_distributed(preference: str) -> Dist:
-    """Rank and world size from torchrun's environment; joins the process group when there are several."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    device = _device(preference, int(os.environ.get("LOCAL_RANK", "0")))
-    owns_group = world_size > 1 and not dist.is_initialized()
-    if owns_group:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return Dist(rank, world_size, device, owns_group)
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -190,14 +161,6 @@ def prepare_run_dir(out: Path, cfg: Config, resume: dict | None, *, overwrite: b
     metrics.write_text("".join(f"{line}\n" for line in kept))
 
 
-def _all_ranks(obj, world_size: int) -> list:
-    if world_size == 1:
-        return [obj]
-    gathered = [None] * world_size
-    dist.all_gather_object(gathered, obj)
-    return gathered
-
-
 class Meter:
     """Throughput and data-wait fraction over a logging window; the loss is summed on device (no sync per step)."""
 
@@ -286,7 +249,7 @@ class Run:
 
     cfg: Config
     out: Path
-    env: Dist
+    env: Runtime
     inputs: Inputs
     model: CLIP
     step_model: nn.Module  # the model as stepped: wrapped in DDP and/or torch.compile when asked
@@ -306,7 +269,7 @@ class Run:
         return self.cfg.train.batch_size * self.env.world_size
 
 
-def build_run(cfg: Config, out: Path, env: Dist, inputs: Inputs, resume: dict | None) -> Run:
+def build_run(cfg: Config, out: Path, env: Runtime, inputs: Inputs, resume: dict | None) -> Run:
     torch.manual_seed(cfg.train.seed)
     # A resumed model takes every weight from the checkpoint: no pretrained download.
     model = build_model(cfg.model, inputs.text.dim) if resume is None else CLIP(cfg.model, inputs.text.dim)
@@ -341,8 +304,8 @@ def build_run(cfg: Config, out: Path, env: Dist, inputs: Inputs, resume: dict | 
 
 def save(run: Run) -> Path | None:
     """Checkpoint every rank's loader position and caption stream; rank 0 writes the file."""
-    loader_states = _all_ranks(run.loader.state_dict(), run.env.world_size)
-    caption_states = _all_ranks(run.captions.get_state(), run.env.world_size)
+    loader_states = gather_objects(run.loader.state_dict())
+    caption_states = gather_objects(run.captions.get_state())
     if run.env.rank != 0:
         return None
     state = {
@@ -360,8 +323,7 @@ def save(run: Run) -> Path | None:
 def periodic_eval(run: Run, log: RunLog) -> dict | None:
     """Score the eval split on rank 0 while the other ranks wait."""
     result = evaluate_now(run.model, run.cfg, run.inputs, run.env.device, bf16=run.bf16) if run.env.rank == 0 else None
-    if run.env.world_size > 1:
-        dist.barrier()
+    barrier()
     if result is not None:
         log.write("eval", run.step, result)
     return result
@@ -410,16 +372,14 @@ def fit(run: Run, log: RunLog, *, progress: bool) -> dict:
 def train(cfg: Config, *, out: Path, overwrite: bool = False, progress: bool = True) -> dict:
     """Train (or resume) the run in `out` up to the target step; returns the final step, loss and eval scores."""
     out = Path(out)
-    env = setup_distributed(cfg.train.device)
-    try:
+    with distributed(cfg.train.device) as env:
         inputs = open_inputs(cfg)
         resume = find_resume(out, cfg, inputs, env.world_size, overwrite=overwrite)
-        if env.rank == 0:
+        if env.main:
             prepare_run_dir(out, cfg, resume, overwrite=overwrite)
-        if env.world_size > 1:
-            dist.barrier()  # the run directory is ready before any rank writes into it
+        barrier()  # the run directory is ready before any rank writes into it
         run = build_run(cfg, out, env, inputs, resume)
-        log = RunLog(out, enabled=env.rank == 0)
+        log = RunLog(out, enabled=env.main)
         # The images a train epoch leaves out (partial batches, over all ranks) are counted here once per start.
         log.write("start", run.step, {"world_size": env.world_size, "steps_per_epoch": run.loader.steps_per_epoch,
                                       "dropped_per_epoch": run.loader.dropped_per_epoch, "target_step": run.total})
@@ -427,6 +387,3 @@ def train(cfg: Config, *, out: Path, overwrite: bool = False, progress: bool = T
             return fit(run, log, progress=progress)
         finally:
             log.close()
-    finally:
-        if env.owns_group:
-            dist.destroy_process_group()

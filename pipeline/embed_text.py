@@ -17,7 +17,6 @@ chunks r, r + world, ... and rank 0 merges.
 
 import hashlib
 import json
-import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,6 +30,7 @@ from pipeline import __version__
 from pipeline.errors import UserError
 from pipeline.files import replacing, sha256_file
 from pipeline.progress import rate_bar
+from pipeline.runtime import Runtime, barrier, distributed, resolve_device
 from pipeline.text_cache import model_slug
 
 POOLINGS = ("mean", "cls")
@@ -49,8 +49,8 @@ _WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin")  # what from_pretrain
 class Encoder:
     """A loaded tokenizer + model and the metadata that identifies them (model, weights, tokenizer)."""
 
-    def __init__(self, model: str, *, device: str = "auto", dtype: str = "auto") -> None:
-        self.device = _resolve_device(device)
+    def __init__(self, model: str, *, device: "str | torch.device" = "auto", dtype: str = "auto") -> None:
+        self.device = device if isinstance(device, torch.device) else resolve_device(device)
         self.dtype = _resolve_dtype(dtype, self.device)
         self.tokenizer, self.model, folder = _load(model)
         self.name = str(folder) if Path(model).is_dir() else model
@@ -95,16 +95,6 @@ def _pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tenso
         return hidden[:, 0]
     weights = mask.unsqueeze(-1).float()  # [B, L, 1]; the same masked mean as sentence-transformers
     return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
-
-
-def _resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError("--device cuda but no CUDA GPU is visible: use --device cpu (or auto)")
-    if device != "cpu" and not device.startswith("cuda"):
-        raise UserError(f"--device must be auto, cpu or cuda, not {device!r}")
-    return torch.device(device)
 
 
 def _resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
@@ -247,27 +237,6 @@ def _say(message: str) -> None:
     Console(stderr=True, highlight=False, soft_wrap=True).print(message)
 
 
-def _distributed() -> tuple[int, int]:
-    """(rank, world size) from torchrun's environment, joining its process group when there is one."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return 0, 1
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))  # NCCL's barrier runs on this device
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return dist.get_rank(), world
-
-
-def _barrier(world: int) -> None:
-    if world > 1:
-        import torch.distributed as dist
-
-        dist.barrier()
-
-
 # ---------------------------------------------------------------------------------------------
 # The stage
 
@@ -285,10 +254,15 @@ def embed_text(shards_dir: Path, *, model: str = "distilbert-base-uncased", pool
     table = _read_captions(shards_dir)
     out = Path(out) if out is not None else shards_dir / f"text-{model_slug(model)}-{pooling}.parquet"
 
-    rank, world = _distributed()
-    if world > 1 and device == "auto" and torch.cuda.is_available():
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
-    encoder = Encoder(model, device=device, dtype=dtype)
+    with distributed(device) as rt:
+        return _embed(table, captions_path, out, rt, model=model, pooling=pooling, max_length=max_length,
+                      batch_size=batch_size, dtype=dtype, progress=progress, chunk_size=chunk_size)
+
+
+def _embed(table: pa.Table, captions_path: Path, out: Path, rt: Runtime, *, model: str, pooling: str,
+           max_length: int, batch_size: int | None, dtype: str, progress: bool, chunk_size: int) -> Path:
+    rank, world = rt.rank, rt.world_size
+    encoder = Encoder(model, device=rt.device, dtype=dtype)
     batch_size = batch_size or BATCH_SIZE[encoder.device.type]
     if encoder.max_positions is not None and max_length > encoder.max_positions:
         raise UserError(f"--max-length {max_length} exceeds what --model {model} can read "
@@ -308,7 +282,7 @@ def embed_text(shards_dir: Path, *, model: str = "distilbert-base-uncased", pool
 
     parts_dir = out.with_name(f".{out.name}.parts")
     _prepare_parts(parts_dir, {"metadata": metadata, "chunk_size": chunk_size, "rows": table.num_rows}, rank)
-    _barrier(world)
+    barrier()
     n_parts = -(-table.num_rows // chunk_size)
     part_paths = [parts_dir / f"part-{i:06d}.parquet" for i in range(n_parts)]
     todo = [c for c in _chunks(table.num_rows, chunk_size, rank, world) if not part_paths[c[0]].is_file()]
@@ -324,16 +298,17 @@ def embed_text(shards_dir: Path, *, model: str = "distilbert-base-uncased", pool
             values = pa.array(vectors.numpy().reshape(-1), type=pa.float16())
             part = rows.append_column("embedding", pa.FixedSizeListArray.from_arrays(values, encoder.dim))
             _write_part(part_paths[index], part.cast(schema))
-    _barrier(world)
+    barrier()
     if rank == 0:
         _merge(part_paths, out, schema)
         shutil.rmtree(parts_dir)
         _say(f"wrote {out}: {table.num_rows:,} captions x {encoder.dim} ({model}, {pooling} pooling)")
-    _barrier(world)
+    barrier()
     return out
 
 
-def encode_queries(texts: list[str], metadata: dict[str, str], *, device: str = "auto") -> torch.Tensor:
+def encode_queries(texts: list[str], metadata: dict[str, str], *,
+                   device: "str | torch.device" = "auto") -> torch.Tensor:
     """[N, D] float32 vectors of `texts` made exactly as a cache with this `metadata` was (model, pooling,
     max_length); stops when the model found under that name is not the one the cache was made with."""
     encoder = Encoder(metadata["model"], device=device)

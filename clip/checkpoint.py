@@ -1,37 +1,96 @@
-"""Checkpoints of a run: atomic writes, a `latest` pointer, and loading a model back.
+"""The checkpoint format of a run: what a step saves, how it is written, listed and read back.
 
-Inputs: a run directory (written by `clipcoco train`) and the training state as a dict of tensors,
-numbers, strings, lists and dicts. Output: `RUN/checkpoints/step_XXXXXXXX.pt` and
-`RUN/checkpoints/latest` (a one-line text file naming the newest checkpoint).
-Every file is written under a temporary name and `os.replace`d, so a killed save never leaves a
-half-written checkpoint behind `latest`. Checkpoints load with `torch.load(weights_only=True)`.
+Written by `clipcoco train` into `RUN/checkpoints/step_XXXXXXXX.pt`, with `RUN/checkpoints/latest` (one line naming
+the newest); read by train (resume), eval, search and `clip.load`. A checkpoint is a plain dict of tensors, numbers,
+strings, lists and dicts whose keys are the fields of `Checkpoint`, so it loads with `torch.load(weights_only=True)`
+and nothing but this module knows the keys. Files are written through `pipeline.files.replacing` (temporary name,
+fsync, rename), so a killed save never leaves a half-written checkpoint behind `latest`.
 
-Keys: model, optimizer, scheduler, step, epoch, samples_seen, rng, loader, config (Config.to_dict()),
-text_fingerprint (dict), text_dim (int), shards_fingerprint (str), train_image_ids (int64 tensor).
+    ckpt = Checkpoint.load(Path("runs/r1"))        # a run directory (its latest) or a .pt file
+    model = ckpt.build_model()                      # the trained CLIP, eval mode, on the CPU
 """
 
-import os
+import dataclasses
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from clip.config import config_from_dict
+from clip.config import Config, config_from_dict
 from clip.model import CLIP
 from pipeline.errors import UserError
+from pipeline.files import replacing, write_atomic
 
 CHECKPOINT_DIR = "checkpoints"
 LATEST = "latest"
 _NAME = re.compile(r"step_(\d{8,})\.pt")
 
 
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())  # the bytes must be on disk before the rename makes them visible
-    os.replace(tmp, path)
+@dataclass
+class Checkpoint:
+    # What a trained model is: every reader needs these.
+    model: dict  # CLIP.state_dict()
+    config: dict  # Config.to_dict() of the run
+    text_dim: int  # width of the cached text vectors the text head takes
+    text_fingerprint: dict  # TextCache.fingerprint of the training cache: eval and search need the same text model
+    step: int  # optimisation steps taken
+    shards_fingerprint: str  # ShardSet.fingerprint of the training shards
+    train_image_ids: torch.Tensor  # [N] int64: what eval counts as overlap with the training set
+    # The training state a resume restores (absent from a checkpoint written only to be scored).
+    optimizer: dict | None = None
+    scheduler: dict | None = None
+    rng: dict | None = None  # {"torch": the global RNG state, "captions": [world, ...] per-rank caption streams}
+    loader: list[dict] | None = None  # each rank's Loader.state_dict(), in rank order
+    epoch: int = 0
+    samples_seen: int = 0
+
+    @property
+    def cfg(self) -> Config:
+        return config_from_dict(self.config)
+
+    @property
+    def world_size(self) -> int:
+        """How many processes trained it (one loader state per rank)."""
+        return len(self.loader or ())
+
+    def build_model(self) -> CLIP:
+        """The CLIP with its trained weights, in eval mode on the CPU (no pretrained download)."""
+        model = CLIP(self.cfg.model, int(self.text_dim))
+        model.load_state_dict(self.model)
+        return model.eval()
+
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    def save(self, run_dir: Path, *, keep_last: int) -> Path:
+        """Write checkpoints/step_<step>.pt, point `latest` at it, keep the newest `keep_last`."""
+        folder = Path(run_dir) / CHECKPOINT_DIR
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / checkpoint_name(self.step)
+        with replacing(path) as tmp:
+            torch.save(self.to_dict(), tmp)
+        write_atomic(folder / LATEST, f"{path.name}\n".encode())
+        for old in list_checkpoints(run_dir)[:-keep_last]:
+            if old != path:
+                old.unlink()
+        return path
+
+    @classmethod
+    def load(cls, run_or_ckpt: Path) -> "Checkpoint":
+        """A checkpoint file, or a run directory's latest, on the CPU, loaded with weights_only=True."""
+        path = resolve_checkpoint(run_or_ckpt)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:
+            raise UserError(f"{path} is not a readable clipcoco checkpoint ({err}); pass another step_*.pt") from None
+        fields = {f.name for f in dataclasses.fields(cls)}
+        required = {f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING}
+        if not isinstance(state, dict) or not required <= state.keys() or not state.keys() <= fields:
+            keys = sorted(state) if isinstance(state, dict) else type(state).__name__
+            raise UserError(f"{path} is not a clipcoco checkpoint (it holds {keys}): pass a run directory written "
+                            "by `clipcoco train` or one of its checkpoints/step_*.pt")
+        return cls(**state)
 
 
 def checkpoint_name(step: int) -> str:
@@ -43,19 +102,6 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     folder = Path(run_dir) / CHECKPOINT_DIR
     found = [(int(m.group(1)), p) for p in folder.glob("step_*.pt") if (m := _NAME.fullmatch(p.name))]
     return [p for _, p in sorted(found)]
-
-
-def save_checkpoint(run_dir: Path, state: dict, *, keep_last: int) -> Path:
-    """Write `state` as checkpoints/step_<state["step"]>.pt, point `latest` at it, keep the newest `keep_last`."""
-    folder = Path(run_dir) / CHECKPOINT_DIR
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / checkpoint_name(int(state["step"]))
-    _atomic_write(path, lambda f: torch.save(state, f))
-    _atomic_write(folder / LATEST, lambda f: f.write(f"{path.name}\n".encode()))
-    for old in list_checkpoints(run_dir)[:-keep_last]:
-        if old != path:
-            old.unlink()
-    return path
 
 
 def resolve_checkpoint(run_or_ckpt: Path) -> Path:
@@ -73,18 +119,7 @@ def resolve_checkpoint(run_or_ckpt: Path) -> Path:
     return path
 
 
-def load_checkpoint(path: Path) -> dict:
-    """The state dict of a checkpoint (or of a run's latest), on the CPU, loaded with weights_only=True."""
-    path = resolve_checkpoint(path)
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise UserError(f"{path} is not a readable clipcoco checkpoint ({err}); pass another step_*.pt") from None
-
-
-def model_from_checkpoint(ckpt: dict) -> CLIP:
-    """The CLIP of a loaded checkpoint, with its trained weights, in eval mode on the CPU."""
-    cfg = config_from_dict(ckpt["config"])
-    model = CLIP(cfg.model, int(ckpt["text_dim"]))  # no pretrained download: every weight comes from ckpt
-    model.load_state_dict(ckpt["model"])
-    return model.eval()
+def run_dir_of(checkpoint: Path) -> Path:
+    """The run directory a checkpoint belongs to (RUN/checkpoints/step_*.pt -> RUN)."""
+    checkpoint = Path(checkpoint)
+    return checkpoint.parent.parent if checkpoint.parent.name == CHECKPOINT_DIR else checkpoint.parent

@@ -21,7 +21,6 @@ Protocol, over all captions (about 5 per image, not always exactly 5):
 Ties: a competitor whose score equals the positive's counts ahead of it (pessimistic).
 """
 
-import hashlib
 import json
 import math
 from dataclasses import dataclass
@@ -34,11 +33,11 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from clip.checkpoint import load_checkpoint, model_from_checkpoint, resolve_checkpoint
+from clip.checkpoint import Checkpoint, resolve_checkpoint, run_dir_of
 from clip.model import CLIP
 from pipeline import __version__
 from pipeline.errors import UserError
-from pipeline.files import replacing, write_atomic
+from pipeline.files import replacing, sha256_file, write_atomic
 from pipeline.loaders import make_loader
 from pipeline.progress import rate_bar
 from pipeline.runtime import distributed, gather_rows
@@ -251,26 +250,13 @@ def score_model(model: CLIP, *, shards: ShardSet, text: TextCache, device: torch
 # The `clipcoco eval` stage: checks, report, embeddings file
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _relative_to(path: Path, root: Path) -> Path:
     return path.relative_to(root) if path.is_relative_to(root) else path
 
 
-def run_dir_of(checkpoint: Path) -> Path:
-    """The run directory a checkpoint belongs to (RUN/checkpoints/step_*.pt -> RUN)."""
-    return checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent
-
-
-def check_text_cache(ckpt: dict, text: TextCache, text_path: Path) -> None:
+def check_text_cache(ckpt: Checkpoint, text: TextCache, text_path: Path) -> None:
     """Refuse a cache whose text model differs from the one the run was trained with."""
-    cache, run = dict(text.fingerprint), dict(ckpt["text_fingerprint"])
+    cache, run = dict(text.fingerprint), dict(ckpt.text_fingerprint)
     differ = [k for k in sorted(cache.keys() | run.keys()) if cache.get(k) != run.get(k)]
     if differ:
         raise UserError(
@@ -281,9 +267,9 @@ def check_text_cache(ckpt: dict, text: TextCache, text_path: Path) -> None:
             f"(`clipcoco embed-text SHARDS --model {run.get('model')} --pooling {run.get('pooling')}`)")
 
 
-def overlap_with_train(ckpt: dict, image_ids: np.ndarray) -> int:
+def overlap_with_train(ckpt: Checkpoint, image_ids: np.ndarray) -> int:
     """How many eval images the run trained on (COCO train2017 holds most Karpathy test images)."""
-    return int(np.intersect1d(np.asarray(ckpt["train_image_ids"], dtype=np.int64), image_ids).size)
+    return int(np.intersect1d(np.asarray(ckpt.train_image_ids, dtype=np.int64), image_ids).size)
 
 
 def save_embeddings(path: Path, emb: EvalEmbeddings, metadata: dict[str, str]) -> Path:
@@ -326,7 +312,7 @@ def evaluate(run_or_ckpt: Path, *, shards: Path, text: Path, out: Path | None = 
     if loader not in ("dali", "torch"):
         raise UserError(f"--loader {loader!r}: pass dali or torch")
     ckpt_path = resolve_checkpoint(Path(run_or_ckpt))
-    ckpt = load_checkpoint(ckpt_path)
+    ckpt = Checkpoint.load(ckpt_path)
     shard_set = open_shards(Path(shards))
     if not 1 <= folds <= shard_set.n_images:  # checked before the images are scored, not after
         raise UserError(f"--folds {folds}: pass 1 (all images) or 5 (the 1K protocol), at most the "
@@ -336,9 +322,9 @@ def evaluate(run_or_ckpt: Path, *, shards: Path, text: Path, out: Path | None = 
     run_dir = run_dir_of(ckpt_path)
     split = shard_set.root.resolve().name
     with distributed(device) as rt:
-        model = model_from_checkpoint(ckpt).to(rt.device).to(memory_format=torch.channels_last)
+        model = ckpt.build_model().to(rt.device).to(memory_format=torch.channels_last)
         if image_size is None:
-            image_size = int(ckpt["config"]["data"]["image_size"])
+            image_size = ckpt.cfg.data.image_size
         emb = embed_split(model, shards=shard_set, text=cache, device=rt.device, loader=loader,
                           batch_size=batch_size, image_size=image_size, threads=threads, rank=rt.rank,
                           world_size=rt.world_size, progress=progress)
@@ -351,13 +337,13 @@ def evaluate(run_or_ckpt: Path, *, shards: Path, text: Path, out: Path | None = 
         **metrics,
         "split": split,
         "checkpoint": str(ckpt_path),
-        "step": int(ckpt["step"]),
-        "checkpoint_sha256": _sha256(ckpt_path),
+        "step": int(ckpt.step),
+        "checkpoint_sha256": sha256_file(ckpt_path),
         "text_cache": str(text),
         "text_fingerprint": cache.fingerprint,
         "shards": str(shard_set.root),
         "shards_fingerprint": shard_set.fingerprint,
-        "train_shards_fingerprint": ckpt["shards_fingerprint"],
+        "train_shards_fingerprint": ckpt.shards_fingerprint,
         "overlap_with_train": overlap,
         "image_size": image_size,
         "loader": loader,
@@ -376,7 +362,7 @@ def evaluate(run_or_ckpt: Path, *, shards: Path, text: Path, out: Path | None = 
         "clipcoco_version": __version__,
         # relative to the run when inside it, so a moved or copied run still finds its text head
         "checkpoint": str(_relative_to(ckpt_path.resolve(), run_dir.resolve())),
-        "step": str(int(ckpt["step"])),
+        "step": str(int(ckpt.step)),
         "shards_fingerprint": shard_set.fingerprint,
         "text_metadata": json.dumps(cache.metadata),  # what `clipcoco search` embeds a query with
     })

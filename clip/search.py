@@ -26,7 +26,7 @@ from PIL import Image
 from rich.console import Console
 from rich.table import Table
 
-from clip.checkpoint import load_checkpoint, model_from_checkpoint
+from clip.checkpoint import Checkpoint
 from clip.plot import figure_class
 from pipeline.embed_text import encode_queries
 from pipeline.errors import UserError
@@ -85,7 +85,7 @@ def text_query(query: str, *, run: Path, metadata: dict[str, str], device: torch
     if not checkpoint.is_file():
         raise UserError(f"the checkpoint the saved embeddings were made with ({checkpoint}) is gone: "
                         "rerun `clipcoco eval` with the run's current checkpoint")
-    model = model_from_checkpoint(load_checkpoint(checkpoint)).to(device)
+    model = Checkpoint.load(checkpoint).build_model().to(device)
     raw = encode_queries([query], json.loads(metadata["text_metadata"]), device=device)
     with torch.inference_mode():
         return model.encode_text(raw.to(device)).float().cpu()[0]

@@ -31,8 +31,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
-from clip.checkpoint import CHECKPOINT_DIR, LATEST, load_checkpoint, save_checkpoint
-from clip.config import Config, OptimConfig, config_from_dict
+from clip.checkpoint import CHECKPOINT_DIR, LATEST, Checkpoint
+from clip.config import Config, OptimConfig
 from clip.loss import clip_loss
 from clip.model import CLIP, build_model
 from pipeline.errors import UserError
@@ -120,30 +120,33 @@ def _shape(model: dict, text_dim: int) -> str:
     return f"{model['image_model']}, embed_dim {model['embed_dim']}, {model['head']} heads, text dim {text_dim}"
 
 
-def find_resume(out: Path, cfg: Config, inputs: Inputs, world_size: int, *, overwrite: bool) -> dict | None:
+def find_resume(out: Path, cfg: Config, inputs: Inputs, world_size: int, *, overwrite: bool) -> Checkpoint | None:
     """The checkpoint to continue from, after checking it belongs to this model, data and process count."""
     if overwrite or not (out / CHECKPOINT_DIR / LATEST).is_file():
         return None
-    ckpt = load_checkpoint(out)
+    ckpt = Checkpoint.load(out)
     start_over = "pass --overwrite to start a new run there, or choose another --out"
-    theirs = _shape(config_from_dict(ckpt["config"]).to_dict()["model"], int(ckpt["text_dim"]))
+    if ckpt.optimizer is None or ckpt.loader is None:
+        raise UserError(f"{out} holds a checkpoint without training state (it can be scored, not resumed): "
+                        f"{start_over}")
+    theirs = _shape(ckpt.cfg.to_dict()["model"], int(ckpt.text_dim))
     ours = _shape(cfg.to_dict()["model"], inputs.text.dim)
     if theirs != ours:
         raise UserError(f"{out} holds a run of a different model ({theirs}; this config: {ours}): {start_over}")
-    if ckpt["text_fingerprint"] != inputs.text.fingerprint:
+    if ckpt.text_fingerprint != inputs.text.fingerprint:
         raise UserError(f"text cache {inputs.text.path} is not the one {out} was trained with "
-                        f"({_differences(ckpt['text_fingerprint'], inputs.text.fingerprint)}): pass that run's "
+                        f"({_differences(ckpt.text_fingerprint, inputs.text.fingerprint)}): pass that run's "
                         f"cache to resume, or {start_over}")
-    if ckpt["shards_fingerprint"] != inputs.shards.fingerprint:
+    if ckpt.shards_fingerprint != inputs.shards.fingerprint:
         raise UserError(f"shards {inputs.shards.root} are not the ones {out} was trained on: pass those to resume, "
                         f"or {start_over}")
-    if len(ckpt["loader"]) != world_size:
-        raise UserError(f"{out} was trained with {len(ckpt['loader'])} processes and this run has {world_size}: "
-                        f"resume with torchrun --nproc_per_node {len(ckpt['loader'])}, or {start_over}")
+    if ckpt.world_size != world_size:
+        raise UserError(f"{out} was trained with {ckpt.world_size} processes and this run has {world_size}: "
+                        f"resume with torchrun --nproc_per_node {ckpt.world_size}, or {start_over}")
     return ckpt
 
 
-def prepare_run_dir(out: Path, cfg: Config, resume: dict | None, *, overwrite: bool) -> None:
+def prepare_run_dir(out: Path, cfg: Config, resume: Checkpoint | None, *, overwrite: bool) -> None:
     """Write the resolved config; keep only the metrics up to the resumed step (a killed run may have logged more)."""
     if overwrite:
         for name in RUN_FILES:
@@ -157,7 +160,7 @@ def prepare_run_dir(out: Path, cfg: Config, resume: dict | None, *, overwrite: b
     metrics = out / "metrics.jsonl"
     kept = []
     if resume is not None and metrics.is_file():
-        kept = [line for line in metrics.read_text().splitlines() if json.loads(line)["step"] <= resume["step"]]
+        kept = [line for line in metrics.read_text().splitlines() if json.loads(line)["step"] <= resume.step]
     metrics.write_text("".join(f"{line}\n" for line in kept))
 
 
@@ -269,7 +272,7 @@ class Run:
         return self.cfg.train.batch_size * self.env.world_size
 
 
-def build_run(cfg: Config, out: Path, env: Runtime, inputs: Inputs, resume: dict | None) -> Run:
+def build_run(cfg: Config, out: Path, env: Runtime, inputs: Inputs, resume: Checkpoint | None) -> Run:
     torch.manual_seed(cfg.train.seed)
     # A resumed model takes every weight from the checkpoint: no pretrained download.
     model = build_model(cfg.model, inputs.text.dim) if resume is None else CLIP(cfg.model, inputs.text.dim)
@@ -286,13 +289,13 @@ def build_run(cfg: Config, out: Path, env: Runtime, inputs: Inputs, resume: dict
     captions = torch.Generator().manual_seed(cfg.train.seed * 65_536 + env.rank)
     step = 0
     if resume is not None:
-        model.load_state_dict(resume["model"])
-        optimizer.load_state_dict(resume["optimizer"])
-        scheduler.load_state_dict(resume["scheduler"])
-        torch.set_rng_state(resume["rng"]["torch"])
-        captions.set_state(resume["rng"]["captions"][env.rank])
-        loader.load_state_dict(resume["loader"][env.rank])
-        step = int(resume["step"])
+        model.load_state_dict(resume.model)
+        optimizer.load_state_dict(resume.optimizer)
+        scheduler.load_state_dict(resume.scheduler)
+        torch.set_rng_state(resume.rng["torch"])
+        captions.set_state(resume.rng["captions"][env.rank])
+        loader.load_state_dict(resume.loader[env.rank])
+        step = int(resume.step)
     step_model: nn.Module = model
     if env.world_size > 1:
         on_cuda = env.device.type == "cuda"
@@ -308,16 +311,14 @@ def save(run: Run) -> Path | None:
     caption_states = gather_objects(run.captions.get_state())
     if run.env.rank != 0:
         return None
-    state = {
-        "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
-        "scheduler": run.scheduler.state_dict(), "step": run.step, "epoch": run.step // run.loader.steps_per_epoch,
-        "samples_seen": run.step * run.images_per_step,
-        "rng": {"torch": torch.get_rng_state(), "captions": torch.stack(caption_states)},
-        "loader": loader_states, "config": run.cfg.to_dict(), "text_fingerprint": run.inputs.text.fingerprint,
-        "text_dim": run.inputs.text.dim, "shards_fingerprint": run.inputs.shards.fingerprint,
-        "train_image_ids": torch.as_tensor(run.inputs.shards.image_ids(), dtype=torch.int64),
-    }
-    return save_checkpoint(run.out, state, keep_last=run.cfg.train.keep_last)
+    return Checkpoint(
+        model=run.model.state_dict(), config=run.cfg.to_dict(), text_dim=run.inputs.text.dim,
+        text_fingerprint=run.inputs.text.fingerprint, step=run.step, shards_fingerprint=run.inputs.shards.fingerprint,
+        train_image_ids=torch.as_tensor(run.inputs.shards.image_ids(), dtype=torch.int64),
+        optimizer=run.optimizer.state_dict(), scheduler=run.scheduler.state_dict(),
+        rng={"torch": torch.get_rng_state(), "captions": torch.stack(caption_states)}, loader=loader_states,
+        epoch=run.step // run.loader.steps_per_epoch, samples_seen=run.step * run.images_per_step,
+    ).save(run.out, keep_last=run.cfg.train.keep_last)
 
 
 def periodic_eval(run: Run, log: RunLog) -> dict | None:

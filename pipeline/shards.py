@@ -39,7 +39,7 @@ from PIL import Image, ImageOps
 from pipeline import __version__
 from pipeline.coco import ImageRecord, read_coco_captions, read_karpathy
 from pipeline.errors import UserError
-from pipeline.files import replacing, sha256_file, write_atomic
+from pipeline.files import commit, replacing, sha256_file, write_atomic
 from pipeline.progress import rate_bar
 
 MEMBERS = ("id", "jpg", "json", "txt")  # a sample's members, in the order they are written (sorted, as webdataset does)
@@ -280,10 +280,8 @@ class ShardWriter:
 
     def close(self, left_out: list[dict[str, Any]]) -> dict[str, Any]:
         self.writer.close()
-        self.file.flush()
-        os.fsync(self.file.fileno())
         self.file.close()
-        os.replace(self.tmp, self.tar)
+        commit(self.tmp, self.tar)
         with replacing(self.out / _shard_name(self.index, "idx")) as idx_tmp:
             write_index(self.tar, idx_tmp)
         sidecar = {"shard": self.tar.name, "count": len(self.keys), "bytes": self.hashing.size,

@@ -1,25 +1,24 @@
 """Checkpoints: weights_only round trip, `latest`, keep_last, and a save killed before its rename."""
 
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
 import pytest
 import torch
 
-import clip.checkpoint as checkpoint
-from clip.checkpoint import (
-    list_checkpoints,
-    load_checkpoint,
-    model_from_checkpoint,
-    resolve_checkpoint,
-    save_checkpoint,
-)
+from clip.checkpoint import Checkpoint, list_checkpoints, resolve_checkpoint
 from clip.config import Config, load_config
 from clip.model import build_model
 from pipeline.errors import UserError
 
 
-def _state(step: int, cfg: Config) -> dict:
+def _state(step: int, cfg: Config) -> Checkpoint:
     model = build_model(cfg.model, 6)
-    return {"model": model.state_dict(), "step": step, "rng": {"torch": torch.get_rng_state()},
-            "config": cfg.to_dict(), "text_dim": 6, "text_fingerprint": {"model": "m"}}
+    return Checkpoint(model=model.state_dict(), step=step, rng={"torch": torch.get_rng_state()},
+                      config=cfg.to_dict(), text_dim=6, text_fingerprint={"model": "m"}, shards_fingerprint="s",
+                      train_image_ids=torch.arange(3))
 
 
 @pytest.fixture
@@ -29,35 +28,68 @@ def cfg():
 
 def test_round_trip_and_model_from_checkpoint(tmp_path, cfg):
     state = _state(5, cfg)
-    path = save_checkpoint(tmp_path, state, keep_last=2)
+    path = state.save(tmp_path, keep_last=2)
     assert path.name == "step_00000005.pt" and resolve_checkpoint(tmp_path) == path
-    loaded = load_checkpoint(tmp_path)
-    torch.testing.assert_close(loaded["rng"]["torch"], state["rng"]["torch"])
-    model = model_from_checkpoint(loaded)
-    torch.testing.assert_close(model.state_dict()["image_head.weight"], state["model"]["image_head.weight"])
+    loaded = Checkpoint.load(tmp_path)
+    torch.testing.assert_close(loaded.rng["torch"], state.rng["torch"])
+    assert torch.load(path, weights_only=True).keys() == state.to_dict().keys()  # a plain dict on disk
+    model = loaded.build_model()
+    torch.testing.assert_close(model.state_dict()["image_head.weight"], state.model["image_head.weight"])
     assert not model.training
 
 
 def test_keep_last(tmp_path, cfg):
     for step in (1, 2, 3, 4):
-        save_checkpoint(tmp_path, _state(step, cfg), keep_last=2)
+        _state(step, cfg).save(tmp_path, keep_last=2)
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000003.pt", "step_00000004.pt"]
     assert resolve_checkpoint(tmp_path).name == "step_00000004.pt"
 
 
-def test_killed_save_leaves_latest_loadable(tmp_path, cfg, monkeypatch):
-    save_checkpoint(tmp_path, _state(1, cfg), keep_last=3)
+KILLED_SAVE = """
+import os, sys
+import torch
+from clip.checkpoint import Checkpoint
+from clip.config import load_config
+from clip.model import build_model
 
-    def killed(src, dst):
-        raise KeyboardInterrupt  # the process dies after writing the temporary file, before the rename
+cfg = load_config(None, {"model.image_model": "resnet18", "model.image_weights": "none", "model.embed_dim": 8})
+os.replace = lambda src, dst: os._exit(9)  # the process dies after writing the temporary file, before the rename
+Checkpoint(model=build_model(cfg.model, 6).state_dict(), config=cfg.to_dict(), text_dim=6,
+           text_fingerprint={"model": "m"}, step=2, shards_fingerprint="s",
+           train_image_ids=torch.arange(3)).save(sys.argv[1], keep_last=3)
+"""
 
-    monkeypatch.setattr(checkpoint.os, "replace", killed)
-    with pytest.raises(KeyboardInterrupt):
-        save_checkpoint(tmp_path, _state(2, cfg), keep_last=3)
-    monkeypatch.undo()
-    assert list((tmp_path / "checkpoints").glob(".*.tmp"))  # the half-done save is there, under its temp name
+
+def test_killed_save_leaves_latest_loadable(tmp_path, cfg):
+    _state(1, cfg).save(tmp_path, keep_last=3)
+    repo = Path(__file__).resolve().parents[1]
+    killed = subprocess.run([sys.executable, "-c", textwrap.dedent(KILLED_SAVE), str(tmp_path)], cwd=repo)
+    assert killed.returncode == 9
+    assert list((tmp_path / "checkpoints").glob("*.tmp"))  # the half-done save is there, under its temp name
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000001.pt"]
-    assert load_checkpoint(tmp_path)["step"] == 1
+    assert Checkpoint.load(tmp_path).step == 1
+
+
+def test_a_failed_save_removes_its_temporary_file(tmp_path, cfg, monkeypatch):
+    _state(1, cfg).save(tmp_path, keep_last=3)
+
+    def disk_full(obj, f, *args, **kwargs):
+        Path(f).write_bytes(b"half a checkpoint")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        _state(2, cfg).save(tmp_path, keep_last=3)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest", "step_00000001.pt"]
+    assert Checkpoint.load(tmp_path).step == 1
+
+
+def test_not_a_checkpoint_says_so(tmp_path):
+    (tmp_path / "weights.pt").write_bytes(b"")
+    torch.save({"state_dict": {}}, tmp_path / "other.pt")
+    for name in ("weights.pt", "other.pt"):
+        with pytest.raises(UserError, match="clipcoco checkpoint"):
+            Checkpoint.load(tmp_path / name)
 
 
 def test_missing_run_says_what_to_do(tmp_path):

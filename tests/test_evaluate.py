@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 import clip.evaluate as evaluate_module
 from cli.main import app
-from clip.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from clip.checkpoint import Checkpoint
 from clip.config import load_config
 from clip.evaluate import embed_split, evaluate, retrieval_metrics, score_model
 from clip.model import build_model
@@ -165,10 +165,10 @@ def make_run(run: Path, *, fingerprint: dict, train_image_ids=(), step=7) -> Pat
     cfg = load_config(None, CONFIG)
     torch.manual_seed(0)
     model = build_model(cfg.model, TEXT_DIM)
-    return save_checkpoint(run, {
-        "model": model.state_dict(), "step": step, "epoch": 0, "config": cfg.to_dict(), "text_dim": TEXT_DIM,
-        "text_fingerprint": fingerprint, "shards_fingerprint": "the-train-shards",
-        "train_image_ids": torch.tensor(list(train_image_ids), dtype=torch.int64)}, keep_last=1)
+    return Checkpoint(
+        model=model.state_dict(), step=step, epoch=0, config=cfg.to_dict(), text_dim=TEXT_DIM,
+        text_fingerprint=fingerprint, shards_fingerprint="the-train-shards",
+        train_image_ids=torch.tensor(list(train_image_ids), dtype=torch.int64)).save(run, keep_last=1)
 
 
 @pytest.fixture(scope="module")
@@ -196,7 +196,7 @@ def loaded(eval_setup, tmp_path_factory):
     shards_dir, text = eval_setup
     cache = TextCache.load(text)
     ckpt = make_run(tmp_path_factory.mktemp("run"), fingerprint=cache.fingerprint)
-    return open_shards(shards_dir), cache, model_from_checkpoint(load_checkpoint(ckpt))
+    return open_shards(shards_dir), cache, Checkpoint.load(ckpt).build_model()
 
 
 def fingerprint_of(text: Path) -> dict:

@@ -13,7 +13,7 @@ from test_evaluate import TEXT_DIM, make_run
 from typer.testing import CliRunner
 
 from cli.main import app
-from clip.checkpoint import load_checkpoint, model_from_checkpoint
+from clip.checkpoint import Checkpoint
 from clip.evaluate import evaluate
 from clip.search import load_image_embeddings, read_samples, search
 from pipeline.embed_text import embed_text, encode_queries
@@ -63,7 +63,7 @@ def test_text_query_finds_the_planted_image(run, tmp_path):
     run_dir, shards, text = run
     embeddings = run_dir / "embeddings-val.parquet"
     ids, _, metadata = load_image_embeddings(embeddings)
-    model = model_from_checkpoint(load_checkpoint(run_dir))
+    model = Checkpoint.load(run_dir).build_model()
     with torch.inference_mode():
         query = model.encode_text(encode_queries(["a red square on grass"], TextCache.load(text).metadata,
                                                  device="cpu"))[0]

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 import clip.train as train_module
 from cli.main import app
-from clip.checkpoint import list_checkpoints, load_checkpoint
+from clip.checkpoint import Checkpoint, list_checkpoints
 from clip.config import ModelConfig, load_config
 from clip.model import build_model
 from pipeline.errors import UserError
@@ -125,9 +125,9 @@ def test_exact_resume_after_a_kill(data, tmp_path, record_steps, loader):
     logged = metrics(tmp_path / "resumed")
     assert [m["step"] for m in logged if m["kind"] == "train"] == list(range(1, 7))
     assert [(m["step"], m["dropped_per_epoch"]) for m in logged if m["kind"] == "start"] == [(0, 0), (3, 0)]
-    ckpt = load_checkpoint(tmp_path / "resumed")
-    assert ckpt["step"] == 6 and ckpt["samples_seen"] == 24 and ckpt["loader"][0]["epoch"] == 1
-    assert sorted(ckpt) == sorted(["model", "optimizer", "scheduler", "step", "epoch", "samples_seen", "rng",
+    ckpt = Checkpoint.load(tmp_path / "resumed")
+    assert ckpt.step == 6 and ckpt.samples_seen == 24 and ckpt.loader[0]["epoch"] == 1
+    assert sorted(ckpt.to_dict()) == sorted(["model", "optimizer", "scheduler", "step", "epoch", "samples_seen", "rng",
                                    "loader", "config", "text_fingerprint", "text_dim", "shards_fingerprint",
                                    "train_image_ids"])
 
@@ -164,8 +164,8 @@ def test_two_rank_torchrun_sees_disjoint_images(data, tmp_path):
     # 16 images, 2 ranks x batch 4: 2 full batches per rank per epoch cover the split (nothing dropped).
     assert seen[0] | seen[1] == set(range(1, N_IMAGES + 1))
     assert ranks[0]["result"]["loss"] == pytest.approx(ranks[1]["result"]["loss"])  # one global loss
-    ckpt = load_checkpoint(out)
-    assert len(ckpt["loader"]) == 2 and ckpt["rng"]["captions"].shape[0] == 2 and ckpt["samples_seen"] == 16
+    ckpt = Checkpoint.load(out)
+    assert len(ckpt.loader) == 2 and ckpt.rng["captions"].shape[0] == 2 and ckpt.samples_seen == 16
 
 
 @pytest.fixture(scope="module")
@@ -198,7 +198,7 @@ def test_refuses_other_model_shape_unless_overwrite(data, finished_run):
     with pytest.raises(UserError, match="different model .*--overwrite"):
         train_module.train(cfg, out=finished_run)
     train_module.train(cfg, out=finished_run, overwrite=True, progress=False)
-    assert load_checkpoint(finished_run)["config"]["model"]["embed_dim"] == 32
+    assert Checkpoint.load(finished_run).config["model"]["embed_dim"] == 32
     assert [(m["kind"], m["step"]) for m in metrics(finished_run)] == [("start", 0), ("train", 1)]
 
 
@@ -253,4 +253,4 @@ def test_gpu_bf16_dali_run_resumes(data, tmp_path):
     logged = [m for m in metrics(tmp_path / "run") if m["kind"] == "train"]
     assert first["step"] == 3 and resumed["step"] == 5 and [m["step"] for m in logged] == [1, 2, 3, 4, 5]
     assert all(np.isfinite(m["loss"]) and m["peak_mem_gb"] > 0 for m in logged)
-    assert load_checkpoint(tmp_path / "run")["model"]["trunk.conv1.weight"].dtype == torch.float32
+    assert Checkpoint.load(tmp_path / "run").model["trunk.conv1.weight"].dtype == torch.float32

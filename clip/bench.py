@@ -24,7 +24,7 @@ from clip.train import make_optimizer, make_scheduler, train_step
 from pipeline.errors import UserError
 from pipeline.loaders import Batch, Loader, make_loader
 from pipeline.runtime import resolve_device
-from pipeline.shards import open_shards
+from pipeline.shard_reader import open_shards
 from pipeline.text_cache import TextCache
 
 LOADERS = ("dali", "torch")

@@ -41,7 +41,7 @@ from pipeline.files import replacing, sha256_file, write_atomic
 from pipeline.loaders import make_loader
 from pipeline.progress import rate_bar
 from pipeline.runtime import distributed, gather_rows
-from pipeline.shards import ShardSet, open_shards
+from pipeline.shard_reader import ShardSet, open_shards
 from pipeline.text_cache import TextCache
 
 RECALL_AT = (1, 5, 10)

@@ -13,7 +13,6 @@ with their scores (default RUN_DIR/search-<split>.png).
 
 import io
 import json
-import tarfile
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +30,7 @@ from clip.plot import figure_class
 from pipeline.embed_text import encode_queries
 from pipeline.errors import UserError
 from pipeline.runtime import resolve_device
-from pipeline.shards import ShardSet, open_shards
+from pipeline.shard_reader import SampleIndex, open_shards
 
 
 @dataclass(frozen=True)
@@ -57,25 +56,6 @@ def load_image_embeddings(path: Path) -> tuple[np.ndarray, torch.Tensor, dict[st
     column = images.column("embedding").combine_chunks()
     feats = column.flatten().to_numpy(zero_copy_only=False).reshape(len(images), column.type.list_size)
     return images.column("image_id").to_numpy().astype(np.int64), torch.tensor(feats, dtype=torch.float32), metadata
-
-
-def read_samples(shards: ShardSet, image_ids: list[int]) -> dict[int, dict]:
-    """{image id: {"json": sample metadata, "jpg": bytes}} for the wanted ids, read from the shards' tars.
-
-    The shard sidecars list their keys, so only the tars that hold a wanted image are opened.
-    """
-    wanted = {f"{i:012d}": i for i in image_ids}
-    found: dict[int, dict] = {}
-    for tar in shards.tars:
-        keys = set(json.loads(tar.with_suffix(".json").read_text())["keys"]) & wanted.keys()
-        if not keys:
-            continue
-        with tarfile.open(tar, "r:") as tf:
-            for info in tf:
-                key, _, ext = info.name.partition(".")
-                if key in keys and ext in ("jpg", "json"):
-                    found.setdefault(wanted[key], {})[ext] = tf.extractfile(info).read()
-    return {i: {"json": json.loads(s["json"]), "jpg": s["jpg"]} for i, s in found.items()}
 
 
 def text_query(query: str, *, run: Path, metadata: dict[str, str], device: torch.device) -> torch.Tensor:
@@ -162,7 +142,8 @@ def search(query: str | None = None, *, run: Path, shards: Path, image_id: int |
         exclude = int(matches[0])
         vector, title = feats[exclude], f"images like {image_id}"
     rows = rank_images(feats, vector, k=k, exclude=exclude)
-    samples = read_samples(shard_set, [int(ids[r]) for r in [*rows, *([] if exclude is None else [exclude])]])
+    with SampleIndex.load(shard_set.indexes, tars=shard_set.tars) as index:
+        samples = {int(ids[r]): index.sample(int(ids[r])) for r in [*rows, *([] if exclude is None else [exclude])]}
     if exclude is not None:  # name the query image by its caption too
         title += f': "{samples[image_id]["json"]["captions"][0]}"'
     hits = []

@@ -38,7 +38,7 @@ from clip.model import CLIP, build_model
 from pipeline.errors import UserError
 from pipeline.loaders import Loader, make_loader
 from pipeline.runtime import Runtime, barrier, distributed, gather_objects
-from pipeline.shards import ShardSet, open_shards
+from pipeline.shard_reader import ShardSet, open_shards
 from pipeline.text_cache import TextCache
 
 RUN_FILES = ("config.yaml", "metrics.jsonl", CHECKPOINT_DIR, "tensorboard")

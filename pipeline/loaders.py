@@ -1,6 +1,6 @@
 """Loaders: stream a shard directory as batches of ImageNet-normalised images and their COCO image ids.
 
-Input: a `ShardSet` (`pipeline.shards.open_shards`: WebDataset tars, members `jpg` + `id`, with DALI `.idx`
+Input: a `ShardSet` (`pipeline.shard_reader.open_shards`: WebDataset tars, members `jpg` + `id`, with DALI `.idx`
 files). Output: `Batch`es (images [B, 3, S, S] float32 channels_last on the target device, image ids [B] int64
 on the CPU). Not a command of its own: `clipcoco train` and `clipcoco eval` pick one with `--loader dali|torch`.
 
@@ -24,12 +24,9 @@ once across ranks, the last batch partial.
 """
 
 import math
-import os
 import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -37,9 +34,7 @@ import torchvision.transforms.v2.functional as F
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from pipeline.errors import UserError
-
-if TYPE_CHECKING:
-    from pipeline.shards import ShardSet
+from pipeline.shard_reader import SampleIndex, ShardSet
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -54,7 +49,7 @@ class Batch:
     image_ids: torch.Tensor  # [B] int64, on the CPU
 
 
-def make_loader(shards: "ShardSet", *, kind: str, batch_size: int, image_size: int, train: bool,
+def make_loader(shards: ShardSet, *, kind: str, batch_size: int, image_size: int, train: bool,
                 device: torch.device, seed: int = 0, rank: int = 0, world_size: int = 1, threads: int = 2,
                 crop_scale_min: float = 0.9) -> "Loader":
     """The `kind` loader over `shards` for this rank; iterate it once per epoch."""
@@ -76,7 +71,7 @@ class Loader:
 
     kind = ""
 
-    def __init__(self, shards: "ShardSet", *, batch_size: int, image_size: int, train: bool, device: torch.device,
+    def __init__(self, shards: ShardSet, *, batch_size: int, image_size: int, train: bool, device: torch.device,
                  seed: int, rank: int, world_size: int, threads: int, crop_scale_min: float) -> None:
         self.shards, self.batch_size, self.image_size, self.train = shards, batch_size, image_size, train
         self.device, self.seed, self.rank, self.world_size = device, seed, rank, world_size
@@ -120,7 +115,7 @@ class DaliLoader(Loader):
 
     kind = "dali"
 
-    def __init__(self, shards: "ShardSet", **options) -> None:
+    def __init__(self, shards: ShardSet, **options) -> None:
         try:
             import nvidia.dali  # noqa: F401
         except ImportError as e:
@@ -208,13 +203,15 @@ class TorchLoader(Loader):
 
     kind = "torch"
 
-    def __init__(self, shards: "ShardSet", **options) -> None:
+    def __init__(self, shards: ShardSet, **options) -> None:
         super().__init__(shards, **options)
-        self._samples = _TarSamples(shards.tars, index_samples(shards.tars, shards.indexes), train=self.train,
-                                    image_size=self.image_size, crop_scale_min=self.crop_scale_min, seed=self.seed)
-        if len(self._samples.table) != shards.n_images:
-            raise UserError(f"the .idx files of {shards.root} list {len(self._samples.table)} samples but the "
+        index = SampleIndex.load(shards.indexes, tars=shards.tars)
+        index.require("jpg", "id")
+        if len(index) != shards.n_images:
+            raise UserError(f"the .idx files of {shards.root} list {len(index)} samples but the "
                             f"manifest says {shards.n_images}: rebuild with `clipcoco shards --overwrite`")
+        self._samples = _TarSamples(index, train=self.train, image_size=self.image_size,
+                                    crop_scale_min=self.crop_scale_min, seed=self.seed)
         self._loader: torch.utils.data.DataLoader | None = None  # built on first use, kept across epochs
 
     def epoch_rows(self, epoch: int) -> np.ndarray:
@@ -261,26 +258,6 @@ class _Sampler:
         return iter(self.batches()())
 
 
-def index_samples(tars: list[Path], indexes: list[Path]) -> np.ndarray:
-    """[N, 4] int64 rows (tar number, jpg offset, jpg size, id offset), in file order, from DALI .idx files.
-
-    The format (DALI's wds2idx, v1.2): a header `v1.2 <count>`, then one line per sample of
-    `<ext> <offset> <size> <member name>` groups.
-    """
-    rows = []
-    for t, index in enumerate(indexes):
-        lines = Path(index).read_text().splitlines()
-        if not lines or not lines[0].startswith("v1.2 "):
-            raise UserError(f"{index} is not a DALI webdataset index (v1.2): rebuild with `clipcoco shards`")
-        for line in lines[1:]:
-            fields = line.split()
-            members = {fields[i]: (int(fields[i + 1]), int(fields[i + 2])) for i in range(0, len(fields), 4)}
-            if "jpg" not in members or "id" not in members:
-                raise UserError(f"a sample in {tars[t]} lacks its jpg or id member: rebuild with `clipcoco shards`")
-            rows.append((t, *members["jpg"], members["id"][0]))
-    return np.asarray(rows, dtype=np.int64).reshape(-1, 4)
-
-
 def random_resized_crop_box(height: int, width: int, *, scale: tuple[float, float], rng: np.random.Generator,
                             ratio: tuple[float, float] = ASPECT_RATIO) -> tuple[int, int, int, int]:
     """(top, left, h, w) of a random crop: area fraction in `scale`, aspect ratio log-uniform in `ratio`.
@@ -314,25 +291,18 @@ def center_square_box(height: int, width: int) -> tuple[int, int, int, int]:
 class _TarSamples(torch.utils.data.Dataset):
     """dataset[(epoch, row)] -> (uint8 [3, S, S] image, image id); the crop is seeded by (seed, epoch, row)."""
 
-    def __init__(self, tars: list[Path], table: np.ndarray, *, train: bool, image_size: int, crop_scale_min: float,
+    def __init__(self, index: SampleIndex, *, train: bool, image_size: int, crop_scale_min: float,
                  seed: int) -> None:
-        self.tars, self.table, self.train = [str(t) for t in tars], table, train
+        self.index, self.train = index, train
         self.image_size, self.crop_scale_min, self.seed = image_size, crop_scale_min, seed
-        self._fds: dict[int, int] = {}  # opened per worker process, on first use
 
     def __len__(self) -> int:
-        return len(self.table)
-
-    def _read(self, tar: int, offset: int, size: int) -> bytes:
-        if tar not in self._fds:
-            self._fds[tar] = os.open(self.tars[tar], os.O_RDONLY)
-        return os.pread(self._fds[tar], size, offset)
+        return len(self.index)
 
     def __getitem__(self, item: tuple[int, int]) -> tuple[torch.Tensor, int]:
         epoch, row = item
-        tar, jpg_offset, jpg_size, id_offset = (int(v) for v in self.table[row])
-        image_id = int.from_bytes(self._read(tar, id_offset, 8), "little", signed=True)
-        data = torch.frombuffer(bytearray(self._read(tar, jpg_offset, jpg_size)), dtype=torch.uint8)
+        image_id = self.index.image_id(row)
+        data = torch.frombuffer(bytearray(self.index.read(row, "jpg")), dtype=torch.uint8)
         image = decode_jpeg(data, mode=ImageReadMode.RGB)
         if self.train:
             rng = np.random.default_rng([self.seed, epoch, row])

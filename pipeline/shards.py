@@ -2,7 +2,7 @@
 
 Inputs: an official COCO captions file (`--annotations`) or Karpathy's `dataset_coco.json`
 (`--karpathy --split`), and the images they list (`--images`; other files there are ignored).
-Outputs, one directory per split (the "Shard directory" contract in ../shared/design.md):
+Outputs, one directory per split (the "Shard directory" format in docs/contracts.md):
 `shard-NNNNNN.tar` (one sample per image: `id`, `jpg`, `json`, `txt`), `shard-NNNNNN.idx` (DALI's
 webdataset index), `shard-NNNNNN.json` (the sidecar, written last: it marks the shard complete),
 `captions.parquet`, `failures.jsonl` and `manifest.json`.
@@ -11,7 +11,7 @@ Command: `clipcoco shards --annotations FILE --images DIR --out DIR` (or `make s
 
 Every image is decoded here, in worker processes, because DALI cannot skip a bad JPEG during
 training. Results come back in input order (ordered `imap`), so the bytes never depend on `--workers`.
-Every later stage reads shards through `open_shards`.
+Every later stage reads shards through pipeline/shard_reader.py (`open_shards`, `SampleIndex`).
 """
 
 import hashlib
@@ -41,27 +41,26 @@ from pipeline.coco import ImageRecord, read_coco_captions, read_karpathy
 from pipeline.errors import UserError
 from pipeline.files import commit, replacing, sha256_file, write_atomic
 from pipeline.progress import rate_bar
+from pipeline.shard_reader import (
+    MEMBERS,
+    SampleIndex,
+    decode_id,
+    encode_id,
+    fingerprint_of,
+    key_of,
+    load_manifest,
+    read_json,
+    shard_name,
+    shard_set,
+)
 
-MEMBERS = ("id", "jpg", "json", "txt")  # a sample's members, in the order they are written (sorted, as webdataset does)
 COPY_BUFFER = 64 << 20  # tarfile's copy buffer: larger than any JPEG, so each member is one write
 EXIF_ORIENTATION = 0x0112
 SHARD_RE = re.compile(r"^shard-(\d{6})\.(tar|idx|json)(\.tmp)?$")
 
 
-def _shard_name(index: int, ext: str) -> str:
-    return f"shard-{index:06d}.{ext}"
-
-
 def _json_bytes(obj: Any) -> bytes:
     return (json.dumps(obj, ensure_ascii=False, indent=1) + "\n").encode("utf-8")
-
-
-def fingerprint_of(shard_sha256s: Iterable[str]) -> str:
-    """sha256 over the shards' sha256s in order: identifies the packed data exactly."""
-    h = hashlib.sha256()
-    for digest in shard_sha256s:
-        h.update(digest.encode("ascii"))
-    return h.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -202,8 +201,8 @@ def make_sample(record: ImageRecord, prepared: Prepared, captions: tuple[str, ..
     meta = {"image_id": record.image_id, "file_name": record.file_name, "width": prepared.width,
             "height": prepared.height, "captions": list(captions), "caption_ids": list(caption_ids)}
     return {
-        "__key__": f"{record.image_id:012d}",
-        "id": np.int64(record.image_id).astype("<i8").tobytes(),
+        "__key__": key_of(record.image_id),
+        "id": encode_id(record.image_id),
         "jpg": prepared.jpeg,
         "json": json.dumps(meta, ensure_ascii=False).encode("utf-8"),
         "txt": captions[0].encode("utf-8"),
@@ -258,7 +257,7 @@ class ShardWriter:
 
     def __init__(self, out: Path, index: int, build_id: str):
         self.out, self.index, self.build_id = out, index, build_id
-        self.tar = out / _shard_name(index, "tar")
+        self.tar = out / shard_name(index, "tar")
         self.tmp = self.tar.with_name(self.tar.name + ".tmp")
         self.file = self.tmp.open("wb")
         self.hashing = _HashingFile(self.file)
@@ -282,24 +281,17 @@ class ShardWriter:
         self.writer.close()
         self.file.close()
         commit(self.tmp, self.tar)
-        with replacing(self.out / _shard_name(self.index, "idx")) as idx_tmp:
+        with replacing(self.out / shard_name(self.index, "idx")) as idx_tmp:
             write_index(self.tar, idx_tmp)
         sidecar = {"shard": self.tar.name, "count": len(self.keys), "bytes": self.hashing.size,
                    "sha256": self.hashing.sha256.hexdigest(), "build_id": self.build_id,
                    "reencoded": self.reencoded, "keys": self.keys, "left_out": left_out}
-        write_atomic(self.out / _shard_name(self.index, "json"), _json_bytes(sidecar))
+        write_atomic(self.out / shard_name(self.index, "json"), _json_bytes(sidecar))
         return sidecar
 
 
 # ---------------------------------------------------------------------------------------------
 # Resuming and refusing
-
-
-def _read_sidecar(path: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
 
 
 def _shard_files(out: Path) -> list[Path]:
@@ -308,14 +300,14 @@ def _shard_files(out: Path) -> list[Path]:
 
 def _check_same_build(out: Path, build_id: str, identity: dict[str, Any]) -> None:
     """Refuse to mix shards built from other inputs or options into `out`."""
-    manifest = _read_sidecar(out / "manifest.json")
+    manifest = read_json(out / "manifest.json")
     if manifest is not None and manifest.get("build_id") != build_id:
         old = manifest.get("identity", {})
         changed = sorted(k for k in set(old) | set(identity) if old.get(k) != identity.get(k))
         raise UserError(f"{out} already holds shards built with different inputs or options ({', '.join(changed)}): "
                         "pass --overwrite to replace them, or choose another --out")
     for path in out.glob("shard-*.json"):
-        sidecar = _read_sidecar(path)
+        sidecar = read_json(path)
         if sidecar is not None and sidecar.get("build_id") != build_id:
             raise UserError(f"{out} holds {path.name} from a run with different inputs or options: "
                             "pass --overwrite to replace it, or choose another --out")
@@ -340,8 +332,8 @@ def complete_prefix(out: Path, build_id: str, samples_per_shard: int) -> list[di
     done: list[dict[str, Any]] = []
     while True:
         index = len(done)
-        sidecar = _read_sidecar(out / _shard_name(index, "json"))
-        tar, idx = out / _shard_name(index, "tar"), out / _shard_name(index, "idx")
+        sidecar = read_json(out / shard_name(index, "json"))
+        tar, idx = out / shard_name(index, "tar"), out / shard_name(index, "idx")
         if (sidecar is None or sidecar.get("build_id") != build_id or not idx.is_file() or not tar.is_file()
                 or tar.stat().st_size != sidecar.get("bytes")):
             break
@@ -547,28 +539,17 @@ def _top_reasons(reasons: Counter) -> str:
 # Checking a directory
 
 
-def _read_tar_samples(tar: Path) -> tuple[list[str], list[str]]:
-    """(keys in order, problems) of one tar, checking every sample's members."""
-    keys: list[str] = []
-    members: dict[str, dict[str, bytes]] = {}
-    problems: list[str] = []
-    try:
-        with tarfile.open(tar, "r:") as tf:
-            for info in tf:
-                key, _, ext = info.name.partition(".")
-                if key not in members:
-                    keys.append(key)
-                    members[key] = {}
-                members[key][ext] = tf.extractfile(info).read() if ext in ("id", "json") else b""
-    except (tarfile.TarError, OSError) as err:
-        return keys, [f"{tar.name}: unreadable tar ({err})"]
-    for key in keys:
-        sample = members[key]
-        if tuple(sorted(sample)) != MEMBERS:
-            problems.append(f"{tar.name}: sample {key} has members {sorted(sample)}, expected {list(MEMBERS)}")
-        elif {int(np.frombuffer(sample["id"], "<i8")[0]), json.loads(sample["json"])["image_id"]} != {int(key)}:
+def _sample_problems(tar: Path, index: SampleIndex) -> list[str]:
+    """Every sample of one tar (as `index`, made afresh from the tar, locates them) has its members, and its id
+    member and json image_id agree with its key."""
+    problems = []
+    for row, key in enumerate(index.keys):
+        members = sorted(ext for ext in index.members if index.has(ext)[row])
+        if tuple(members) != MEMBERS:
+            problems.append(f"{tar.name}: sample {key} has members {members}, expected {list(MEMBERS)}")
+        elif {decode_id(index.read(row, "id")), json.loads(index.read(row, "json"))["image_id"]} != {int(key)}:
             problems.append(f"{tar.name}: sample {key} has an id or json image_id that disagrees with its key")
-    return keys, problems
+    return problems
 
 
 def verify_shards(shards_dir: Path, *, progress: bool = True) -> dict:
@@ -579,32 +560,35 @@ def verify_shards(shards_dir: Path, *, progress: bool = True) -> dict:
     returns a small report when all is well.
     """
     root = Path(shards_dir)
-    shards = _shard_set(root, _load_manifest(root))  # not open_shards: report a wrong size, do not stop at it
+    shards = shard_set(root, load_manifest(root))  # not open_shards: report a wrong size, do not stop at it
     problems: list[str] = []
     checked_ids: list[int] = []
     with tempfile.TemporaryDirectory() as tmp, rate_bar("verifying", "shards", enabled=progress) as bar:
         task = bar.add_task("verifying", total=len(shards.tars))
         for entry, tar, idx in zip(shards.manifest["shards"], shards.tars, shards.indexes, strict=True):
-            sidecar = _read_sidecar(tar.with_suffix(".json")) or {}
-            keys, tar_problems = _read_tar_samples(tar)
-            problems += tar_problems
-            if len(keys) != sidecar.get("count") or keys != sidecar.get("keys"):
-                problems.append(f"{tar.name}: {len(keys)} samples, its sidecar says {sidecar.get('count')} "
-                                "(cut short or altered: rebuild with --overwrite)")
+            sidecar = read_json(tar.with_suffix(".json")) or {}
+            if sha256_file(tar) != sidecar.get("sha256") or tar.stat().st_size != sidecar.get("bytes"):
+                problems.append(f"{tar.name}: sha256 or size differs from the sidecar (altered or truncated)")
             manifest_entry = {"bytes": sidecar.get("bytes"), "sha256": sidecar.get("sha256")}
             if manifest_entry != {k: entry[k] for k in manifest_entry}:
                 problems.append(f"{tar.name}: its sidecar and manifest.json disagree (mixed runs: rebuild with "
                                 "--overwrite)")
-            if sha256_file(tar) != sidecar.get("sha256") or tar.stat().st_size != sidecar.get("bytes"):
-                problems.append(f"{tar.name}: sha256 or size differs from the sidecar (altered or truncated)")
+            # The samples are read through an index made afresh from the tar, so a stale .idx cannot hide them.
             fresh = Path(tmp) / idx.name
             try:
                 write_index(tar, fresh)
-            except ValueError as err:  # wds2idx refuses a tar with no members
+            except (ValueError, OSError, tarfile.TarError) as err:  # wds2idx refuses an empty or unreadable tar
                 problems.append(f"{tar.name}: cannot be indexed ({err})")
+                keys: list[str] = []
             else:
                 if fresh.read_bytes() != idx.read_bytes():
                     problems.append(f"{idx.name}: does not match its tar (stale or damaged index)")
+                with SampleIndex.load([fresh], tars=[tar]) as index:
+                    keys = index.keys
+                    problems += _sample_problems(tar, index)
+            if len(keys) != sidecar.get("count") or keys != sidecar.get("keys"):
+                problems.append(f"{tar.name}: {len(keys)} samples, its sidecar says {sidecar.get('count')} "
+                                "(cut short or altered: rebuild with --overwrite)")
             checked_ids += [int(k) for k in keys]
             bar.advance(task)
     parquet_ids = np.unique(shards.image_ids())
@@ -619,58 +603,3 @@ def verify_shards(shards_dir: Path, *, progress: bool = True) -> dict:
         Console().print(f"ok: {report['shards']} shards, {report['images']:,} images match their sidecars, "
                         f"indexes and captions.parquet ({shards.root})")
     return report
-
-
-# ---------------------------------------------------------------------------------------------
-# The read side
-
-
-@dataclass(frozen=True)
-class ShardSet:
-    root: Path
-    tars: list[Path]  # shard-NNNNNN.tar in order
-    indexes: list[Path]  # the .idx beside each tar
-    manifest: dict
-    n_images: int
-    fingerprint: str  # sha256 over the shards' sha256s (identifies the data exactly)
-
-    def image_ids(self) -> np.ndarray:
-        """Sorted int64 ids of every packed image (from captions.parquet)."""
-        column = pq.read_table(self.root / "captions.parquet", columns=["image_id"]).column("image_id")
-        return np.unique(column.to_numpy()).astype(np.int64)
-
-
-def _load_manifest(root: Path) -> dict:
-    if not (root / "manifest.json").is_file():
-        raise UserError(f"no manifest.json in {root}: did you run `clipcoco shards --out {root}`? "
-                        "(an interrupted run leaves none: rerun the same command to finish it)")
-    manifest = json.loads((root / "manifest.json").read_text(encoding="utf-8"))
-    for entry in manifest["shards"]:
-        tar = root / entry["tar"]
-        if not tar.is_file() or not (root / entry["idx"]).is_file() or not tar.with_suffix(".json").is_file():
-            raise UserError(f"{root} is incomplete ({entry['tar']} or its .idx/.json is missing): "
-                            "rerun `clipcoco shards` with the same options to finish it")
-    if not (root / "captions.parquet").is_file():
-        raise UserError(f"no captions.parquet in {root}: rerun `clipcoco shards` with the same options")
-    return manifest
-
-
-def _shard_set(root: Path, manifest: dict) -> ShardSet:
-    return ShardSet(root=root, tars=[root / e["tar"] for e in manifest["shards"]],
-                    indexes=[root / e["idx"] for e in manifest["shards"]], manifest=manifest,
-                    n_images=manifest["totals"]["images_packed"],
-                    fingerprint=fingerprint_of(e["sha256"] for e in manifest["shards"]))
-
-
-def open_shards(shards_dir: Path) -> ShardSet:
-    """The complete shard directory `clipcoco shards` wrote; `UserError` if it is missing or incomplete.
-
-    Cheap checks only (files present, sizes as recorded); `verify_shards` reads every byte.
-    """
-    root = Path(shards_dir)
-    shards = _shard_set(root, _load_manifest(root))
-    for tar, entry in zip(shards.tars, shards.manifest["shards"], strict=True):
-        if tar.stat().st_size != entry["bytes"]:
-            raise UserError(f"{tar} has {tar.stat().st_size} bytes, the manifest says {entry['bytes']}: "
-                            "check it with `clipcoco shards --verify`, rebuild it with `--overwrite`")
-    return shards

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.shards import build_shards, open_shards
+from pipeline.shard_reader import open_shards
+from pipeline.shards import build_shards
 
 # ../shared/coco-mini beside the checkout; CLIPCOCO_COCO_MINI points elsewhere (e.g. a copy carried to a GPU machine).
 COCO_MINI = Path(os.environ.get("CLIPCOCO_COCO_MINI") or Path(__file__).resolve().parents[2] / "shared" / "coco-mini")

@@ -19,7 +19,8 @@ from clip.evaluate import embed_split, evaluate, retrieval_metrics, score_model
 from clip.model import build_model
 from pipeline.errors import UserError
 from pipeline.loaders import make_loader
-from pipeline.shards import build_shards, open_shards
+from pipeline.shard_reader import open_shards
+from pipeline.shards import build_shards
 from pipeline.text_cache import TextCache
 
 

@@ -15,7 +15,8 @@ from clip.config import load_config
 from clip.evaluate import embed_split, score_model
 from clip.model import build_model
 from pipeline.embed_text import embed_text
-from pipeline.shards import build_shards, open_shards
+from pipeline.shard_reader import open_shards
+from pipeline.shards import build_shards
 from pipeline.text_cache import TextCache
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))

@@ -19,7 +19,8 @@ from pipeline.loaders import (
     make_loader,
     random_resized_crop_box,
 )
-from pipeline.shards import build_shards, open_shards
+from pipeline.shard_reader import open_shards
+from pipeline.shards import build_shards
 
 KINDS = ["dali", "torch"]
 CPU = torch.device("cpu")

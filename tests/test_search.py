@@ -15,10 +15,11 @@ from typer.testing import CliRunner
 from cli.main import app
 from clip.checkpoint import Checkpoint
 from clip.evaluate import evaluate
-from clip.search import load_image_embeddings, read_samples, search
+from clip.search import load_image_embeddings, search
 from pipeline.embed_text import embed_text, encode_queries
 from pipeline.errors import UserError
-from pipeline.shards import build_shards, open_shards
+from pipeline.shard_reader import SampleIndex, open_shards
+from pipeline.shards import build_shards
 from pipeline.text_cache import TextCache
 
 
@@ -94,7 +95,9 @@ def test_image_query_finds_the_planted_neighbour_not_itself(run):
 
 def test_read_samples_across_shards(run):
     _, shards, _ = run
-    samples = read_samples(open_shards(shards), [500, 505, 509])
+    shard_set = open_shards(shards)
+    with SampleIndex.load(shard_set.indexes) as index:
+        samples = {i: index.sample(i) for i in (500, 505, 509)}
     assert sorted(samples) == [500, 505, 509]
     assert samples[505]["json"]["file_name"] == "000000000505.jpg"
     assert samples[509]["jpg"][:2] == b"\xff\xd8"  # JPEG bytes

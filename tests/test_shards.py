@@ -21,7 +21,8 @@ from typer.testing import CliRunner
 
 from cli.main import app
 from pipeline.errors import UserError
-from pipeline.shards import build_shards, jpeg_frame_type, open_shards, verify_shards
+from pipeline.shard_reader import open_shards
+from pipeline.shards import build_shards, jpeg_frame_type, verify_shards
 
 REPO = Path(__file__).resolve().parents[1]
 ASSETS = Path(__file__).with_name("assets")

@@ -1,0 +1,202 @@
+"""The read side of a shard directory (written by `clipcoco shards`; the format is in docs/contracts.md).
+
+Inputs: a shard directory: `manifest.json`, `shard-NNNNNN.tar` with its `.idx` (DALI's webdataset index) and
+`.json` sidecar, `captions.parquet`. Outputs: a `ShardSet` (the files, the count, the fingerprint) and a
+`SampleIndex` (every sample's members located by the `.idx` files, read by offset). The loaders, train, eval,
+search, bench and `clipcoco shards --verify` read shards through this module only; the writer is
+pipeline/shards.py.
+
+    shards = open_shards(Path("data/shards/val2017"))      # UserError if missing or incomplete
+    index = SampleIndex.load(shards.indexes)
+    jpeg = index.read(index.row_of(139), "jpg")            # bytes of image 139's JPEG, one pread
+"""
+
+import hashlib
+import json
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from pipeline.errors import UserError
+
+MEMBERS = ("id", "jpg", "json", "txt")  # a sample's members, in the order they are written (sorted, as webdataset does)
+ID_BYTES = 8  # the `id` member: the image id as a little-endian int64 (DALI batches only fixed-size members)
+
+
+def shard_name(index: int, ext: str) -> str:
+    return f"shard-{index:06d}.{ext}"
+
+
+def key_of(image_id: int) -> str:
+    """A sample's `__key__`: the image id as 12 digits (no dots in keys, ever)."""
+    return f"{image_id:012d}"
+
+
+def encode_id(image_id: int) -> bytes:
+    return int(image_id).to_bytes(ID_BYTES, "little", signed=True)
+
+
+def decode_id(data: bytes) -> int:
+    return int.from_bytes(data, "little", signed=True)
+
+
+def fingerprint_of(shard_sha256s: Iterable[str]) -> str:
+    """sha256 over the shards' sha256s in order: identifies the packed data exactly."""
+    h = hashlib.sha256()
+    for digest in shard_sha256s:
+        h.update(digest.encode("ascii"))
+    return h.hexdigest()
+
+
+def read_json(path: Path) -> dict[str, Any] | None:
+    """A sidecar or manifest, or None when it is missing or unparsable (a killed writer's leftover)."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+@dataclass(frozen=True)
+class ShardSet:
+    root: Path
+    tars: list[Path]  # shard-NNNNNN.tar in order
+    indexes: list[Path]  # the .idx beside each tar
+    manifest: dict
+    n_images: int
+    fingerprint: str  # sha256 over the shards' sha256s (identifies the data exactly)
+
+    def image_ids(self) -> np.ndarray:
+        """Sorted int64 ids of every packed image (from captions.parquet)."""
+        column = pq.read_table(self.root / "captions.parquet", columns=["image_id"]).column("image_id")
+        return np.unique(column.to_numpy()).astype(np.int64)
+
+
+def load_manifest(root: Path) -> dict:
+    """manifest.json of a finished directory, after checking that every file it names is there."""
+    if not (root / "manifest.json").is_file():
+        raise UserError(f"no manifest.json in {root}: did you run `clipcoco shards --out {root}`? "
+                        "(an interrupted run leaves none: rerun the same command to finish it)")
+    manifest = json.loads((root / "manifest.json").read_text(encoding="utf-8"))
+    for entry in manifest["shards"]:
+        tar = root / entry["tar"]
+        if not tar.is_file() or not (root / entry["idx"]).is_file() or not tar.with_suffix(".json").is_file():
+            raise UserError(f"{root} is incomplete ({entry['tar']} or its .idx/.json is missing): "
+                            "rerun `clipcoco shards` with the same options to finish it")
+    if not (root / "captions.parquet").is_file():
+        raise UserError(f"no captions.parquet in {root}: rerun `clipcoco shards` with the same options")
+    return manifest
+
+
+def shard_set(root: Path, manifest: dict) -> ShardSet:
+    return ShardSet(root=root, tars=[root / e["tar"] for e in manifest["shards"]],
+                    indexes=[root / e["idx"] for e in manifest["shards"]], manifest=manifest,
+                    n_images=manifest["totals"]["images_packed"],
+                    fingerprint=fingerprint_of(e["sha256"] for e in manifest["shards"]))
+
+
+def open_shards(shards_dir: Path) -> ShardSet:
+    """The complete shard directory `clipcoco shards` wrote; `UserError` if it is missing or incomplete.
+
+    Cheap checks only (files present, sizes as recorded); `clipcoco shards --verify` reads every byte.
+    """
+    root = Path(shards_dir)
+    shards = shard_set(root, load_manifest(root))
+    for tar, entry in zip(shards.tars, shards.manifest["shards"], strict=True):
+        if tar.stat().st_size != entry["bytes"]:
+            raise UserError(f"{tar} has {tar.stat().st_size} bytes, the manifest says {entry['bytes']}: "
+                            "check it with `clipcoco shards --verify`, rebuild it with `--overwrite`")
+    return shards
+
+
+class SampleIndex:
+    """Every sample of a list of tars, located by their DALI .idx files, read by offset (no tar is scanned).
+
+    The .idx format (DALI's wds2idx, v1.2): a header `v1.2 <count>`, then one line per sample of
+    `<ext> <offset> <size> <member name>` groups. Rows are samples in file order. Picklable: each process
+    (a DataLoader worker, say) opens the tars for itself on first read.
+    """
+
+    def __init__(self, tars: list[Path], keys: list[str], tar_of: np.ndarray, members: dict[str, np.ndarray]):
+        self.tars = [str(t) for t in tars]
+        self.keys = keys  # [N] each sample's __key__
+        self.tar_of = tar_of  # [N] int64: which tar holds the sample
+        self.members = members  # ext -> [N, 2] int64 (offset, size); (-1, -1) where the sample lacks that member
+        self._rows = {key: row for row, key in enumerate(keys)}
+        self._fds: dict[int, int] = {}
+
+    @classmethod
+    def load(cls, indexes: list[Path], tars: list[Path] | None = None) -> "SampleIndex":
+        """Parse `indexes` (the tar of each is the .idx path with .tar, unless `tars` names them)."""
+        tars = [Path(i).with_suffix(".tar") for i in indexes] if tars is None else tars
+        keys, tar_of, located = [], [], []
+        for t, index in enumerate(indexes):
+            lines = Path(index).read_text().splitlines()
+            if not lines or not lines[0].startswith("v1.2 "):
+                raise UserError(f"{index} is not a DALI webdataset index (v1.2): rebuild with `clipcoco shards`")
+            for line in lines[1:]:
+                fields = line.split()
+                members = {fields[i]: (int(fields[i + 1]), int(fields[i + 2])) for i in range(0, len(fields), 4)}
+                keys.append(fields[3].partition(".")[0])
+                tar_of.append(t)
+                located.append(members)
+        exts = sorted({ext for m in located for ext in m})
+        table = {ext: np.array([m.get(ext, (-1, -1)) for m in located], dtype=np.int64).reshape(-1, 2)
+                 for ext in exts}
+        return cls(tars, keys, np.asarray(tar_of, dtype=np.int64), table)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def __enter__(self) -> "SampleIndex":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_fds": {}}  # descriptors belong to the process that opened them
+
+    def has(self, ext: str) -> np.ndarray:
+        """[N] bool: which samples hold member `ext`."""
+        return self.members[ext][:, 0] >= 0 if ext in self.members else np.zeros(len(self), bool)
+
+    def require(self, *exts: str) -> None:
+        """Stop unless every sample holds every member in `exts`."""
+        for ext in exts:
+            lacking = np.flatnonzero(~self.has(ext))
+            if len(lacking):
+                row = int(lacking[0])
+                raise UserError(f"sample {self.keys[row]} in {self.tars[self.tar_of[row]]} lacks its {ext} member: "
+                                "rebuild with `clipcoco shards --overwrite`")
+
+    def row_of(self, image_id: int) -> int:
+        row = self._rows.get(key_of(image_id))
+        if row is None:
+            raise UserError(f"image id {image_id} is not in these shards")
+        return row
+
+    def read(self, row: int, ext: str) -> bytes:
+        """The bytes of member `ext` of sample `row`."""
+        offset, size = (int(v) for v in self.members[ext][row])
+        tar = int(self.tar_of[row])
+        if tar not in self._fds:
+            self._fds[tar] = os.open(self.tars[tar], os.O_RDONLY)
+        return os.pread(self._fds[tar], size, offset)
+
+    def image_id(self, row: int) -> int:
+        return decode_id(self.read(row, "id"))
+
+    def sample(self, image_id: int) -> dict:
+        """{"json": the sample's metadata, "jpg": its JPEG bytes} of one image."""
+        row = self.row_of(image_id)
+        return {"json": json.loads(self.read(row, "json")), "jpg": self.read(row, "jpg")}

@@ -36,7 +36,8 @@ def command(
 
     Rerun the same command after a crash: complete shards are kept and the result is byte-identical.
     """
-    from pipeline.shards import build_shards, verify_shards
+    from pipeline.shard_verify import verify_shards
+    from pipeline.shards import build_shards
 
     if verify is not None:
         verify_shards(verify, progress=progress)

@@ -7,7 +7,7 @@ Outputs, one directory per split (the "Shard directory" format in docs/contracts
 webdataset index), `shard-NNNNNN.json` (the sidecar, written last: it marks the shard complete),
 `captions.parquet`, `failures.jsonl` and `manifest.json`.
 Command: `clipcoco shards --annotations FILE --images DIR --out DIR` (or `make shards`);
-`clipcoco shards --verify DIR` re-reads a directory against its sidecars.
+`clipcoco shards --verify DIR` re-reads a directory against its sidecars (pipeline/shard_verify.py).
 
 Every image is decoded here, in worker processes, because DALI cannot skip a bad JPEG during
 training. Results come back in input order (ordered `imap`), so the bytes never depend on `--workers`.
@@ -21,41 +21,33 @@ import multiprocessing
 import os
 import re
 import tarfile
-import tempfile
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from PIL import Image, ImageOps
 
 from pipeline import __version__
 from pipeline.coco import ImageRecord, read_coco_captions, read_karpathy
 from pipeline.errors import UserError
 from pipeline.files import commit, replacing, sha256_file, write_atomic
+from pipeline.images import Prepared, Rejected, prepare_image
 from pipeline.progress import rate_bar
 from pipeline.shard_reader import (
     MEMBERS,
-    SampleIndex,
-    decode_id,
     encode_id,
     fingerprint_of,
     key_of,
-    load_manifest,
     read_json,
     shard_name,
-    shard_set,
 )
 
 COPY_BUFFER = 64 << 20  # tarfile's copy buffer: larger than any JPEG, so each member is one write
-EXIF_ORIENTATION = 0x0112
 SHARD_RE = re.compile(r"^shard-(\d{6})\.(tar|idx|json)(\.tmp)?$")
 
 
@@ -64,94 +56,7 @@ def _json_bytes(obj: Any) -> bytes:
 
 
 # ---------------------------------------------------------------------------------------------
-# Per-image work (runs in the worker processes)
-
-
-@dataclass(frozen=True)
-class Prepared:
-    jpeg: bytes  # what goes into the `jpg` member
-    width: int  # of those bytes as decoded
-    height: int
-    reencoded: bool
-
-
-@dataclass(frozen=True)
-class Rejected:
-    reason: str  # a short category: missing | unreadable | empty | undecodable | no_caption
-    detail: str  # a fixed-format message (no paths, no addresses: it goes into failures.jsonl)
-
-
-_ADDRESS = re.compile(r"<[^<>]* at 0x[0-9a-fA-F]+>")
-
-
-# Frame types the GPU decoders take (Huffman-coded baseline, extended sequential, progressive); DALI's
-# `mixed` decoder would hand the others (arithmetic-coded, lossless, hierarchical) to a CPU fallback mid-step.
-PLAIN_FRAMES = (0xC0, 0xC1, 0xC2)
-_NOT_FRAMES = (0xC4, 0xC8, 0xCC)  # DHT, JPG, DAC: markers in the SOFn range that start no frame
-
-
-def jpeg_frame_type(data: bytes) -> int | None:
-    """The second byte of the first SOFn marker (0xC0 baseline, 0xC2 progressive, 0xC9 arithmetic, ...)."""
-    i = 2  # after SOI
-    while i + 4 <= len(data):
-        if data[i] != 0xFF:
-            return None
-        marker = data[i + 1]
-        if marker == 0xFF:  # fill byte
-            i += 1
-            continue
-        if 0xC0 <= marker <= 0xCF and marker not in _NOT_FRAMES:
-            return marker
-        if marker == 0xDA:  # start of scan before any frame header: not a valid JPEG
-            return None
-        i += 2 + int.from_bytes(data[i + 2: i + 4], "big")
-    return None
-
-
-def prepare_image(path: Path, *, resize_shorter: int = 0, quality: int = 95) -> Prepared | Rejected:
-    """Read and decode one image completely; keep its bytes when DALI can decode them as they are.
-
-    The width and height returned are those of the image as DALI decodes it (EXIF orientation applied).
-
-    A plain RGB or grayscale JPEG (Huffman-coded baseline or progressive) is kept byte for byte unless it must
-    be shrunk; anything else PIL can decode (PNG named .jpg, CMYK, arithmetic-coded, ...) is re-encoded as a
-    JPEG at `quality`.
-    """
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        return Rejected("missing", "listed in the annotations but not on disk")
-    except OSError as err:
-        return Rejected("unreadable", f"{type(err).__name__}: {err.strerror}")
-    if not data:
-        return Rejected("empty", "zero-length file")
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            plain = image.format == "JPEG" and image.mode in ("RGB", "L") and jpeg_frame_type(data) in PLAIN_FRAMES
-            width, height = image.size
-            scale = resize_shorter / min(width, height) if resize_shorter else 1.0
-            if plain and scale >= 1.0:
-                # Kept as it is, so only its validity matters: at 1/8 scale libjpeg still entropy-decodes every
-                # byte of the stream (a truncated or corrupt one raises in load) but skips most of the IDCT.
-                image.draft(image.mode, (max(1, width // 8), max(1, height // 8)))
-                image.load()
-                if image.getexif().get(EXIF_ORIENTATION) in (5, 6, 7, 8):  # DALI shows these turned by 90 degrees
-                    width, height = height, width
-                return Prepared(data, width, height, reencoded=False)
-            image.load()  # decodes every pixel; a truncated or corrupt stream raises here
-            # EXIF is dropped by re-encoding, so apply its orientation now, as DALI would have.
-            image = ImageOps.exif_transpose(image)
-            if image.mode not in ("RGB", "L"):
-                image = image.convert("RGB")
-            if scale < 1.0:
-                width, height = image.size
-                size = (max(1, round(width * scale)), max(1, round(height * scale)))
-                image = image.resize(size, Image.Resampling.BICUBIC)
-            out = io.BytesIO()
-            image.save(out, format="JPEG", quality=quality)
-            return Prepared(out.getvalue(), image.size[0], image.size[1], reencoded=True)
-    except Exception as err:  # whatever a corrupt file makes PIL raise, that image is left out
-        return Rejected("undecodable", _ADDRESS.sub("<bytes>", f"{type(err).__name__}: {err}"))
+# Per-image work (runs in the worker processes: pipeline/images.py)
 
 
 def _prepare_task(task: tuple[str, int, int]) -> Prepared | Rejected:
@@ -533,73 +438,3 @@ def build_shards(*, out: Path, images: Path, annotations: Path | None = None, ka
 
 def _top_reasons(reasons: Counter) -> str:
     return ", ".join(f"{reason}: {n}" for reason, n in reasons.most_common(3))
-
-
-# ---------------------------------------------------------------------------------------------
-# Checking a directory
-
-
-def _sample_problems(tar: Path, index: SampleIndex) -> list[str]:
-    """Every sample of one tar (as `index`, made afresh from the tar, locates them) has its members, and its id
-    member and json image_id agree with its key."""
-    problems = []
-    for row, key in enumerate(index.keys):
-        members = sorted(ext for ext in index.members if index.has(ext)[row])
-        if tuple(members) != MEMBERS:
-            problems.append(f"{tar.name}: sample {key} has members {members}, expected {list(MEMBERS)}")
-        elif {decode_id(index.read(row, "id")), json.loads(index.read(row, "json"))["image_id"]} != {int(key)}:
-            problems.append(f"{tar.name}: sample {key} has an id or json image_id that disagrees with its key")
-    return problems
-
-
-def verify_shards(shards_dir: Path, *, progress: bool = True) -> dict:
-    """Re-read every shard and check it against its sidecar, its .idx and the manifest.
-
-    Catches a tar cut short at a member boundary (it reads without a tar error: the counts are the
-    defence), altered bytes, stale or missing indexes. Raises `UserError` listing every problem;
-    returns a small report when all is well.
-    """
-    root = Path(shards_dir)
-    shards = shard_set(root, load_manifest(root))  # not open_shards: report a wrong size, do not stop at it
-    problems: list[str] = []
-    checked_ids: list[int] = []
-    with tempfile.TemporaryDirectory() as tmp, rate_bar("verifying", "shards", enabled=progress) as bar:
-        task = bar.add_task("verifying", total=len(shards.tars))
-        for entry, tar, idx in zip(shards.manifest["shards"], shards.tars, shards.indexes, strict=True):
-            sidecar = read_json(tar.with_suffix(".json")) or {}
-            if sha256_file(tar) != sidecar.get("sha256") or tar.stat().st_size != sidecar.get("bytes"):
-                problems.append(f"{tar.name}: sha256 or size differs from the sidecar (altered or truncated)")
-            manifest_entry = {"bytes": sidecar.get("bytes"), "sha256": sidecar.get("sha256")}
-            if manifest_entry != {k: entry[k] for k in manifest_entry}:
-                problems.append(f"{tar.name}: its sidecar and manifest.json disagree (mixed runs: rebuild with "
-                                "--overwrite)")
-            # The samples are read through an index made afresh from the tar, so a stale .idx cannot hide them.
-            fresh = Path(tmp) / idx.name
-            try:
-                write_index(tar, fresh)
-            except (ValueError, OSError, tarfile.TarError) as err:  # wds2idx refuses an empty or unreadable tar
-                problems.append(f"{tar.name}: cannot be indexed ({err})")
-                keys: list[str] = []
-            else:
-                if fresh.read_bytes() != idx.read_bytes():
-                    problems.append(f"{idx.name}: does not match its tar (stale or damaged index)")
-                with SampleIndex.load([fresh], tars=[tar]) as index:
-                    keys = index.keys
-                    problems += _sample_problems(tar, index)
-            if len(keys) != sidecar.get("count") or keys != sidecar.get("keys"):
-                problems.append(f"{tar.name}: {len(keys)} samples, its sidecar says {sidecar.get('count')} "
-                                "(cut short or altered: rebuild with --overwrite)")
-            checked_ids += [int(k) for k in keys]
-            bar.advance(task)
-    parquet_ids = np.unique(shards.image_ids())
-    if not np.array_equal(parquet_ids, np.unique(np.array(checked_ids, np.int64))):
-        problems.append("captions.parquet image ids differ from the images in the shards")
-    if problems:
-        raise UserError(f"{len(problems)} problem(s) in {shards.root}:\n  " + "\n  ".join(problems))
-    report = {"shards": len(shards.tars), "images": len(checked_ids), "fingerprint": shards.fingerprint, "ok": True}
-    if progress:
-        from rich.console import Console
-
-        Console().print(f"ok: {report['shards']} shards, {report['images']:,} images match their sidecars, "
-                        f"indexes and captions.parquet ({shards.root})")
-    return report

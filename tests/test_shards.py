@@ -21,8 +21,10 @@ from typer.testing import CliRunner
 
 from cli.main import app
 from pipeline.errors import UserError
+from pipeline.images import jpeg_frame_type
 from pipeline.shard_reader import open_shards
-from pipeline.shards import build_shards, jpeg_frame_type, verify_shards
+from pipeline.shard_verify import verify_shards
+from pipeline.shards import build_shards
 
 REPO = Path(__file__).resolve().parents[1]
 ASSETS = Path(__file__).with_name("assets")
@@ -394,7 +396,8 @@ def test_karpathy_trainval(tmp_path):
 
 def test_checked_turns_results_into_samples_and_failures():
     from pipeline.coco import ImageRecord
-    from pipeline.shards import Prepared, Rejected, checked
+    from pipeline.images import Prepared, Rejected
+    from pipeline.shards import checked
 
     def record(image_id, captions):
         return ImageRecord(image_id, f"{image_id}.jpg", Path(f"{image_id}.jpg"), 4, 3, captions,

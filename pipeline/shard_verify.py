@@ -1,0 +1,85 @@
+"""`clipcoco shards --verify DIR`: re-read a shard directory and check every byte against what was recorded.
+
+Input: a shard directory written by `clipcoco shards`. Output: a small report (shards, images, fingerprint), or a
+`UserError` listing every problem: a tar cut short or altered, a sidecar or manifest that disagrees, a stale
+.idx, a sample lacking a member or whose id disagrees with its key, captions.parquet out of step.
+"""
+
+import json
+import tarfile
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.errors import UserError
+from pipeline.files import sha256_file
+from pipeline.progress import rate_bar
+from pipeline.shard_reader import MEMBERS, SampleIndex, decode_id, load_manifest, read_json, shard_set
+from pipeline.shards import write_index
+
+
+def _sample_problems(tar: Path, index: SampleIndex) -> list[str]:
+    """Every sample of one tar (as `index`, made afresh from the tar, locates them) has its members, and its id
+    member and json image_id agree with its key."""
+    problems = []
+    for row, key in enumerate(index.keys):
+        members = sorted(ext for ext in index.members if index.has(ext)[row])
+        if tuple(members) != MEMBERS:
+            problems.append(f"{tar.name}: sample {key} has members {members}, expected {list(MEMBERS)}")
+        elif {decode_id(index.read(row, "id")), json.loads(index.read(row, "json"))["image_id"]} != {int(key)}:
+            problems.append(f"{tar.name}: sample {key} has an id or json image_id that disagrees with its key")
+    return problems
+
+
+def verify_shards(shards_dir: Path, *, progress: bool = True) -> dict:
+    """Re-read every shard and check it against its sidecar, its .idx and the manifest.
+
+    Catches a tar cut short at a member boundary (it reads without a tar error: the counts are the
+    defence), altered bytes, stale or missing indexes. Raises `UserError` listing every problem;
+    returns a small report when all is well.
+    """
+    root = Path(shards_dir)
+    shards = shard_set(root, load_manifest(root))  # not open_shards: report a wrong size, do not stop at it
+    problems: list[str] = []
+    checked_ids: list[int] = []
+    with tempfile.TemporaryDirectory() as tmp, rate_bar("verifying", "shards", enabled=progress) as bar:
+        task = bar.add_task("verifying", total=len(shards.tars))
+        for entry, tar, idx in zip(shards.manifest["shards"], shards.tars, shards.indexes, strict=True):
+            sidecar = read_json(tar.with_suffix(".json")) or {}
+            if sha256_file(tar) != sidecar.get("sha256") or tar.stat().st_size != sidecar.get("bytes"):
+                problems.append(f"{tar.name}: sha256 or size differs from the sidecar (altered or truncated)")
+            manifest_entry = {"bytes": sidecar.get("bytes"), "sha256": sidecar.get("sha256")}
+            if manifest_entry != {k: entry[k] for k in manifest_entry}:
+                problems.append(f"{tar.name}: its sidecar and manifest.json disagree (mixed runs: rebuild with "
+                                "--overwrite)")
+            # The samples are read through an index made afresh from the tar, so a stale .idx cannot hide them.
+            fresh = Path(tmp) / idx.name
+            try:
+                write_index(tar, fresh)
+            except (ValueError, OSError, tarfile.TarError) as err:  # wds2idx refuses an empty or unreadable tar
+                problems.append(f"{tar.name}: cannot be indexed ({err})")
+                keys: list[str] = []
+            else:
+                if fresh.read_bytes() != idx.read_bytes():
+                    problems.append(f"{idx.name}: does not match its tar (stale or damaged index)")
+                with SampleIndex.load([fresh], tars=[tar]) as index:
+                    keys = index.keys
+                    problems += _sample_problems(tar, index)
+            if len(keys) != sidecar.get("count") or keys != sidecar.get("keys"):
+                problems.append(f"{tar.name}: {len(keys)} samples, its sidecar says {sidecar.get('count')} "
+                                "(cut short or altered: rebuild with --overwrite)")
+            checked_ids += [int(k) for k in keys]
+            bar.advance(task)
+    parquet_ids = np.unique(shards.image_ids())
+    if not np.array_equal(parquet_ids, np.unique(np.array(checked_ids, np.int64))):
+        problems.append("captions.parquet image ids differ from the images in the shards")
+    if problems:
+        raise UserError(f"{len(problems)} problem(s) in {shards.root}:\n  " + "\n  ".join(problems))
+    report = {"shards": len(shards.tars), "images": len(checked_ids), "fingerprint": shards.fingerprint, "ok": True}
+    if progress:
+        from rich.console import Console
+
+        Console().print(f"ok: {report['shards']} shards, {report['images']:,} images match their sidecars, "
+                        f"indexes and captions.parquet ({shards.root})")
+    return report

@@ -22,12 +22,10 @@ from clip.config import config_from_flat
 from clip.model import build_model
 from clip.train import make_optimizer, make_scheduler, train_step
 from pipeline.errors import UserError
-from pipeline.loaders import Batch, Loader, make_loader
+from pipeline.loaders import Batch, Loader, check_kind, make_loader
 from pipeline.runtime import resolve_device
 from pipeline.shard_reader import open_shards
 from pipeline.text_cache import TextCache
-
-LOADERS = ("dali", "torch")
 
 
 def _sync(device: torch.device) -> None:
@@ -44,8 +42,7 @@ def _check_positive(**values: int) -> None:
 
 def _open_loader(shards_dir: Path, *, kind: str, batch_size: int, image_size: int, threads: int,
                  device: torch.device, seed: int) -> tuple[Loader, object]:
-    if kind not in LOADERS:
-        raise UserError(f"--loader {kind!r}: use one of {', '.join(LOADERS)}")
+    check_kind(kind)
     shards = open_shards(Path(shards_dir))
     if shards.n_images < batch_size:
         raise UserError(f"--batch-size {batch_size} is larger than the {shards.n_images} images in {shards_dir}: "

@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from pipeline.errors import UserError
+from pipeline.loaders import KINDS as LOADER_KINDS
 from pipeline.runtime import DEVICE_CHOICES, is_device_name
 
 RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101")
@@ -60,7 +61,7 @@ class DataConfig:
     def __post_init__(self) -> None:
         _check(self.image_size >= 16, "data.image_size must be >= 16")
         _check(0 < self.crop_scale_min <= 1, "data.crop_scale_min must be in (0, 1]")
-        _check(self.loader in ("dali", "torch"), "data.loader must be dali or torch")
+        _check(self.loader in LOADER_KINDS, f"data.loader must be one of {', '.join(LOADER_KINDS)}")
         _check(self.threads >= 1, "data.threads must be >= 1")
         _check(bool(self.eval_shards) == bool(self.eval_text), "data.eval_shards and data.eval_text go together")
 

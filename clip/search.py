@@ -18,14 +18,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import torch
 from PIL import Image
 from rich.console import Console
 from rich.table import Table
 
 from clip.checkpoint import Checkpoint
+from clip.embeddings import load_image_embeddings
 from clip.plot import figure_class
 from pipeline.embed_text import encode_queries
 from pipeline.errors import UserError
@@ -45,17 +44,6 @@ class Hit:
 
 def embeddings_path(run: Path, shards: Path) -> Path:
     return Path(run) / f"embeddings-{Path(shards).resolve().name}.parquet"
-
-
-def load_image_embeddings(path: Path) -> tuple[np.ndarray, torch.Tensor, dict[str, str]]:
-    """(image ids [I], L2-normalised image embeddings [I, E] float32, the file's metadata) of an embeddings file."""
-    table = pq.read_table(path)
-    metadata = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()
-                if not k.startswith(b"ARROW:")}
-    images = table.filter(pc.equal(table.column("kind"), "image"))
-    column = images.column("embedding").combine_chunks()
-    feats = column.flatten().to_numpy(zero_copy_only=False).reshape(len(images), column.type.list_size)
-    return images.column("image_id").to_numpy().astype(np.int64), torch.tensor(feats, dtype=torch.float32), metadata
 
 
 def text_query(query: str, *, run: Path, metadata: dict[str, str], device: torch.device) -> torch.Tensor:

@@ -232,7 +232,7 @@ class RunLog:
 
 
 def evaluate_now(model: CLIP, cfg: Config, inputs: Inputs, device: torch.device, *, bf16: bool) -> dict:
-    from clip.evaluate import score_model  # imported here: evaluation pulls in nothing the loop needs otherwise
+    from clip.embeddings import score_model  # imported here: evaluation pulls in nothing the loop needs otherwise
 
     # No progress bar of its own: rich allows one live display at a time and the training bar is up.
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):

@@ -49,12 +49,17 @@ class Batch:
     image_ids: torch.Tensor  # [B] int64, on the CPU
 
 
+def check_kind(kind: str) -> None:
+    """The one check of a loader name (train, eval and bench take it from the user)."""
+    if kind not in KINDS:
+        raise UserError(f"--loader {kind!r}: use one of {', '.join(KINDS)}")
+
+
 def make_loader(shards: ShardSet, *, kind: str, batch_size: int, image_size: int, train: bool,
                 device: torch.device, seed: int = 0, rank: int = 0, world_size: int = 1, threads: int = 2,
                 crop_scale_min: float = 0.9) -> "Loader":
     """The `kind` loader over `shards` for this rank; iterate it once per epoch."""
-    if kind not in KINDS:
-        raise UserError(f"unknown loader {kind!r}: use one of {', '.join(KINDS)}")
+    check_kind(kind)
     if batch_size < 1 or image_size < 1 or threads < 1:
         raise UserError("batch_size, image_size and threads must all be >= 1")
     if not 0 <= rank < world_size:

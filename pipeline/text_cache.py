@@ -28,6 +28,11 @@ FINGERPRINT_KEYS = ("model", "weights_sha256", "tokenizer_sha256", "pooling", "m
 _INT_KEYS = ("max_length", "dim")
 
 
+def schema_metadata(schema: pa.Schema) -> dict[str, str]:
+    """A Parquet file's own key/value metadata, decoded (Arrow's private ARROW:* entries left out)."""
+    return {k.decode(): v.decode() for k, v in (schema.metadata or {}).items() if not k.startswith(b"ARROW:")}
+
+
 def model_slug(model: str) -> str:
     """A file-name-safe name for a model: hub names with "/" -> "--", a local folder -> its name, a folder of
     the Hugging Face cache (models--org--name/snapshots/<revision>) -> "org--name", not the revision hash."""
@@ -69,8 +74,7 @@ class TextCache:
             table = pq.read_table(path)
         except (pa.ArrowInvalid, OSError) as err:
             raise UserError(f"cannot read the text cache {path} ({err}): rerun `clipcoco embed-text`") from err
-        raw = table.schema.metadata or {}
-        metadata = {k.decode(): v.decode() for k, v in raw.items() if not k.startswith(b"ARROW:")}
+        metadata = schema_metadata(table.schema)
         missing = [k for k in METADATA_KEYS if k not in metadata]
         columns = ("image_id", "caption_id", "caption", "embedding")
         if missing or any(c not in table.column_names for c in columns):

@@ -11,12 +11,14 @@ import torch
 from conftest import write_coco
 from typer.testing import CliRunner
 
-import clip.evaluate as evaluate_module
+import clip.embeddings as embeddings_module
 from cli.main import app
 from clip.checkpoint import Checkpoint
 from clip.config import load_config
-from clip.evaluate import embed_split, evaluate, retrieval_metrics, score_model
+from clip.embeddings import embed_split, score_model
+from clip.evaluate import evaluate
 from clip.model import build_model
+from clip.retrieval import retrieval_metrics
 from pipeline.errors import UserError
 from pipeline.loaders import make_loader
 from pipeline.shard_reader import open_shards
@@ -240,7 +242,7 @@ def test_a_loader_that_repeats_an_image_is_refused(loaded, monkeypatch):
                                  image_ids=torch.cat([last.image_ids, batches[0].image_ids[:3]]))
         return batches
 
-    monkeypatch.setattr(evaluate_module, "make_loader", padded_loader)
+    monkeypatch.setattr(embeddings_module, "make_loader", padded_loader)
     with pytest.raises(RuntimeError, match="16 images \\(3 repeated, 0 missing\\)"):
         embed(loaded, 4)
 
@@ -259,7 +261,7 @@ def test_shuffled_loader_order_gives_the_same_scores(loaded, monkeypatch):
         return [type(batches[0])(images=images[order[i:i + 3]], image_ids=ids[order[i:i + 3]])
                 for i in range(0, len(ids), 3)]
 
-    monkeypatch.setattr(evaluate_module, "make_loader", shuffled_loader)
+    monkeypatch.setattr(embeddings_module, "make_loader", shuffled_loader)
     got = score_model(model, **kw)
     for key in ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "i2t_medr", "t2i_medr"):
         assert got[key] == want[key], key

@@ -12,7 +12,7 @@ import torch
 from conftest import write_coco
 
 from clip.config import load_config
-from clip.evaluate import embed_split, score_model
+from clip.embeddings import embed_split, score_model
 from clip.model import build_model
 from pipeline.embed_text import embed_text
 from pipeline.shard_reader import open_shards

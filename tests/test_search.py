@@ -14,8 +14,9 @@ from typer.testing import CliRunner
 
 from cli.main import app
 from clip.checkpoint import Checkpoint
+from clip.embeddings import load_image_embeddings
 from clip.evaluate import evaluate
-from clip.search import load_image_embeddings, search
+from clip.search import search
 from pipeline.embed_text import embed_text, encode_queries
 from pipeline.errors import UserError
 from pipeline.shard_reader import SampleIndex, open_shards

@@ -31,7 +31,7 @@ from pipeline.errors import UserError
 from pipeline.files import replacing, sha256_file
 from pipeline.progress import rate_bar
 from pipeline.runtime import Runtime, barrier, distributed, resolve_device
-from pipeline.text_cache import model_slug
+from pipeline.text_cache import cache_rows, cache_schema, model_slug, write_cache
 
 POOLINGS = ("mean", "cls")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -192,11 +192,6 @@ def _read_captions(shards_dir: Path) -> pa.Table:
     return table
 
 
-def _schema(dim: int, metadata: dict[str, str]) -> pa.Schema:
-    return pa.schema([("image_id", pa.int64()), ("caption_id", pa.int64()), ("caption", pa.string()),
-                      ("embedding", pa.list_(pa.float16(), dim))], metadata=metadata)
-
-
 def _chunks(n_rows: int, chunk_size: int, rank: int, world: int) -> Iterator[tuple[int, int, int]]:
     """(part index, first row, end row) of the chunks this rank embeds."""
     for index, start in enumerate(range(0, n_rows, chunk_size)):
@@ -219,16 +214,6 @@ def _prepare_parts(parts: Path, plan: dict, rank: int) -> None:
     if not parts.is_dir():
         parts.mkdir(parents=True)
         plan_file.write_text(json.dumps(plan, sort_keys=True))
-
-
-def _merge(parts: list[Path], out: Path, schema: pa.Schema) -> None:
-    # zstd for ids and text; float16 noise does not compress, so the embeddings are stored plain.
-    compression = {"image_id": "zstd", "caption_id": "zstd", "caption": "zstd", "embedding": "none"}
-    with replacing(out) as tmp, pq.ParquetWriter(tmp, schema, compression=compression, use_dictionary=False,
-                                                 write_statistics=["image_id", "caption_id"]) as writer:
-        for part in parts:
-            table = pq.read_table(part).replace_schema_metadata(schema.metadata)
-            writer.write_table(table, row_group_size=table.num_rows)
 
 
 def _say(message: str) -> None:
@@ -274,7 +259,7 @@ def _embed(table: pa.Table, captions_path: Path, out: Path, rt: Runtime, *, mode
         "dim": str(encoder.dim), "dtype": str(encoder.dtype).removeprefix("torch."),
         "captions_sha256": sha256_file(captions_path), "clipcoco_version": __version__,
     }
-    schema = _schema(encoder.dim, metadata)
+    schema = cache_schema(encoder.dim, metadata)
     if out.is_file() and pq.read_schema(out).metadata == schema.metadata:
         _say(f"up to date: {out} already holds these {table.num_rows:,} captions embedded with these options; "
              f"nothing to do")
@@ -295,12 +280,10 @@ def _embed(table: pa.Table, captions_path: Path, out: Path, rt: Runtime, *, mode
             rows = table.slice(start, end - start)
             vectors = encoder.encode(rows.column("caption").to_pylist(), pooling=pooling, max_length=max_length,
                                      batch_size=batch_size, on_batch=lambda n: bar.advance(task, n))
-            values = pa.array(vectors.numpy().reshape(-1), type=pa.float16())
-            part = rows.append_column("embedding", pa.FixedSizeListArray.from_arrays(values, encoder.dim))
-            _write_part(part_paths[index], part.cast(schema))
+            _write_part(part_paths[index], cache_rows(rows, vectors.numpy(), schema))
     barrier()
     if rank == 0:
-        _merge(part_paths, out, schema)
+        write_cache(out, (pq.read_table(part) for part in part_paths), schema)
         shutil.rmtree(parts_dir)
         _say(f"wrote {out}: {table.num_rows:,} captions x {encoder.dim} ({model}, {pooling} pooling)")
     barrier()

@@ -1,4 +1,4 @@
-"""The read side of the text cache: what `clipcoco train`, `eval` and `search` load.
+"""The text cache format: its writer (used by `clipcoco embed-text`) and the reader `train`, `eval` and `search` load.
 
 Input: one Parquet file written by `clipcoco embed-text` (see `pipeline/embed_text.py`): rows sorted by
 (`image_id`, `caption_id`), an `embedding` column of `fixed_size_list<float16>[D]` holding the raw pooled
@@ -11,6 +11,7 @@ metadata; `sample` draws one caption per image for a training batch without a Py
     text = cache.sample(batch.image_ids, generator)      # [B, D] float16
 """
 
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,7 @@ import pyarrow.parquet as pq
 import torch
 
 from pipeline.errors import UserError
+from pipeline.files import replacing
 
 # Schema metadata keys written by `embed-text`. FINGERPRINT_KEYS are the ones that determine the numbers a
 # trainer and an evaluator must agree on; the compute dtype and the tool version only move the last bits.
@@ -26,6 +28,31 @@ METADATA_KEYS = ("model", "weights_sha256", "tokenizer_sha256", "pooling", "max_
                  "dtype", "captions_sha256", "clipcoco_version")
 FINGERPRINT_KEYS = ("model", "weights_sha256", "tokenizer_sha256", "pooling", "max_length", "normalization", "dim")
 _INT_KEYS = ("max_length", "dim")
+
+
+def cache_schema(dim: int, metadata: dict[str, str]) -> pa.Schema:
+    """The cache's columns, with `metadata` (every METADATA_KEYS entry, as strings) as the schema metadata."""
+    return pa.schema([("image_id", pa.int64()), ("caption_id", pa.int64()), ("caption", pa.string()),
+                      ("embedding", pa.list_(pa.float16(), dim))], metadata=metadata)
+
+
+def cache_rows(captions: pa.Table, embeddings: np.ndarray, schema: pa.Schema) -> pa.Table:
+    """Rows of a cache: `captions` (image_id, caption_id, caption) with their [N, D] vectors, cast to `schema`."""
+    dim = schema.field("embedding").type.list_size
+    values = pa.array(np.asarray(embeddings, dtype=np.float16).reshape(-1), type=pa.float16())
+    table = captions.select(["image_id", "caption_id", "caption"])
+    return table.append_column("embedding", pa.FixedSizeListArray.from_arrays(values, dim)).cast(schema)
+
+
+def write_cache(path: Path, parts: Iterable[pa.Table], schema: pa.Schema) -> Path:
+    """Write the cache atomically, one row group per part (parts in (image_id, caption_id) order)."""
+    # zstd for ids and text; float16 noise does not compress, so the embeddings are stored plain.
+    compression = {"image_id": "zstd", "caption_id": "zstd", "caption": "zstd", "embedding": "none"}
+    with replacing(path) as tmp, pq.ParquetWriter(tmp, schema, compression=compression, use_dictionary=False,
+                                                  write_statistics=["image_id", "caption_id"]) as writer:
+        for part in parts:
+            writer.write_table(part.replace_schema_metadata(schema.metadata), row_group_size=max(1, part.num_rows))
+    return path
 
 
 def schema_metadata(schema: pa.Schema) -> dict[str, str]:

@@ -8,11 +8,14 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
 from pipeline.shard_reader import open_shards
 from pipeline.shards import build_shards
+from pipeline.text_cache import cache_rows, cache_schema, write_cache
 
 # ../shared/coco-mini beside the checkout; CLIPCOCO_COCO_MINI points elsewhere (e.g. a copy carried to a GPU machine).
 COCO_MINI = Path(os.environ.get("CLIPCOCO_COCO_MINI") or Path(__file__).resolve().parents[2] / "shared" / "coco-mini")
@@ -63,6 +66,26 @@ def coco_mini() -> Path:
     if not (COCO_MINI / "annotations" / "captions_val2017.json").is_file():
         pytest.skip(f"coco-mini not found at {COCO_MINI}")
     return COCO_MINI
+
+
+def cache_metadata(dim: int, **overrides: str) -> dict[str, str]:
+    """Text-cache metadata as `embed-text` records it, for a made-up model (tests fill caches with random vectors)."""
+    return {"model": "tiny-random", "weights_sha256": "w" * 64, "tokenizer_sha256": "t" * 64, "pooling": "mean",
+            "max_length": "77", "normalization": "none", "dim": str(dim), "dtype": "float32",
+            "captions_sha256": "c" * 64, "clipcoco_version": "0.1.0", **overrides}
+
+
+def write_random_text_cache(shards: Path, path: Path, *, dim: int, seed: int = 0, drop_images: int = 0,
+                            metadata: dict[str, str] | None = None) -> Path:
+    """A text cache in the format `embed-text` writes over every caption of `shards/captions.parquet` (but the
+    first `drop_images` images'), holding seeded random vectors instead of a model's."""
+    captions = pq.read_table(shards / "captions.parquet").sort_by([("image_id", "ascending"),
+                                                                     ("caption_id", "ascending")])
+    keep = np.isin(captions.column("image_id").to_numpy(), np.unique(captions.column("image_id"))[drop_images:])
+    captions = captions.filter(pa.array(keep))
+    vectors = np.random.default_rng(seed).standard_normal((len(captions), dim))
+    schema = cache_schema(dim, metadata or cache_metadata(dim))
+    return write_cache(path, [cache_rows(captions, vectors, schema)], schema)
 
 
 def take(loader, n: int) -> list:

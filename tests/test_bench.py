@@ -7,11 +7,8 @@ import importlib.util
 import json
 from pathlib import Path
 
-import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
-from conftest import write_coco
+from conftest import cache_metadata, write_coco, write_random_text_cache
 from typer.testing import CliRunner
 
 from cli.main import app
@@ -39,15 +36,8 @@ def shards(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def text(shards) -> Path:
     """A text cache as `embed-text` writes it (random vectors: only the shapes matter for speed)."""
-    captions = pq.read_table(shards / "captions.parquet")
-    n = captions.num_rows
-    values = pa.array(np.random.default_rng(0).standard_normal(n * DIM).astype(np.float16), type=pa.float16())
-    metadata = {"model": "random", "weights_sha256": "w" * 64, "tokenizer_sha256": "t" * 64, "pooling": "mean",
-                "max_length": "77", "normalization": "none", "dim": str(DIM), "dtype": "float32",
-                "captions_sha256": "c" * 64, "clipcoco_version": "0.1.0"}
-    table = captions.append_column("embedding", pa.FixedSizeListArray.from_arrays(values, DIM))
     path = shards / "text-random.parquet"
-    pq.write_table(table.replace_schema_metadata(metadata), path)
+    write_random_text_cache(shards, path, dim=DIM, metadata=cache_metadata(DIM, model="random"))
     return path
 
 

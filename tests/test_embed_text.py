@@ -194,7 +194,7 @@ def test_rerun_is_up_to_date_and_options_change_the_file(tmp_path, tiny_model, m
     assert first.exit_code == 0, first.output
     out = tmp_path / "shards" / "text-tiny-distilbert-mean.parquet"
     stamp = out.stat().st_mtime_ns
-    monkeypatch.setattr(et, "_merge", lambda *a: pytest.fail("an up-to-date cache was rewritten"))
+    monkeypatch.setattr(et, "write_cache", lambda *a: pytest.fail("an up-to-date cache was rewritten"))
     again = runner.invoke(app, args)
     assert again.exit_code == 0 and "up to date" in again.output
     assert out.stat().st_mtime_ns == stamp

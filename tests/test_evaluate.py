@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import write_coco
+from conftest import cache_metadata, write_coco, write_random_text_cache
 from typer.testing import CliRunner
 
 import clip.embeddings as embeddings_module
@@ -140,23 +140,11 @@ def test_rejects_bad_inputs():
 # an untrained resnet18 checkpoint; CPU and the torch loader.
 
 TEXT_DIM = 8
-TEXT_METADATA = {"model": "tiny-text", "weights_sha256": "w" * 64, "tokenizer_sha256": "t" * 64, "pooling": "mean",
-                 "max_length": "77", "normalization": "none", "dim": str(TEXT_DIM), "dtype": "float32",
-                 "captions_sha256": "c" * 64, "clipcoco_version": "0.1.0"}
+TEXT_METADATA = cache_metadata(TEXT_DIM, model="tiny-text")
 
 
 def write_text_cache(shards_dir: Path, path: Path, metadata=TEXT_METADATA, seed=0) -> Path:
-    """A text cache per the design's contract over every caption of `shards_dir`, with random vectors."""
-    captions = pq.read_table(shards_dir / "captions.parquet").sort_by([("image_id", "ascending"),
-                                                                       ("caption_id", "ascending")])
-    vectors = np.random.default_rng(seed).standard_normal((len(captions), TEXT_DIM)).astype(np.float16)
-    table = pa.table({
-        "image_id": captions.column("image_id"), "caption_id": captions.column("caption_id"),
-        "caption": captions.column("caption"),
-        "embedding": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1), pa.float16()), TEXT_DIM),
-    }).replace_schema_metadata(metadata)
-    pq.write_table(table, path)
-    return path
+    return write_random_text_cache(shards_dir, path, dim=TEXT_DIM, seed=seed, metadata=metadata)
 
 
 CONFIG = {"model.image_model": "resnet18", "model.image_weights": "none", "model.embed_dim": 16,

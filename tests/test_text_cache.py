@@ -5,26 +5,21 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from conftest import cache_metadata
 
+import pipeline.text_cache as text_cache
 from pipeline.errors import UserError
-from pipeline.text_cache import TextCache, model_slug
+from pipeline.text_cache import TextCache, cache_rows, cache_schema, model_slug
 
 DIM = 4
-METADATA = {"model": "tiny", "weights_sha256": "w" * 64, "tokenizer_sha256": "t" * 64, "pooling": "mean",
-            "max_length": "77", "normalization": "none", "dim": str(DIM), "dtype": "float32",
-            "captions_sha256": "c" * 64, "clipcoco_version": "0.1.0"}
+METADATA = cache_metadata(DIM, model="tiny")
 
 
 def write_cache(path, image_ids, caption_ids, embeddings, metadata=METADATA):
-    values = pa.array(np.asarray(embeddings, dtype=np.float16).reshape(-1), type=pa.float16())
-    table = pa.table({
-        "image_id": pa.array(image_ids, pa.int64()),
-        "caption_id": pa.array(caption_ids, pa.int64()),
-        "caption": pa.array([f"caption {c}" for c in caption_ids], pa.string()),
-        "embedding": pa.FixedSizeListArray.from_arrays(values, DIM),
-    }).replace_schema_metadata(metadata)
-    pq.write_table(table, path)
-    return path
+    captions = pa.table({"image_id": pa.array(image_ids, pa.int64()), "caption_id": pa.array(caption_ids, pa.int64()),
+                         "caption": pa.array([f"caption {c}" for c in caption_ids], pa.string())})
+    schema = cache_schema(DIM, metadata)
+    return text_cache.write_cache(path, [cache_rows(captions, embeddings, schema)], schema)
 
 
 @pytest.fixture

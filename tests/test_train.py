@@ -5,11 +5,9 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import torchrun, write_coco
+from conftest import cache_metadata, torchrun, write_coco, write_random_text_cache
 from typer.testing import CliRunner
 
 import clip.train as train_module
@@ -22,22 +20,9 @@ from pipeline.shards import build_shards
 
 DIM = 8
 N_IMAGES = 16
-METADATA = {"model": "tiny-random", "weights_sha256": "w" * 64, "tokenizer_sha256": "t" * 64, "pooling": "mean",
-            "max_length": "77", "normalization": "none", "dim": str(DIM), "dtype": "float32",
-            "captions_sha256": "c" * 64, "clipcoco_version": "0.1.0"}
-
-
 def write_text_cache(shards: Path, path: Path, *, drop_images: int = 0, **metadata) -> Path:
-    """A text cache per the design's contract: one random vector per caption of `shards/captions.parquet`."""
-    captions = pq.read_table(shards / "captions.parquet").sort_by([("image_id", "ascending"),
-                                                                     ("caption_id", "ascending")])
-    keep = np.isin(captions.column("image_id").to_numpy(), np.unique(captions.column("image_id"))[drop_images:])
-    captions = captions.filter(pa.array(keep))
-    vectors = np.random.default_rng(0).standard_normal((len(captions), DIM)).astype(np.float16)
-    table = captions.append_column("embedding", pa.FixedSizeListArray.from_arrays(
-        pa.array(vectors.reshape(-1), pa.float16()), DIM))
-    pq.write_table(table.replace_schema_metadata({**METADATA, **metadata}), path)
-    return path
+    return write_random_text_cache(shards, path, dim=DIM, drop_images=drop_images,
+                                   metadata=cache_metadata(DIM, **metadata))
 
 
 @pytest.fixture(autouse=True)

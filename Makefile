@@ -19,6 +19,7 @@ RUN       ?= runs/coco-karpathy
 DEMO_OUT  ?= demo-out
 WORKERS   ?= 0
 PYTEST_ARGS ?=
+BENCH_ARGS ?=
 
 .DEFAULT_GOAL := help
 .PHONY: help install shards shards-2017 embed-text train eval demo test bench lint clean
@@ -59,8 +60,8 @@ test: install ## run the test suite (GPU tests skip cleanly without a GPU)
 	@$(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: treating that as a failure" >&2; fi; exit $$rc
 
-bench: install ## measure every stage against its peer (coco-mini, ~8 min on 2 cores) into docs/benchmarks.md
-	$(BIN)/python scripts/bench_all.py --out docs/benchmarks.md
+bench: install ## every stage against its peer (~8 min on 2 cores) into docs/benchmarks.md, on $(CLIPCOCO_COCO_MINI) or generated data
+	$(BIN)/python scripts/bench.py $(BENCH_ARGS)
 
 lint: install ## ruff check
 	$(BIN)/ruff check .

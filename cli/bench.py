@@ -1,6 +1,8 @@
-"""`clipcoco bench loader` and `clipcoco bench train`: throughput numbers, printed as one JSON line last.
+"""`clipcoco bench ...`: each stage against its peer, and the inputs the benchmarks need; thin wrappers over
+clip/bench.py (loader, decode-cost, train), clip/bench_peers.py (shards, embed-text, env) and clip/bench_data.py
+(data, text-model). Each command prints one JSON line last.
 
-`make bench` runs these (and every other stage against its peer) and writes docs/benchmarks.md.
+`make bench` (scripts/bench.py) runs these in alternating rounds and writes docs/benchmarks.md.
 """
 
 import json
@@ -12,6 +14,93 @@ from cli import DEVICE_HELP
 
 app = typer.Typer(help="Measure each stage against its peer; each command prints one JSON line last.",
                   no_args_is_help=True)
+
+
+@app.command("env")
+def env() -> None:
+    """The machine (CPU, cores, GPU, OS, load average) and the versions of the libraries the benchmarks use."""
+    from clip.bench_peers import environment
+
+    typer.echo(json.dumps(environment()))
+
+
+@app.command("data", no_args_is_help=True)
+def data(
+    out: Path = typer.Argument(..., help="Folder to write: val2017/*.jpg and annotations/captions_val2017.json."),
+    images: int = typer.Option(2048, "--images", help="Generated JPEGs."),
+    captions_per_image: int = typer.Option(5, "--captions-per-image", help="Generated captions per image."),
+    width: int = typer.Option(640, "--width", help="Image width in pixels (COCO's are about 640 x 480)."),
+    height: int = typer.Option(480, "--height", help="Image height in pixels."),
+    workers: int = typer.Option(0, "--workers", help="Processes drawing images; 0 = all cores."),
+) -> None:
+    """COCO-size generated JPEGs (~155 KB, decoding about as costly as COCO's) and captions in the official layout.
+
+    Example: clipcoco bench data gen --images 2048 && clipcoco shards --annotations
+    gen/annotations/captions_val2017.json --images gen/val2017 --out gen/shards
+    """
+    from clip.bench_data import make_coco
+
+    typer.echo(json.dumps(make_coco(out, n_images=images, captions_per_image=captions_per_image, width=width,
+                                    height=height, workers=workers)))
+
+
+@app.command("text-model", no_args_is_help=True)
+def text_model(
+    out: Path = typer.Argument(..., help="Model folder to write (loads offline, like a hub folder)."),
+    dim: int = typer.Option(768, "--dim", help="Hidden size (DistilBERT: 768)."),
+    layers: int = typer.Option(6, "--layers", help="Transformer layers (DistilBERT: 6)."),
+    tokenizer: Path = typer.Option(None, "--tokenizer", help="Model folder whose tokenizer to use (default: a "
+                                   "word-level one knowing every word of `bench data` captions)."),
+) -> None:
+    """A randomly initialised DistilBERT-sized text encoder: the real model's cost per caption, nothing downloaded.
+
+    Example: clipcoco bench text-model distilbert-sized && clipcoco embed-text SHARDS --model distilbert-sized
+    """
+    from clip.bench_data import make_text_model
+
+    typer.echo(json.dumps(make_text_model(out, dim=dim, layers=layers, tokenizer=tokenizer)))
+
+
+@app.command("shards", no_args_is_help=True)
+def shards(
+    annotations: Path = typer.Option(..., "--annotations", help="Official COCO captions JSON."),
+    images: Path = typer.Option(..., "--images", help="Folder holding the images it lists."),
+    peer: str = typer.Option(None, "--peer", help="tar (tar -cf of the listed files) | pil (a PIL decode of each, "
+                             "in --workers processes); default: clipcoco shards itself."),
+    resize_shorter: int = typer.Option(0, "--resize-shorter", help="As `clipcoco shards` (0 = copy mode)."),
+    workers: int = typer.Option(0, "--workers", help="Processes (clipcoco shards and pil); 0 = all cores."),
+    out: Path = typer.Option(None, "--out", help="Keep the shards here (a new path; default: a temporary folder)."),
+) -> None:
+    """Wall time of a fresh `clipcoco shards` build, or of a peer on the same files (a warm page cache for all).
+
+    Example: clipcoco bench shards --annotations coco/annotations/captions_val2017.json --images coco/val2017
+    --peer tar
+    """
+    from clip.bench_peers import bench_shards
+
+    typer.echo(json.dumps(bench_shards(annotations=annotations, images=images, peer=peer,
+                                       resize_shorter=resize_shorter, workers=workers, out=out)))
+
+
+@app.command("embed-text", no_args_is_help=True)
+def embed_text(
+    shards_dir: Path = typer.Option(..., "--shards", help="Shard directory (its captions.parquet is read)."),
+    model: str = typer.Option(..., "--model", help="Hugging Face encoder: a hub name or a local folder."),
+    peer: str = typer.Option(None, "--peer", help="sentence-transformers (its `encode` with its defaults); "
+                             "default: clipcoco embed-text itself."),
+    captions: int = typer.Option(None, "--captions", help="Only the first N captions (default: all)."),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
+    out: Path = typer.Option(None, "--out", help="Keep the output here (a new path; default: a temporary file)."),
+) -> None:
+    """Wall time of `clipcoco embed-text` (model load included), or of a plain sentence-transformers script.
+
+    Example: clipcoco bench embed-text --shards data/shards/val2017 --model sentence-transformers/all-MiniLM-L6-v2
+    --peer sentence-transformers
+    """
+    from clip.bench_peers import bench_embed_text
+
+    typer.echo(json.dumps(bench_embed_text(shards_dir, model=model, peer=peer, captions=captions, device=device,
+                                           out=out)))
 
 
 @app.command("loader", no_args_is_help=True)
@@ -33,6 +122,21 @@ def loader(
     result = bench_loader(shards, loader=kind, batch_size=batch_size, batches=batches, image_size=image_size,
                           threads=threads, device=device)
     typer.echo(json.dumps(result))
+
+
+@app.command("decode-cost", no_args_is_help=True)
+def decode_cost(
+    shards: Path = typer.Option(..., "--shards", help="Shard directory written by `clipcoco shards`."),
+    image_size: int = typer.Option(224, "--image-size", help="Square crop size in pixels."),
+    images: int = typer.Option(256, "--images", help="Images per step measured."),
+) -> None:
+    """CPU ms per image of each loader step (DALI and torchvision), one thread each: where the CPU time goes.
+
+    Example: clipcoco bench decode-cost --shards data/shards/karpathy-test --image-size 64
+    """
+    from clip.bench import decode_cost as measure
+
+    typer.echo(json.dumps(measure(shards, image_size=image_size, images=images)))
 
 
 @app.command("train", no_args_is_help=True)

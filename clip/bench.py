@@ -1,10 +1,12 @@
-"""Benchmarks: the loader's throughput, and the training step fed by it against the same step fed synthetic data.
+"""Benchmarks of the loaders and the training step: throughput, the CPU cost of each loader step, and the step
+fed by the real loader against the same step fed synthetic data.
 
 Inputs: a shard directory (`clipcoco shards`) and, for the training step, its text cache (`clipcoco embed-text`).
-Outputs: one dict per measurement, which `clipcoco bench loader` / `clipcoco bench train` print as a JSON line.
-`make bench` (scripts/bench_all.py) runs every stage against its peer and writes docs/benchmarks.md.
+Outputs: one dict per measurement, which `clipcoco bench loader|decode-cost|train` print as a JSON line.
+`make bench` (scripts/bench.py) runs every stage against its peer and writes docs/benchmarks.md.
 
     clipcoco bench loader --shards data/shards/karpathy-test --loader dali --image-size 224
+    clipcoco bench decode-cost --shards data/shards/karpathy-test --image-size 224
     clipcoco bench train --shards data/shards/karpathy-test --text data/shards/karpathy-test/text-....parquet
 
 Warm-up batches and steps are never counted, and on CUDA the clock is read only after `torch.cuda.synchronize`.
@@ -14,6 +16,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import numpy as np
 import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -22,9 +25,20 @@ from clip.config import config_from_flat
 from clip.model import build_model
 from clip.train import make_optimizer, make_scheduler, train_step
 from pipeline.errors import UserError
-from pipeline.loaders import Batch, Loader, check_kind, make_loader
+from pipeline.loaders import (
+    ASPECT_RATIO,
+    CROP_ATTEMPTS,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    Batch,
+    Loader,
+    check_kind,
+    make_loader,
+    random_resized_crop_box,
+)
+from pipeline.progress import rate_bar
 from pipeline.runtime import resolve_device
-from pipeline.shard_reader import open_shards
+from pipeline.shard_reader import SampleIndex, open_shards
 from pipeline.text_cache import TextCache
 
 
@@ -175,3 +189,77 @@ def bench_train(shards_dir: Path, *, text: Path, synthetic: bool = False, image_
         "ratio": None if real_rate is None else round(real_rate / synth_rate, 4),
         "data_wait_fraction": None if real_wait is None else round(real_wait / real_seconds, 4),
     }
+
+
+CROP_SCALE = (0.9, 1.0)  # make_loader's default crop area range: what `bench loader` measures
+DALI_STAGES = ("decode", "resize", "resize_noaa", "normalise")
+TORCHVISION_STAGES = ("decode", "resize")
+
+
+def _dali_stage(tars: list[Path], indexes: list[Path], *, stage: str, size: int, batch: int):
+    """The train pipeline of pipeline/loaders.py up to `stage`, on the CPU with one thread. `resize_noaa` is the
+    same resize without antialiasing: not what the loader does, it shows what DALI's CPU resampler costs alone."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    @pipeline_def(batch_size=batch, num_threads=1, device_id=None, seed=0)
+    def pipe():
+        jpegs = fn.readers.webdataset(paths=[str(t) for t in tars], index_paths=[str(i) for i in indexes],
+                                      ext=["jpg"], random_shuffle=True)
+        images = fn.decoders.image_random_crop(jpegs, device="cpu", output_type=types.RGB,
+                                               random_area=list(CROP_SCALE), random_aspect_ratio=list(ASPECT_RATIO),
+                                               num_attempts=CROP_ATTEMPTS)
+        if stage != "decode":
+            images = fn.resize(images, size=[size, size], antialias=stage != "resize_noaa")
+        if stage == "normalise":
+            images = fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="HWC",
+                                              mean=[255 * m for m in IMAGENET_MEAN],
+                                              std=[255 * s for s in IMAGENET_STD])
+        return images
+
+    p = pipe()
+    p.build()
+    return p
+
+
+def decode_cost(shards_dir: Path, *, image_size: int = 224, images: int = 256, progress: bool = True) -> dict:
+    """CPU milliseconds per image of each step of the two loaders, one thread each: DALI decode (the fused random
+    crop) -> + resize -> + normalise (and resize without antialiasing, for comparison); torchvision decode_jpeg ->
+    + crop and antialiased uint8 resize. Steps include the ones before them.
+
+    The clock is the process's CPU time (`time.process_time`), so the split does not depend on other load.
+    """
+    import torchvision.transforms.v2.functional as F
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    _check_positive(image_size=image_size, images=images)
+    shards = open_shards(Path(shards_dir))
+    batch = min(32, images)
+    runs = max(1, images // batch)
+    with SampleIndex.load(shards.indexes, tars=shards.tars) as index:
+        blobs = [torch.frombuffer(bytearray(index.read(row, "jpg")), dtype=torch.uint8)
+                 for row in range(min(images, len(index)))]
+    out = {"bench": "decode-cost", "image_size": image_size, "images": images}
+    torch.set_num_threads(1)
+    rng = np.random.default_rng(0)
+    with rate_bar("decode-cost", "images", enabled=progress) as bar:
+        task = bar.add_task("decode-cost", total=len(DALI_STAGES) * runs * batch + len(TORCHVISION_STAGES) * len(blobs))
+        for stage in DALI_STAGES:
+            p = _dali_stage(shards.tars, shards.indexes, stage=stage, size=image_size, batch=batch)
+            p.run()  # warm-up: the first run allocates
+            start = time.process_time()
+            for _ in range(runs):
+                p.run()
+                bar.advance(task, batch)
+            out[f"dali_{stage}_ms"] = round(1000 * (time.process_time() - start) / (runs * batch), 3)
+            del p
+        for stage in TORCHVISION_STAGES:
+            start = time.process_time()
+            for data in blobs:
+                image = decode_jpeg(data, mode=ImageReadMode.RGB)
+                if stage == "resize":  # as pipeline/loaders.py's torch loader crops and resizes
+                    top, left, h, w = random_resized_crop_box(*image.shape[1:], scale=CROP_SCALE, rng=rng)
+                    crop = image[:, top: top + h, left: left + w].permute(1, 2, 0).contiguous().permute(2, 0, 1)
+                    F.resize(crop, [image_size, image_size], antialias=True)
+                bar.advance(task)
+            out[f"torchvision_{stage}_ms"] = round(1000 * (time.process_time() - start) / len(blobs), 3)
+    return out

@@ -3,7 +3,6 @@ scores every image exactly once, and embed-text in bf16 agrees with fp32. The bf
 fed by DALI `mixed` is tests/test_train.py::test_gpu_bf16_dali_run_resumes; decoding is tests/test_gpu.py."""
 
 import copy
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +10,7 @@ import pytest
 import torch
 from conftest import write_coco
 
+from clip.bench_data import make_captions, make_text_model
 from clip.config import load_config
 from clip.embeddings import embed_split, score_model
 from clip.model import build_model
@@ -18,9 +18,6 @@ from pipeline.embed_text import embed_text
 from pipeline.shard_reader import open_shards
 from pipeline.shards import build_shards
 from pipeline.text_cache import TextCache
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-from gpu_check import make_captions, make_text_model  # noqa: E402 - scripts/ is not a package
 
 pytestmark = pytest.mark.gpu
 CUDA = torch.device("cuda", 0)

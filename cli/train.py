@@ -6,6 +6,7 @@ from pathlib import Path
 import typer
 
 from cli import DEVICE_HELP
+from clip.presets import preset_names
 from pipeline.errors import UserError
 
 
@@ -13,7 +14,8 @@ def command(
     shards: Path = typer.Option(None, "--shards", help="Training shard directory (from `clipcoco shards`)."),
     text: Path = typer.Option(None, "--text", help="Text cache of those shards (from `clipcoco embed-text`)."),
     out: Path = typer.Option(..., "--out", help="Run directory; rerun with the same --out to resume."),
-    config: Path = typer.Option(None, "--config", help="YAML preset from configs/; flags below override it."),
+    config: str = typer.Option(None, "--config", help=f"A preset: {', '.join(preset_names())} (the files of "
+                               "configs/), or a path to a YAML file. The flags below override it."),
     image_model: str = typer.Option(None, "--image-model", help="resnet18, resnet34, resnet50 or resnet101."),
     image_weights: str = typer.Option(None, "--image-weights", help="imagenet (torchvision's, downloaded once), "
                                       "none, or a path to a ResNet state dict."),
@@ -40,7 +42,7 @@ def command(
 ) -> None:
     """Train the image tower and heads on shards streamed through DALI, against the cached text vectors.
 
-    Example: clipcoco train --config configs/coco-karpathy.yaml --shards data/shards/train
+    Example: clipcoco train --config coco-karpathy --shards data/shards/train
     --text data/shards/train/text-distilbert-base-uncased-mean.parquet --out runs/r1
 
     Multi-GPU: torchrun --nproc_per_node 8 $(which clipcoco) train ... (one process per GPU).

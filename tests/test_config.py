@@ -4,20 +4,40 @@ from pathlib import Path
 
 import pytest
 
+import clip
 from clip.config import Config, config_from_dict, load_config, valid_keys
+from clip.presets import preset_names
 from pipeline.errors import UserError
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
-def test_default_yaml_equals_dataclass_defaults():
-    assert load_config(CONFIGS / "default.yaml") == Config()
+def test_presets_are_the_files_of_configs_through_the_link():
+    """clip/configs is a link to configs/, the only copy (a wheel gets files: tests/test_package.py)."""
+    link = Path(clip.__file__).parent / "configs"
+    assert link.is_symlink() and link.resolve() == CONFIGS.resolve()
+    assert preset_names() == sorted(p.stem for p in CONFIGS.glob("*.yaml")) == ["coco-karpathy", "demo"]
 
 
-@pytest.mark.parametrize("name", ["default.yaml", "demo.yaml", "coco-karpathy.yaml"])
+@pytest.mark.parametrize("name", ["demo", "coco-karpathy"])
 def test_presets_load(name):
-    cfg = load_config(CONFIGS / name)
+    cfg = load_config(name)
+    assert cfg == load_config(CONFIGS / f"{name}.yaml") == load_config(f"{CONFIGS}/{name}.yaml") != Config()
     assert config_from_dict(cfg.to_dict()) == cfg
+
+
+def test_a_name_with_a_folder_or_an_extension_is_a_path(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    Path("demo").write_text("train:\n  seed: 3\n")
+    assert load_config("./demo").train.seed == 3  # the file, not the preset
+    assert load_config("demo").train.seed == 0  # the preset
+    with pytest.raises(UserError, match="config file demo.yaml not found.*coco-karpathy, demo"):
+        load_config("demo.yaml")
+
+
+def test_unknown_preset_lists_the_presets():
+    with pytest.raises(UserError, match="no preset 'dmo': the presets are coco-karpathy, demo"):
+        load_config("dmo")
 
 
 def test_overrides_beat_file_and_are_coerced():

@@ -1,19 +1,19 @@
 """The one typed configuration of a training run.
 
 Inputs: a YAML file (optional): a preset of `configs/` by name or any file by path (clip/presets.py), then
-overrides {"section.key": value} from CLI flags.
+overrides {"section.key": value} (`clipcoco train --set section.key=value` and its named flags).
 Output: a frozen `Config`, validated, which a run records as `config.yaml` and in every checkpoint.
 
     cfg = load_config("demo", {"optim.lr": 1e-3})          # or load_config(Path("my.yaml"), ...)
 
 Sections: `model`, `data`, `optim`, `train`. The defaults live here only: a preset sets what differs from them.
-An unknown section or key is an error that lists the valid ones, so a typo in a preset never silently
-falls back to a default.
+An unknown section or key is an error that lists the valid ones, so a typo in a preset or a --set never
+silently falls back to a default.
 """
 
 import dataclasses
 import typing
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -160,6 +160,19 @@ def _flatten(tree: Mapping[str, Any], source: str) -> dict[str, Any]:
             raise UserError(f"config section {section!r} in {source} must be a mapping of keys")
         for key, value in body.items():
             flat[f"{section}.{key}"] = value
+    return flat
+
+
+def parse_assignments(pairs: Iterable[str]) -> dict[str, str]:
+    """`--set` pairs `section.key=value` as {"section.key": "value"}, a later pair winning. The values stay
+    strings: building the Config coerces each by its field's type and rejects an unknown key, listing them all."""
+    flat: dict[str, str] = {}
+    for pair in pairs:
+        key, equals, value = pair.partition("=")
+        if not equals or not key.strip():
+            raise UserError(f"--set {pair!r}: write --set section.key=value, e.g. --set optim.beta2=0.95 "
+                            "(one key per --set; repeat it for more)")
+        flat[key.strip()] = value
     return flat
 
 

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 import clip
-from clip.config import Config, config_from_dict, load_config, valid_keys
+from clip.config import Config, config_from_dict, load_config, parse_assignments, valid_keys
 from clip.presets import preset_names
 from pipeline.errors import UserError
 
@@ -78,6 +78,25 @@ def test_unknown_section(tmp_path):
 def test_validation(override):
     with pytest.raises(UserError):
         load_config(None, override)
+
+
+def test_assignments_are_strings_coerced_by_field_type():
+    pairs = parse_assignments(["optim.beta2=0.95", "train.compile=yes", "data.shards=a=b", " train.seed =4",
+                               "train.seed=5"])
+    assert pairs == {"optim.beta2": "0.95", "train.compile": "yes", "data.shards": "a=b", "train.seed": "5"}
+    cfg = load_config("demo", pairs)
+    assert (cfg.optim.beta2, cfg.train.compile, cfg.data.shards, cfg.train.seed) == (0.95, True, "a=b", 5)
+
+
+@pytest.mark.parametrize("pair", ["optim.beta2", "=0.95", "", " =1"])
+def test_malformed_assignment_says_the_form(pair):
+    with pytest.raises(UserError, match="write --set section.key=value, e.g. --set optim.beta2=0.95"):
+        parse_assignments([pair])
+
+
+def test_unknown_assigned_key_lists_valid_keys():
+    with pytest.raises(UserError, match="unknown config key.*optim.betaa; valid keys: .*optim.beta2"):
+        load_config(None, parse_assignments(["optim.betaa=0.9"]))
 
 
 def test_missing_file_says_what_to_do(tmp_path):

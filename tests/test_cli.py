@@ -1,5 +1,6 @@
 """CLI surface: every command has --help; user errors print a message and no traceback."""
 
+import os
 import re
 import shutil
 import subprocess
@@ -156,3 +157,21 @@ def test_train_help_lists_presets_and_shows_set():
     text = " ".join(re.sub(r"[│╭╮╰╯─]", " ", result.output).split())
     assert "A preset: coco-karpathy, demo (the files of configs/), or a path to a YAML file" in text
     assert "--set SECTION.KEY=VALUE Set any config key, repeatable: --set optim.beta2=0.95" in text
+
+
+FAKE_OPENAI_CLIP = "def load(name, device='cpu'):\n    return None\n\n\ndef tokenize(texts):\n    return texts\n"
+
+
+def test_a_shadowing_clip_package_is_named_not_an_attribute_error(tmp_path):
+    """OpenAI's CLIP is a top-level `clip` too: first on sys.path, the CLI names it and says what to do."""
+    (tmp_path / "other" / "clip").mkdir(parents=True)
+    (tmp_path / "other" / "clip" / "__init__.py").write_text(FAKE_OPENAI_CLIP)
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path / 'other'}{os.pathsep}{repo}"}
+    for args in (["train", "--help"], ["demo", "--small"]):
+        proc = subprocess.run([sys.executable, "-c", "from cli.main import main; main()", *args], cwd=tmp_path,
+                              env=env, capture_output=True, text=True)
+        assert proc.returncode == 2, proc.stderr
+        assert proc.stdout == "" and len(proc.stderr.splitlines()) == 1, proc.stderr
+        assert f"`import clip` finds {tmp_path / 'other' / 'clip' / '__init__.py'}, not clipcoco's own" in proc.stderr
+        assert "pip uninstall openai-clip" in proc.stderr and "separate venv" in proc.stderr

@@ -1,23 +1,26 @@
 """The one typed configuration of a training run.
 
-Inputs: a YAML preset from `configs/` (optional) and overrides from CLI flags.
+Inputs: a YAML file (optional): a preset of `configs/` by name or any file by path (clip/presets.py), then
+overrides {"section.key": value} (`clipcoco train --set section.key=value` and its named flags).
 Output: a frozen `Config`, validated, which a run records as `config.yaml` and in every checkpoint.
 
-    cfg = load_config(Path("configs/demo.yaml"), {"optim.lr": 1e-3})
+    cfg = load_config("demo", {"optim.lr": 1e-3})          # or load_config(Path("my.yaml"), ...)
 
-Sections: `model`, `data`, `optim`, `train`. An unknown section or key is an error that lists the
-valid ones, so a typo in a preset never silently falls back to a default.
+Sections: `model`, `data`, `optim`, `train`. The defaults live here only: a preset sets what differs from them.
+An unknown section or key is an error that lists the valid ones, so a typo in a preset or a --set never
+silently falls back to a default.
 """
 
 import dataclasses
 import typing
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from clip.presets import read_config
 from pipeline.errors import UserError
 from pipeline.loaders import KINDS as LOADER_KINDS
 from pipeline.runtime import DEVICE_CHOICES, is_device_name
@@ -161,17 +164,29 @@ def _flatten(tree: Mapping[str, Any], source: str) -> dict[str, Any]:
     return flat
 
 
-def load_config(path: Path | None = None, overrides: Mapping[str, Any] | None = None) -> Config:
-    """Defaults, then the YAML file, then `overrides` ({"section.key": value}); validated."""
+def parse_assignments(pairs: Iterable[str]) -> dict[str, str]:
+    """`--set` pairs `section.key=value` as {"section.key": "value"}, a later pair winning. The values stay
+    strings: building the Config coerces each by its field's type and rejects an unknown key, listing them all."""
+    flat: dict[str, str] = {}
+    for pair in pairs:
+        key, equals, value = pair.partition("=")
+        if not equals or not key.strip():
+            raise UserError(f"--set {pair!r}: write --set section.key=value, e.g. --set optim.beta2=0.95 "
+                            "(one key per --set; repeat it for more)")
+        flat[key.strip()] = value
+    return flat
+
+
+def load_config(source: str | Path | None = None, overrides: Mapping[str, Any] | None = None) -> Config:
+    """Defaults, then the YAML file (a preset name or a path: clip/presets.py), then `overrides`
+    ({"section.key": value}; None values are skipped); validated."""
     flat: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise UserError(f"config file {path} not found: pass a file from configs/ or leave --config out")
-        tree = yaml.safe_load(path.read_text()) or {}
+    if source is not None:
+        text, where = read_config(source)
+        tree = yaml.safe_load(text) or {}
         if not isinstance(tree, Mapping):
-            raise UserError(f"{path} must hold a mapping of sections (model, data, optim, train)")
-        flat.update(_flatten(tree, str(path)))
+            raise UserError(f"{where} must hold a mapping of sections (model, data, optim, train)")
+        flat.update(_flatten(tree, where))
     flat.update({k: v for k, v in (overrides or {}).items() if v is not None})
     return config_from_flat(flat)
 

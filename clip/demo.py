@@ -31,7 +31,7 @@ import numpy as np
 
 from pipeline.errors import UserError
 
-DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+DEMO_CONFIG = "demo"  # the preset configs/demo.yaml, found in the installed package (clip/presets.py)
 RECALL_AT = (1, 5, 10)
 
 
@@ -157,7 +157,7 @@ def print_summary(summary: dict, console) -> None:
 
 
 def run_demo(out: Path = Path("demo-out"), *, text_model: str | None = None, size: str = "full",
-             config: Path = DEMO_CONFIG, seed: int = 0, progress: bool = True) -> dict:
+             config: str | Path = DEMO_CONFIG, seed: int = 0, progress: bool = True) -> dict:
     """Generate the data, then shards, embed-text, train, eval, search (two queries) and plot into `out`.
 
     Returns the summary (also written to OUT/summary.json): the test eval report, chance levels, seconds

@@ -1,5 +1,6 @@
 """CLI surface: every command has --help; user errors print a message and no traceback."""
 
+import os
 import re
 import shutil
 import subprocess
@@ -74,3 +75,103 @@ def test_make_recipe_reads_the_caches_embed_text_writes(tmp_path, text_model):
     assert len(written) == 2 and read == written, lines
     if text_model.endswith("my-bert"):
         assert all(p.endswith("/text-my-bert-mean.parquet") for p in written)
+
+
+def _train_options():
+    import typer.main
+
+    return {p.name: p for p in typer.main.get_command(app).commands["train"].params}
+
+
+def test_every_named_train_flag_is_called_after_exactly_one_config_key():
+    """cli/train.py derives each flag's key from its name: no list of flag -> key to keep in step."""
+    from cli.train import NOT_CONFIG
+    from clip.config import valid_keys
+
+    named = {name: option for name, option in _train_options().items() if name not in NOT_CONFIG}
+    assert set(NOT_CONFIG) <= set(_train_options()) and len(named) == 22
+    for name, option in named.items():
+        keys = [key for key in valid_keys() if key.partition(".")[2] == name]
+        assert len(keys) == 1, (name, keys)
+        assert option.opts[0] == "--" + name.replace("_", "-"), option.opts
+
+
+@pytest.fixture
+def trained(monkeypatch, tmp_path):
+    """Runs `clipcoco train ARGS` with clip.train.train replaced; returns the Config it was given."""
+    seen = {}
+
+    def fake_train(cfg, **kwargs):
+        seen["cfg"] = cfg
+        return {}
+
+    monkeypatch.setattr("clip.train.train", fake_train)
+
+    def run(*args):
+        result = CliRunner().invoke(app, ["train", "--out", str(tmp_path / "run"), *args])
+        if result.exception is not None and not isinstance(result.exception, SystemExit):
+            raise result.exception
+        assert result.exit_code == 0, result.output
+        return seen.pop("cfg")
+
+    return run
+
+
+def test_train_precedence_defaults_file_set_flags(trained, tmp_path):
+    preset = tmp_path / "p.yaml"
+    preset.write_text("model:\n  head: mlp\noptim:\n  lr: 0.1\n  beta2: 0.9\ntrain:\n  keep_last: 7\n  steps: 50\n")
+    cfg = trained("--config", str(preset), "--set", "optim.lr=0.2", "--set", "optim.beta2=0.95", "--lr", "0.3",
+                  "--set", "train.compile=true", "--image-size", "64", "--set", "data.image_size=32")
+    assert cfg.model.head == "mlp" and cfg.train.keep_last == 7 and cfg.train.steps == 50  # the file
+    assert cfg.optim.beta2 == 0.95 and cfg.train.compile is True  # --set beats the file
+    assert cfg.optim.lr == 0.3 and cfg.data.image_size == 64  # a named flag beats --set
+    assert cfg.optim.eps == 1e-6 and cfg.model.image_model == "resnet50"  # the dataclass defaults
+    # --epochs counts in epochs: a step target from the file or --set does not win over it.
+    cfg = trained("--config", str(preset), "--set", "train.steps=9", "--epochs", "3")
+    assert (cfg.train.epochs, cfg.train.steps) == (3, 0)
+
+
+def test_train_reaches_keys_without_a_flag_and_presets_by_name(trained):
+    cfg = trained("--config", "demo", "--set", "model.init_temperature=0.05", "--set", "data.crop_scale_min=0.5",
+                  "--set", "train.log_every=3", "--set", "data.threads=1")
+    assert cfg.model.init_temperature == 0.05 and cfg.data.crop_scale_min == 0.5
+    assert cfg.train.log_every == 3 and cfg.data.threads == 1
+    assert cfg.model.image_model == "resnet18"  # from the preset
+
+
+@pytest.mark.parametrize(("pair", "message"), [
+    ("optim.beta2", "write --set section.key=value"),
+    ("optim.betaa=0.9", "unknown config key(s) optim.betaa; valid keys: model.image_model"),
+    ("train.keep_last=many", "train.keep_last = 'many' is not a valid int"),
+])
+def test_train_bad_set_is_a_user_error(trained, pair, message):
+    from pipeline.errors import UserError
+
+    with pytest.raises(UserError) as err:
+        trained("--set", pair)
+    assert message in str(err.value)
+
+
+def test_train_help_lists_presets_and_shows_set():
+    result = CliRunner().invoke(app, ["train", "--help"], terminal_width=200)
+    text = " ".join(re.sub(r"[│╭╮╰╯─]", " ", result.output).split())
+    assert "A preset: coco-karpathy, demo (the files of configs/), or a path to a YAML file" in text
+    assert "--set SECTION.KEY=VALUE Set any config key, repeatable: --set optim.beta2=0.95" in text
+
+
+FAKE_OPENAI_CLIP = "def load(name, device='cpu'):\n    return None\n\n\ndef tokenize(texts):\n    return texts\n"
+
+
+def test_a_shadowing_clip_package_is_named_not_an_attribute_error(tmp_path):
+    """OpenAI's CLIP is a top-level `clip` too: first on sys.path, the CLI names it and says what to do."""
+    (tmp_path / "other" / "clip").mkdir(parents=True)
+    (tmp_path / "other" / "clip" / "__init__.py").write_text(FAKE_OPENAI_CLIP)
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path / 'other'}{os.pathsep}{repo}"}
+    for args in (["train", "--help"], ["demo", "--small"]):
+        proc = subprocess.run([sys.executable, "-c", "from cli.main import main; main()", *args], cwd=tmp_path,
+                              env=env, capture_output=True, text=True)
+        assert proc.returncode == 2, proc.stderr
+        assert proc.stdout == "" and len(proc.stderr.splitlines()) == 1, proc.stderr
+        assert f"`import clip` finds {tmp_path / 'other' / 'clip' / '__init__.py'}, not clipcoco's own" in proc.stderr
+        assert "pip uninstall openai-clip" in proc.stderr and "separate venv" in proc.stderr

@@ -4,20 +4,40 @@ from pathlib import Path
 
 import pytest
 
-from clip.config import Config, config_from_dict, load_config, valid_keys
+import clip
+from clip.config import Config, config_from_dict, load_config, parse_assignments, valid_keys
+from clip.presets import preset_names
 from pipeline.errors import UserError
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
-def test_default_yaml_equals_dataclass_defaults():
-    assert load_config(CONFIGS / "default.yaml") == Config()
+def test_presets_are_the_files_of_configs_through_the_link():
+    """clip/configs is a link to configs/, the only copy (a wheel gets files: tests/test_package.py)."""
+    link = Path(clip.__file__).parent / "configs"
+    assert link.is_symlink() and link.resolve() == CONFIGS.resolve()
+    assert preset_names() == sorted(p.stem for p in CONFIGS.glob("*.yaml")) == ["coco-karpathy", "demo"]
 
 
-@pytest.mark.parametrize("name", ["default.yaml", "demo.yaml", "coco-karpathy.yaml"])
+@pytest.mark.parametrize("name", ["demo", "coco-karpathy"])
 def test_presets_load(name):
-    cfg = load_config(CONFIGS / name)
+    cfg = load_config(name)
+    assert cfg == load_config(CONFIGS / f"{name}.yaml") == load_config(f"{CONFIGS}/{name}.yaml") != Config()
     assert config_from_dict(cfg.to_dict()) == cfg
+
+
+def test_a_name_with_a_folder_or_an_extension_is_a_path(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    Path("demo").write_text("train:\n  seed: 3\n")
+    assert load_config("./demo").train.seed == 3  # the file, not the preset
+    assert load_config("demo").train.seed == 0  # the preset
+    with pytest.raises(UserError, match="config file demo.yaml not found.*coco-karpathy, demo"):
+        load_config("demo.yaml")
+
+
+def test_unknown_preset_lists_the_presets():
+    with pytest.raises(UserError, match="no preset 'dmo': the presets are coco-karpathy, demo"):
+        load_config("dmo")
 
 
 def test_overrides_beat_file_and_are_coerced():
@@ -58,6 +78,25 @@ def test_unknown_section(tmp_path):
 def test_validation(override):
     with pytest.raises(UserError):
         load_config(None, override)
+
+
+def test_assignments_are_strings_coerced_by_field_type():
+    pairs = parse_assignments(["optim.beta2=0.95", "train.compile=yes", "data.shards=a=b", " train.seed =4",
+                               "train.seed=5"])
+    assert pairs == {"optim.beta2": "0.95", "train.compile": "yes", "data.shards": "a=b", "train.seed": "5"}
+    cfg = load_config("demo", pairs)
+    assert (cfg.optim.beta2, cfg.train.compile, cfg.data.shards, cfg.train.seed) == (0.95, True, "a=b", 5)
+
+
+@pytest.mark.parametrize("pair", ["optim.beta2", "=0.95", "", " =1"])
+def test_malformed_assignment_says_the_form(pair):
+    with pytest.raises(UserError, match="write --set section.key=value, e.g. --set optim.beta2=0.95"):
+        parse_assignments([pair])
+
+
+def test_unknown_assigned_key_lists_valid_keys():
+    with pytest.raises(UserError, match="unknown config key.*optim.betaa; valid keys: .*optim.beta2"):
+        load_config(None, parse_assignments(["optim.betaa=0.9"]))
 
 
 def test_missing_file_says_what_to_do(tmp_path):

@@ -1,1 +1,17 @@
-"""clipcoco model side: config, model, loss, training loop, evaluation."""
+"""clipcoco model side: config, model, loss, training loop, evaluation, and the public API.
+
+    from clip import load                      # see clip/api.py
+    model = load("runs/coco-karpathy", device="cpu")
+
+`load` and `CLIPModel` are imported on first use, so `import clip` stays cheap (no torch) and side-effect free.
+"""
+
+__all__ = ["CLIPModel", "load"]
+
+
+def __getattr__(name: str):
+    if name in __all__:
+        from clip import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'clip' has no attribute {name!r}")

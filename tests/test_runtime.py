@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import torchrun
+
 from pipeline.errors import UserError
 from pipeline.runtime import distributed, gather_objects, gather_rows, is_device_name, resolve_device
 

@@ -91,7 +91,7 @@ class CLIPModel:
         self.embed_dim = embed_dim  # E, the width of every embedding
         self.text_fingerprint = text_fingerprint  # names the frozen text encoder and how it pooled
         self.device = device
-        self.batch_size = batch_size  # None: 256 on a GPU, 64 on a CPU
+        self.batch_size = batch_size or BATCH_SIZE[device.type]  # images or texts per forward pass
         self.checkpoint = checkpoint
         self.step = step
         self._encoder = None  # the frozen text encoder, loaded by the first encode_texts
@@ -99,10 +99,10 @@ class CLIPModel:
     @property
     def logit_scale(self) -> float:
         """The learned temperature's inverse: multiply cosine similarities by it before a softmax."""
-        return float(self.module.logit_scale())
+        return float(self.module.logit_scale().detach())
 
     def _batch_size(self, batch_size: int | None) -> int:
-        size = batch_size or self.batch_size or BATCH_SIZE[self.device.type]
+        size = self.batch_size if batch_size is None else batch_size
         if size < 1:
             raise UserError(f"batch size {size}: pass at least 1")
         return size
@@ -165,6 +165,8 @@ def load(run_or_checkpoint: str | Path, *, device: str = "auto", batch_size: int
     texts per forward pass (None: 256 on a GPU, 64 on a CPU); encode_images/encode_texts can override it.
     """
     torch_device = resolve_device(device)
+    if batch_size is not None and batch_size < 1:
+        raise UserError(f"batch size {batch_size}: pass at least 1 (or None for the device's default)")
     path = resolve_checkpoint(Path(run_or_checkpoint))
     ckpt = load_checkpoint(path)
     # channels_last as in `clipcoco eval`, so the convolutions take the same kernels.

@@ -25,7 +25,7 @@ def command(
     """Zero-shot classification: each image gets the class whose prompts (templates filled with its name) it is
     most similar to; prints top-1/top-5 and per-class accuracy, writes a report JSON and a confusion matrix PNG.
 
-    Example: clipcoco zeroshot demo-out/run --images demo-out/zeroshot-shapes
+    Example: clipcoco zeroshot demo-out/run --images demo-out/test-by-shapes
     """
     from clip.zeroshot import zeroshot  # here, not at the top: `clipcoco --help` should not import torch
 

@@ -28,6 +28,7 @@ from PIL import Image
 from torchvision.io import ImageReadMode, decode_image
 
 from clip.checkpoint import load_checkpoint, model_from_checkpoint, resolve_checkpoint
+from clip.model import CLIP
 from pipeline.embed_text import BATCH_SIZE, encode_queries, query_encoder
 from pipeline.errors import UserError
 from pipeline.loaders import eval_image, normalize
@@ -84,9 +85,9 @@ def _as_tensors(item) -> Iterator[torch.Tensor]:
 class CLIPModel:
     """A trained CLIP ready to embed images and texts. Make one with `clip.load`."""
 
-    def __init__(self, module, *, image_size: int, embed_dim: int, text_fingerprint: dict, device: torch.device,
+    def __init__(self, module: CLIP, *, image_size: int, embed_dim: int, text_fingerprint: dict, device: torch.device,
                  batch_size: int | None, checkpoint: Path, step: int) -> None:
-        self.module = module  # clip.model.CLIP, in eval mode on `device`
+        self.module = module  # in eval mode on `device`
         self.image_size = image_size  # the run's image size: the eval transform's S
         self.embed_dim = embed_dim  # E, the width of every embedding
         self.text_fingerprint = text_fingerprint  # names the frozen text encoder and how it pooled

@@ -80,7 +80,8 @@ def test_small_demo_runs_every_stage(tmp_path):
 
     # The held-out pictures in class folders by the shapes they show, classified zero-shot by the run.
     folder = out / "test-by-shapes"
-    assert summary["paths"]["zeroshot_images"] == str(folder) and "clipcoco zeroshot" in result.output
+    assert summary["paths"]["zeroshot_images"] == [str(folder), str(out / "test-by-colours")]
+    assert "clipcoco zeroshot" in result.output
     result = CliRunner().invoke(app, ["zeroshot", str(out / "run"), "--images", str(folder), "--device", "cpu",
                                       "--no-progress"])
     assert result.exit_code == 0, result.output

@@ -7,7 +7,7 @@ import sys
 
 import typer
 
-from cli import bench, demo, embed_text, evaluate, plot, search, shards, train
+from cli import bench, demo, embed_text, evaluate, plot, search, shards, train, zeroshot
 from pipeline import __version__
 from pipeline.errors import UserError
 
@@ -30,6 +30,7 @@ app.command("embed-text", no_args_is_help=True)(embed_text.command)
 app.command("train", no_args_is_help=True)(train.command)
 app.command("eval", no_args_is_help=True)(evaluate.command)
 app.command("search", no_args_is_help=True)(search.command)
+app.command("zeroshot", no_args_is_help=True)(zeroshot.command)
 app.command("plot", no_args_is_help=True)(plot.command)
 app.add_typer(bench.app, name="bench")
 app.command("demo")(demo.command)
@@ -60,3 +61,7 @@ def main() -> None:
             raise
         typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
         sys.exit(2)
+
+
+if __name__ == "__main__":  # `python -m cli.main` runs the tool as the `clipcoco` script does
+    main()

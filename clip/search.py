@@ -12,7 +12,6 @@ with their scores (default RUN_DIR/search-<split>.png).
 """
 
 import io
-import json
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,10 +22,9 @@ from PIL import Image
 from rich.console import Console
 from rich.table import Table
 
-from clip.checkpoint import Checkpoint
+from clip.api import load
 from clip.embeddings import load_image_embeddings
 from clip.plot import figure_class
-from pipeline.embed_text import encode_queries
 from pipeline.errors import UserError
 from pipeline.runtime import resolve_device
 from pipeline.shard_reader import SampleIndex, open_shards
@@ -46,17 +44,14 @@ def embeddings_path(run: Path, shards: Path) -> Path:
     return Path(run) / f"embeddings-{Path(shards).resolve().name}.parquet"
 
 
-def text_query(query: str, *, run: Path, metadata: dict[str, str], device: torch.device) -> torch.Tensor:
-    """[E] the query through the frozen text model the embeddings' cache was made with, then the text head of
-    the checkpoint that made the embeddings."""
+def text_query(query: str, *, run: Path, metadata: dict[str, str], device: str) -> torch.Tensor:
+    """[E] the query embedded by the checkpoint that made the embeddings (`clip.load`): its frozen text model,
+    then its text head."""
     checkpoint = run / metadata["checkpoint"]  # stored relative to the run (an absolute path stays as it is)
     if not checkpoint.is_file():
         raise UserError(f"the checkpoint the saved embeddings were made with ({checkpoint}) is gone: "
                         "rerun `clipcoco eval` with the run's current checkpoint")
-    model = Checkpoint.load(checkpoint).build_model().to(device)
-    raw = encode_queries([query], json.loads(metadata["text_metadata"]), device=device)
-    with torch.inference_mode():
-        return model.encode_text(raw.to(device)).float().cpu()[0]
+    return load(checkpoint, device=device).encode_texts([query])[0]
 
 
 def rank_images(feats: torch.Tensor, query: torch.Tensor, *, k: int, exclude: int | None = None) -> list[int]:
@@ -109,7 +104,7 @@ def search(query: str | None = None, *, run: Path, shards: Path, image_id: int |
         raise UserError('pass either a text query ("a dog on a couch") or --image-id N, not both or neither')
     if k < 1:
         raise UserError(f"--k {k}: pass at least 1")
-    torch_device = resolve_device(device)  # checked before any file is read
+    resolve_device(device)  # checked before any file is read
     run, shard_set = Path(run), open_shards(Path(shards))
     path = embeddings_path(run, shard_set.root)
     if not path.is_file():
@@ -120,7 +115,7 @@ def search(query: str | None = None, *, run: Path, shards: Path, image_id: int |
         raise UserError(f"{path} was computed on other shards than {shard_set.root} (fingerprints differ): "
                         f"rerun `clipcoco eval {run} --shards {shards} --text ...`")
     if image_id is None:
-        vector = text_query(query, run=run, metadata=metadata, device=torch_device)
+        vector = text_query(query, run=run, metadata=metadata, device=device)
         exclude, title = None, f'"{query}"'
     else:
         matches = np.flatnonzero(ids == image_id)

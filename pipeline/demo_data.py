@@ -15,6 +15,7 @@ composes colours, shapes and positions it has seen in other combinations, not wh
 """
 
 import json
+import shutil
 from dataclasses import dataclass
 from itertools import product
 from pathlib import Path
@@ -236,3 +237,41 @@ def generate_demo_data(out: Path, *, n_train: int = 3000, n_test: int = 250, see
             out, split, scenes[split], first_id=first_ids[split], seed=seed, image_size=image_size, quality=quality)
     return DemoData(root=out, annotations=annotations, images=images,
                     n_images={s: len(scenes[s]) for s in SPLITS}, n_captions=n_captions)
+
+
+def _pair(first: str, second: str) -> str:
+    # Unordered, so the class is what is in the picture, not where: "circle and square" = "square and circle".
+    return f"{first}s" if first == second else "_and_".join(sorted((first, second)))
+
+
+# Class sets over the scenes for `clipcoco zeroshot`: a scene's class folder (`_` reads as a space there).
+CLASS_SETS = {
+    "shapes": lambda scene: _pair(scene.first[1], scene.second[1]),  # "circle_and_square", "triangles"
+    "colours": lambda scene: _pair(scene.first[0], scene.second[0]),  # "blue_and_red", "greens"
+}
+
+
+def write_image_folder(annotations: Path, images: Path, out: Path, *, classes: str = "shapes") -> dict[str, int]:
+    """Copy a split's images into torchvision's ImageFolder layout, OUT/<class>/<file>, the class of each image
+    given by its scene and CLASS_SETS[classes]; returns {class folder: images}. The labels are known by
+    construction, so `clipcoco zeroshot RUN --images OUT` measures the demo model against the truth.
+
+    OUT is replaced; it must be absent or a folder this function wrote (class folders of .jpg files only).
+    """
+    if classes not in CLASS_SETS:
+        raise UserError(f"classes {classes!r}: choose one of {', '.join(CLASS_SETS)}")
+    out = Path(out)
+    if out.exists():
+        foreign = [p for p in out.rglob("*") if not (p.is_dir() and p.parent == out)
+                   and not (p.suffix == ".jpg" and p.parent.parent == out)]
+        if foreign or not out.is_dir():
+            raise UserError(f"{out} exists and is not an image folder written by the demo (e.g. {foreign[:1]}): "
+                            "pass a new folder")
+        shutil.rmtree(out)  # stale classes or images of another generation would skew the accuracy
+    counts: dict[str, int] = {}
+    for image in json.loads(Path(annotations).read_text())["images"]:
+        name = CLASS_SETS[classes](Scene.from_key(image["scene"]))
+        (out / name).mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(Path(images) / image["file_name"], out / name / image["file_name"])
+        counts[name] = counts.get(name, 0) + 1
+    return dict(sorted(counts.items()))

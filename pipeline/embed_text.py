@@ -290,14 +290,21 @@ def _embed(table: pa.Table, captions_path: Path, out: Path, rt: Runtime, *, mode
     return out
 
 
-def encode_queries(texts: list[str], metadata: dict[str, str], *,
-                   device: "str | torch.device" = "auto") -> torch.Tensor:
-    """[N, D] float32 vectors of `texts` made exactly as a cache with this `metadata` was (model, pooling,
-    max_length); stops when the model found under that name is not the one the cache was made with."""
+def query_encoder(metadata: dict, *, device: "str | torch.device" = "auto") -> Encoder:
+    """The frozen encoder a cache with this `metadata` (or a run's text fingerprint) was made with, loaded once
+    to embed any number of queries; stops when the model found under that name is not that one."""
     encoder = Encoder(metadata["model"], device=device)
     if encoder.weights_sha256 != metadata["weights_sha256"] or encoder.tokenizer_sha256 != metadata["tokenizer_sha256"]:
         raise UserError(f"the model at {metadata['model']} is not the one this text cache was made with (weights or "
                         f"tokenizer differ): restore that model or rerun `clipcoco embed-text`")
+    return encoder
+
+
+def encode_queries(texts: list[str], metadata: dict, *, device: "str | torch.device" = "auto",
+                   encoder: Encoder | None = None, batch_size: int | None = None) -> torch.Tensor:
+    """[N, D] float32 vectors of `texts` made exactly as a cache with this `metadata` was (model, pooling,
+    max_length): with `encoder` (from `query_encoder(metadata)`, kept between calls) or one loaded here."""
+    encoder = encoder or query_encoder(metadata, device=device)
     vectors = encoder.encode(list(texts), pooling=metadata["pooling"], max_length=int(metadata["max_length"]),
-                             batch_size=BATCH_SIZE[encoder.device.type])
+                             batch_size=batch_size or BATCH_SIZE[encoder.device.type])
     return vectors.float()

@@ -93,8 +93,6 @@ class Loader:
                             f"over {world_size} rank(s): lower --batch-size")
         self.epoch = 0  # epochs finished
         self.batch = 0  # batches yielded in the current epoch
-        self._mean = torch.tensor(IMAGENET_MEAN) * 255
-        self._std = torch.tensor(IMAGENET_STD) * 255
 
     def _signature(self) -> dict:
         """What fixes the sequence of batches: a saved position only means something for the same values."""
@@ -149,6 +147,8 @@ class DaliLoader(Loader):
         decoder = "mixed" if cuda else "cpu"
         gpu = (self.device.index if self.device.index is not None else torch.cuda.current_device()) if cuda else None
         size = self.image_size
+        # The float32 constants `normalize` uses, so both loaders normalise with the same numbers.
+        mean, std = ((torch.tensor(v) * 255).tolist() for v in (IMAGENET_MEAN, IMAGENET_STD))
 
         # The pipeline seed drives the crops: distinct per (seed, rank); the reader's seed drives the order.
         @pipeline_def(batch_size=self.batch_size, num_threads=self.threads, device_id=gpu,
@@ -178,7 +178,7 @@ class DaliLoader(Loader):
             images = fn.resize(images, size=[size, size])
             # HWC output: permuted to NCHW below it is already channels_last in memory, no copy needed.
             images = fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="HWC",
-                                              mean=self._mean.tolist(), std=self._std.tolist())
+                                              mean=mean, std=std)
             return images, ids
 
         pipe = pipeline()
@@ -240,11 +240,9 @@ class TorchLoader(Loader):
                 self._samples, batch_sampler=_Sampler(weakref.WeakMethod(self._remaining_batches)),
                 num_workers=self.threads,
                 persistent_workers=True, pin_memory=self.device.type == "cuda")
-        mean, std = self._mean.to(self.device).view(1, 3, 1, 1), self._std.to(self.device).view(1, 3, 1, 1)
         for images, ids in self._loader:
-            images = images.to(self.device, non_blocking=True).float().sub_(mean).div_(std)
             self.batch += 1
-            yield Batch(images=images.contiguous(memory_format=torch.channels_last), image_ids=ids)
+            yield Batch(images=normalize(images.to(self.device, non_blocking=True)), image_ids=ids)
         self.epoch, self.batch = self.epoch + 1, 0
 
 
@@ -293,6 +291,31 @@ def center_square_box(height: int, width: int) -> tuple[int, int, int, int]:
     return (height - side) // 2, (width - side) // 2, side, side
 
 
+def crop_resize(image: torch.Tensor, box: tuple[int, int, int, int], size: int) -> torch.Tensor:
+    """uint8 [3, size, size]: the (top, left, h, w) box of a uint8 [3, H, W] image, resized with antialiasing."""
+    top, left, h, w = box
+    # decode_jpeg returns HWC memory; keeping the crop HWC-contiguous keeps resize on its fast uint8 path
+    # (a strided or CHW-contiguous crop is ~40x slower).
+    crop = image[:, top: top + h, left: left + w].permute(1, 2, 0).contiguous().permute(2, 0, 1)
+    return F.resize(crop, [size, size], antialias=True)
+
+
+def eval_image(image: torch.Tensor, size: int) -> torch.Tensor:
+    """The eval transform of one uint8 [3, H, W] image: its center square resized to uint8 [3, size, size].
+
+    The torch loader's eval path and `clip.api` (embedding a user's images) both call this; DALI computes the
+    same box in its pipeline.
+    """
+    return crop_resize(image, center_square_box(*image.shape[1:]), size)
+
+
+def normalize(images: torch.Tensor) -> torch.Tensor:
+    """float32 [B, 3, S, S] channels_last, ImageNet-normalised, of uint8 [B, 3, S, S] images (on their device)."""
+    mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1) * 255
+    std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1) * 255
+    return images.float().sub_(mean).div_(std).contiguous(memory_format=torch.channels_last)
+
+
 class _TarSamples(torch.utils.data.Dataset):
     """dataset[(epoch, row)] -> (uint8 [3, S, S] image, image id); the crop is seeded by (seed, epoch, row)."""
 
@@ -309,12 +332,8 @@ class _TarSamples(torch.utils.data.Dataset):
         image_id = self.index.image_id(row)
         data = torch.frombuffer(bytearray(self.index.read(row, "jpg")), dtype=torch.uint8)
         image = decode_jpeg(data, mode=ImageReadMode.RGB)
-        if self.train:
-            rng = np.random.default_rng([self.seed, epoch, row])
-            top, left, h, w = random_resized_crop_box(*image.shape[1:], scale=(self.crop_scale_min, 1.0), rng=rng)
-        else:
-            top, left, h, w = center_square_box(*image.shape[1:])
-        # decode_jpeg returns HWC memory; keeping the crop HWC-contiguous keeps resize on its fast uint8 path
-        # (a strided or CHW-contiguous crop is ~40x slower).
-        crop = image[:, top: top + h, left: left + w].permute(1, 2, 0).contiguous().permute(2, 0, 1)
-        return F.resize(crop, [self.image_size] * 2, antialias=True), image_id
+        if not self.train:
+            return eval_image(image, self.image_size), image_id
+        rng = np.random.default_rng([self.seed, epoch, row])
+        box = random_resized_crop_box(*image.shape[1:], scale=(self.crop_scale_min, 1.0), rng=rng)
+        return crop_resize(image, box, self.image_size), image_id

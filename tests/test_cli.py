@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from cli.main import app
 
-COMMANDS = ["shards", "embed-text", "train", "eval", "search", "plot", "demo", "bench", "bench loader",
+COMMANDS = ["shards", "embed-text", "train", "eval", "search", "zeroshot", "plot", "demo", "bench", "bench loader",
             "bench train"]
 
 
@@ -25,7 +25,7 @@ def test_help(command):
 
 def test_root_help_lists_commands():
     result = CliRunner().invoke(app, ["--help"])
-    for name in ("shards", "embed-text", "train", "eval", "search", "plot", "demo", "bench"):
+    for name in ("shards", "embed-text", "train", "eval", "search", "zeroshot", "plot", "demo", "bench"):
         assert name in result.output
 
 

@@ -77,3 +77,16 @@ def test_small_demo_runs_every_stage(tmp_path):
     assert "all-MiniLM-L6-v2" in summary["encoders"]["text"] and "weights none" in summary["encoders"]["image"]
     for text in ("text -> image", "x chance", "stage times", "text encoder:", "image encoder:"):
         assert text in result.output
+
+    # The held-out pictures in class folders by the shapes they show, classified zero-shot by the run.
+    folder = out / "test-by-shapes"
+    assert summary["paths"]["zeroshot_images"] == [str(folder), str(out / "test-by-colours")]
+    assert "clipcoco zeroshot" in result.output
+    result = CliRunner().invoke(app, ["zeroshot", str(out / "run"), "--images", str(folder), "--device", "cpu",
+                                      "--no-progress"])
+    assert result.exit_code == 0, result.output
+    zeroshot = json.loads((out / "run/zeroshot-test-by-shapes.json").read_text())
+    assert zeroshot["n_images"] == 32 and sum(c["n_images"] for c in zeroshot["classes"]) == 32
+    assert sum(map(sum, zeroshot["confusion"])) == 32 and zeroshot["n_classes"] == len(list(folder.iterdir()))
+    assert 0 <= zeroshot["top1"] <= zeroshot["top5"] <= 1 and zeroshot["top5_k"] == min(5, zeroshot["n_classes"])
+    assert (out / "run/zeroshot-test-by-shapes.png").is_file()

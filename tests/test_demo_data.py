@@ -16,6 +16,7 @@ from pipeline.demo_data import (
     captions_for,
     generate_demo_data,
     split_scenes,
+    write_image_folder,
 )
 from pipeline.errors import UserError
 
@@ -97,3 +98,26 @@ def test_scene_key_round_trips_and_describes():
         assert Scene.from_key(scene.key()) == scene
     scene = Scene("vertical", ("orange", "circle"), ("red", "square"))
     assert scene.describe() == "an orange circle above a red square"
+
+
+def test_image_folder_files_every_test_image_under_its_scene_class(demo, tmp_path):
+    out = tmp_path / "folder"
+    counts = write_image_folder(demo.annotations["test"], demo.images["test"], out, classes="shapes")
+    assert sum(counts.values()) == 30 and counts == {p.name: len(list(p.iterdir())) for p in out.iterdir()}
+    for image in _coco(demo, "test")["images"]:
+        scene = Scene.from_key(image["scene"])
+        shapes = sorted({scene.first[1], scene.second[1]})
+        folder = f"{shapes[0]}s" if len(shapes) == 1 else f"{shapes[0]}_and_{shapes[1]}"
+        name = image["file_name"]
+        assert (out / folder / name).read_bytes() == (demo.images["test"] / name).read_bytes()
+    # Rewriting replaces the folder: no class of the previous set is left behind.
+    colours = write_image_folder(demo.annotations["test"], demo.images["test"], out, classes="colours")
+    assert sorted(p.name for p in out.iterdir()) == list(colours) and not set(colours) & set(counts)
+    assert all(set(name.split("_and_")) <= set(COLOURS) or name[:-1] in COLOURS for name in colours)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    with pytest.raises(UserError, match="not an image folder written by the demo"):
+        write_image_folder(demo.annotations["test"], demo.images["test"], tmp_path / "mine")
+    assert (tmp_path / "mine" / "notes.txt").is_file()
+    with pytest.raises(UserError, match="shapes, colours"):
+        write_image_folder(demo.annotations["test"], demo.images["test"], out, classes="sizes")

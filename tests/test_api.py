@@ -19,11 +19,12 @@ from torchvision.io import decode_jpeg
 
 import clip.api as api_module
 from clip import CLIPModel, load
+from clip.embeddings import load_image_embeddings
 from clip.evaluate import evaluate
-from clip.search import load_image_embeddings, read_samples
 from pipeline.embed_text import embed_text
 from pipeline.errors import UserError
-from pipeline.shards import build_shards, open_shards
+from pipeline.shard_reader import SampleIndex, open_shards
+from pipeline.shards import build_shards
 from pipeline.text_cache import TextCache
 
 REPO = Path(__file__).resolve().parents[1]
@@ -54,9 +55,10 @@ def run(tmp_path_factory):
     jpgs = root / "jpgs"
     jpgs.mkdir()
     files = {}
-    for image_id, sample in read_samples(open_shards(shards), list(range(700, 706))).items():
-        files[image_id] = jpgs / f"{image_id}.jpg"
-        files[image_id].write_bytes(sample["jpg"])
+    with SampleIndex.load(open_shards(shards).indexes) as index:
+        for image_id in range(700, 706):
+            files[image_id] = jpgs / f"{image_id}.jpg"
+            files[image_id].write_bytes(index.sample(image_id)["jpg"])
     return run_dir, shards, text, files
 
 

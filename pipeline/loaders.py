@@ -34,7 +34,7 @@ import torchvision.transforms.v2.functional as F
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from pipeline.errors import UserError
-from pipeline.shard_reader import SampleIndex, ShardSet
+from pipeline.shard_reader import SampleIndex, ShardSet, decode_ids
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -160,7 +160,7 @@ class DaliLoader(Loader):
             # PARTIAL policy below), so the shuffle buffer never carries images into the next epoch.
             jpegs, ids = fn.readers.webdataset(
                 paths=[str(p) for p in self.shards.tars], index_paths=[str(p) for p in self.shards.indexes],
-                ext=["jpg", "id"], dtypes=[types.UINT8, types.INT64], missing_component_behavior="error",
+                ext=["jpg", "id"], dtypes=[types.UINT8, types.UINT8], missing_component_behavior="error",
                 random_shuffle=self.train, seed=self.seed, shard_id=self.rank, num_shards=self.world_size,
                 stick_to_shard=not self.train, pad_last_batch=True, name="Reader")
             if self.train:
@@ -195,7 +195,7 @@ class DaliLoader(Loader):
             if self.train and (self.batch >= self.steps_per_epoch or not full):
                 continue  # a larger rank's extra batch, or the partial one: read to end the reader's epoch
             self.batch += 1
-            yield Batch(images=out["images"].permute(0, 3, 1, 2), image_ids=out["image_ids"].reshape(-1).cpu())
+            yield Batch(images=out["images"].permute(0, 3, 1, 2), image_ids=decode_ids(out["image_ids"].cpu()))
         self.epoch, self.batch = self.epoch + 1, 0
 
 

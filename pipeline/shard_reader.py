@@ -1,7 +1,7 @@
 """The read side of a shard directory (written by `clipcoco shards`; the format is in docs/contracts.md).
 
 Inputs: a shard directory: `manifest.json`, `shard-NNNNNN.tar` with its `.idx` (DALI's webdataset index) and
-`.json` sidecar, `captions.parquet`. Outputs: a `ShardSet` (the files, the count, the fingerprint) and a
+`.json` sidecar, `sizes.json`, `captions.parquet`. Outputs: a `ShardSet` (the files, the count, the fingerprint) and a
 `SampleIndex` (every sample's members located by the `.idx` files, read by offset). The loaders, train, eval,
 search, bench and `clipcoco shards --verify` read shards through this module only; the writer is
 pipeline/shards.py.
@@ -21,11 +21,17 @@ from typing import Any
 
 import numpy as np
 import pyarrow.parquet as pq
+import torch
 
 from pipeline.errors import UserError
 
 MEMBERS = ("id", "jpg", "json", "txt")  # a sample's members, in the order they are written (sorted, as webdataset does)
-ID_BYTES = 8  # the `id` member: the image id as a little-endian int64 (DALI batches only fixed-size members)
+# Version 2: the `id` member holds the key's 12 ASCII digits (version 1 held 8 binary bytes, which webdataset's
+# default decoders, and so open_clip's loader, could not read). Readers refuse any other version.
+FORMAT_VERSION = 2
+ID_DIGITS = 12  # every key and `id` member has exactly this many digits: DALI batches only fixed-size members
+MAX_IMAGE_ID = 10**ID_DIGITS - 1
+_POWERS = 10 ** torch.arange(ID_DIGITS - 1, -1, -1, dtype=torch.int64)
 
 
 def shard_name(index: int, ext: str) -> str:
@@ -33,16 +39,24 @@ def shard_name(index: int, ext: str) -> str:
 
 
 def key_of(image_id: int) -> str:
-    """A sample's `__key__`: the image id as 12 digits (no dots in keys, ever)."""
+    """A sample's `__key__`: the image id as 12 digits (no dots in keys, ever); ids outside [0, 10^12) have none."""
+    if not 0 <= image_id <= MAX_IMAGE_ID:
+        raise ValueError(f"image id {image_id} is outside 0..{MAX_IMAGE_ID}: it has no 12-digit key")
     return f"{image_id:012d}"
 
 
 def encode_id(image_id: int) -> bytes:
-    return int(image_id).to_bytes(ID_BYTES, "little", signed=True)
+    """The `id` member: the key's ASCII digits, which webdataset decodes to the int and DALI reads as 12 uint8."""
+    return key_of(image_id).encode("ascii")
 
 
 def decode_id(data: bytes) -> int:
-    return int.from_bytes(data, "little", signed=True)
+    return int(data)
+
+
+def decode_ids(digits: torch.Tensor) -> torch.Tensor:
+    """[B] int64 image ids from a batch of `id` members as DALI gives them ([B, 12] uint8 ASCII digits)."""
+    return (digits.reshape(-1, ID_DIGITS).to(torch.int64) - ord("0")) @ _POWERS.to(digits.device)
 
 
 def fingerprint_of(shard_sha256s: Iterable[str]) -> str:
@@ -82,6 +96,10 @@ def load_manifest(root: Path) -> dict:
         raise UserError(f"no manifest.json in {root}: did you run `clipcoco shards --out {root}`? "
                         "(an interrupted run leaves none: rerun the same command to finish it)")
     manifest = json.loads((root / "manifest.json").read_text(encoding="utf-8"))
+    version = manifest.get("format_version", 1)  # version 1 recorded none
+    if version != FORMAT_VERSION:
+        raise UserError(f"{root} holds shards of format version {version}; this clipcoco reads version "
+                        f"{FORMAT_VERSION}: rebuild them with `clipcoco shards ... --out {root} --overwrite`")
     for entry in manifest["shards"]:
         tar = root / entry["tar"]
         if not tar.is_file() or not (root / entry["idx"]).is_file() or not tar.with_suffix(".json").is_file():

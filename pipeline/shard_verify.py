@@ -71,6 +71,9 @@ def verify_shards(shards_dir: Path, *, progress: bool = True) -> dict:
                                 "(cut short or altered: rebuild with --overwrite)")
             checked_ids += [int(k) for k in keys]
             bar.advance(task)
+    if read_json(root / "sizes.json") != {tar.name: e["count"] for tar, e in zip(shards.tars, shards.manifest["shards"],
+                                                                                 strict=True)}:
+        problems.append("sizes.json is missing or disagrees with manifest.json: rebuild with --overwrite")
     parquet_ids = np.unique(shards.image_ids())
     if not np.array_equal(parquet_ids, np.unique(np.array(checked_ids, np.int64))):
         problems.append("captions.parquet image ids differ from the images in the shards")

@@ -39,6 +39,8 @@ from pipeline.files import commit, replacing, sha256_file, write_atomic
 from pipeline.images import Prepared, Rejected, prepare_image
 from pipeline.progress import rate_bar
 from pipeline.shard_reader import (
+    FORMAT_VERSION,
+    MAX_IMAGE_ID,
     MEMBERS,
     encode_id,
     fingerprint_of,
@@ -221,7 +223,7 @@ def _check_same_build(out: Path, build_id: str, identity: dict[str, Any]) -> Non
 def _clear(out: Path) -> None:
     """--overwrite: remove what an earlier run wrote (only our own files: a text cache may live here too)."""
     # The manifest first: there is never one naming shards that are gone.
-    for name in ("manifest.json", "captions.parquet", "failures.jsonl"):
+    for name in ("manifest.json", "sizes.json", "captions.parquet", "failures.jsonl"):
         (out / name).unlink(missing_ok=True)
     for path in _shard_files(out):
         path.unlink()
@@ -307,7 +309,9 @@ def checked(results: Iterable[tuple[ImageRecord, Prepared | Rejected]]) -> Itera
     """In input order: (sample, reencoded) for each image to pack, a failure dict for each one left out."""
     for record, result in results:
         captions, caption_ids = usable_captions(record)
-        if isinstance(result, Prepared) and not captions:
+        if not 0 <= record.image_id <= MAX_IMAGE_ID:
+            result = Rejected("bad_id", f"image id outside 0..{MAX_IMAGE_ID}: a sample key holds 12 digits")
+        elif isinstance(result, Prepared) and not captions:
             result = Rejected("no_caption", "every caption is empty or whitespace")
         if isinstance(result, Rejected):
             yield _failure(record, result)
@@ -364,7 +368,7 @@ def build_shards(*, out: Path, images: Path, annotations: Path | None = None, ka
     # Everything that determines the bytes, and nothing else (not --workers, not paths).
     identity = {"source": "coco" if annotations is not None else "karpathy", "source_sha256": sha256_file(source),
                 "split": split, "resize_shorter": resize_shorter, "quality": quality,
-                "samples_per_shard": samples_per_shard, "version": __version__}
+                "samples_per_shard": samples_per_shard, "version": __version__, "format_version": FORMAT_VERSION}
     build_id = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
     out.mkdir(parents=True, exist_ok=True)
     if overwrite:
@@ -372,8 +376,8 @@ def build_shards(*, out: Path, images: Path, annotations: Path | None = None, ka
     else:
         _check_same_build(out, build_id, identity)
     done = complete_prefix(out, build_id, samples_per_shard)
-    resume_after = int(done[-1]["keys"][-1]) if done else -1
-    todo = [r for r in records if r.image_id > resume_after]
+    # Records are in id order and each sidecar carries the failures met before it: resume after the last key.
+    todo = [r for r in records if r.image_id > int(done[-1]["keys"][-1])] if done else records
 
     workers = workers or len(os.sched_getaffinity(0))
     tasks = ((str(r.path), resize_shorter, quality) for r in todo)
@@ -401,7 +405,7 @@ def build_shards(*, out: Path, images: Path, annotations: Path | None = None, ka
     captions_packed = _write_captions(out, {r.image_id: r for r in records}, packed_ids)
     reasons = Counter(f["reason"] for f in failures)
     manifest = {
-        "tool": "clipcoco shards", "version": __version__,
+        "tool": "clipcoco shards", "version": __version__, "format_version": FORMAT_VERSION,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "inputs": {identity["source"]: {"path": str(source.resolve()), "sha256": identity["source_sha256"]},
                    "images": str(images.resolve()), "split": split},
@@ -419,7 +423,9 @@ def build_shards(*, out: Path, images: Path, annotations: Path | None = None, ka
         "fingerprint": fingerprint_of(s["sha256"] for s in sidecars),
         "seconds": round(time.perf_counter() - started, 3),
     }
-    write_atomic(out / "manifest.json", _json_bytes(manifest))
+    # open_clip's dataset-size file, so `--train-data 'DIR/shard-{000000..N}.tar'` needs no --train-num-samples.
+    write_atomic(out / "sizes.json", _json_bytes({s["shard"]: s["count"] for s in sidecars}))
+    write_atomic(out / "manifest.json", _json_bytes(manifest))  # last: it marks the directory complete
 
     if progress:
         from rich.console import Console

@@ -60,7 +60,7 @@ def _dali_read(shards) -> list[tuple[int, tuple[int, ...]]]:
     def pipe():
         jpg, ids = fn.readers.webdataset(paths=[str(t) for t in shards.tars],
                                          index_paths=[str(i) for i in shards.indexes], ext=["jpg", "id"],
-                                         dtypes=[types.UINT8, types.INT64], missing_component_behavior="error",
+                                         dtypes=[types.UINT8, types.UINT8], missing_component_behavior="error",
                                          name="reader")
         return fn.decoders.image(jpg, device="cpu", output_type=types.RGB), ids
 
@@ -70,7 +70,7 @@ def _dali_read(shards) -> list[tuple[int, tuple[int, ...]]]:
     got: list[tuple[int, tuple[int, ...]]] = []
     while len(got) < n:
         images, ids = p.run()
-        got += [(int(np.array(ids.at(i))[0]), tuple(images.at(i).shape)) for i in range(len(ids))]
+        got += [(int(np.array(ids.at(i)).tobytes()), tuple(images.at(i).shape)) for i in range(len(ids))]
     return got[:n]
 
 
@@ -79,7 +79,7 @@ def _check_against_json(shards, expected_captions: dict[int, list[str]]) -> dict
     assert list(samples) == sorted(expected_captions)
     for image_id, sample in samples.items():
         assert list(sample) == ["id", "jpg", "json", "txt"]
-        assert int(np.frombuffer(sample["id"], "<i8")[0]) == image_id
+        assert sample["id"] == f"{image_id:012d}".encode("ascii")  # the key's digits: webdataset and DALI read it
         meta = json.loads(sample["json"])
         assert meta["image_id"] == image_id and meta["captions"] == expected_captions[image_id]
         assert sample["txt"].decode("utf-8") == expected_captions[image_id][0]
@@ -138,13 +138,12 @@ def test_tars_are_webdatasets_own(tiny_coco, tmp_path):
             for sample in samples.values():
                 writer.write(sample)
         assert tar.read_bytes() == reference.getvalue()
-    # The README's recipe: decode only what is used (webdataset reads any `.id` member as a text integer).
-    read = list(webdataset.WebDataset([str(t) for t in shards.tars], shardshuffle=False)
-                .decode("pil", only=["jpg", "txt", "json"]))
+    # webdataset's default decoders, every member (they read any `.id` member as a text integer).
+    read = list(webdataset.WebDataset([str(t) for t in shards.tars], shardshuffle=False).decode("pil"))
     assert [s["__key__"] for s in read] == [f"{i:012d}" for i in sorted(_captions_of(ann))]
     for s in read:
         assert s["txt"] == s["json"]["captions"][0] and s["jpg"].size == (s["json"]["width"], s["json"]["height"])
-        assert int.from_bytes(s["id"], "little") == s["json"]["image_id"]
+        assert s["id"] == s["json"]["image_id"] and isinstance(s["id"], int)
 
 
 def test_coco_mini_packs_only_listed_images(coco_mini, tmp_path):
@@ -408,7 +407,7 @@ def test_checked_turns_results_into_samples_and_failures():
                                (record(9, ("\n",)), ok)])))
     (sample, reencoded), failure, no_caption = items
     assert reencoded and sample["__key__"] == "000000000007" and sample["txt"] == b"a" and sample["jpg"] == ok.jpeg
-    assert sample["id"] == (7).to_bytes(8, "little")
+    assert sample["id"] == b"000000000007"  # format 2: the key's digits
     assert json.loads(sample["json"]) == {"image_id": 7, "file_name": "7.jpg", "width": 4, "height": 3,
                                           "captions": ["a", "b"], "caption_ids": [10, 12]}
     assert failure == {"image_id": 8, "file_name": "8.jpg", "reason": "empty", "detail": "zero"}

@@ -17,8 +17,9 @@ from pipeline.shard_reader import open_shards
 from pipeline.shards import build_shards
 from pipeline.text_cache import cache_rows, cache_schema, write_cache
 
-# ../shared/coco-mini beside the checkout; CLIPCOCO_COCO_MINI points elsewhere (e.g. a copy carried to a GPU machine).
-COCO_MINI = Path(os.environ.get("CLIPCOCO_COCO_MINI") or Path(__file__).resolve().parents[2] / "shared" / "coco-mini")
+# coco-mini: 159 real COCO 2017 images with their official caption JSONs, laid out like the download. The tests that
+# need it skip without it; .ci/run points CLIPCOCO_COCO_MINI at CI's copy.
+COCO_MINI = Path(os.environ.get("CLIPCOCO_COCO_MINI", "")).resolve() if os.environ.get("CLIPCOCO_COCO_MINI") else None
 
 
 def pytest_collection_modifyitems(config, items):
@@ -62,9 +63,9 @@ def tiny_coco(tmp_path):
 
 @pytest.fixture(scope="session")
 def coco_mini() -> Path:
-    """The bundled 159-image COCO 2017 subset (../shared/coco-mini); skips when absent."""
-    if not (COCO_MINI / "annotations" / "captions_val2017.json").is_file():
-        pytest.skip(f"coco-mini not found at {COCO_MINI}")
+    """The 159-image COCO 2017 subset at $CLIPCOCO_COCO_MINI; skips when absent."""
+    if COCO_MINI is None or not (COCO_MINI / "annotations" / "captions_val2017.json").is_file():
+        pytest.skip(f"coco-mini not found (CLIPCOCO_COCO_MINI={COCO_MINI}): point it at a coco-mini folder")
     return COCO_MINI
 
 

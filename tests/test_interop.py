@@ -107,3 +107,20 @@ def test_ids_without_a_key_are_left_out_and_listed(tiny_coco, tmp_path):
     assert (totals["images_listed"], totals["images_packed"], totals["images_left_out"]) == (12, 11, 1)
     failures = [json.loads(line) for line in (tmp_path / "s" / "failures.jsonl").read_text().splitlines()]
     assert [(f["image_id"], f["reason"]) for f in failures] == [(-5, "bad_id")]
+
+
+def test_pandas_and_duckdb_read_the_parquet_files(mini, tmp_path):
+    pd = pytest.importorskip("pandas")
+    duckdb = pytest.importorskip("duckdb")
+    from conftest import write_random_text_cache
+
+    captions = pd.read_parquet(mini.root / "captions.parquet")
+    assert list(captions.columns) == ["image_id", "caption_id", "caption"] and len(captions) >= 5 * 79
+    counts = duckdb.sql(f"SELECT image_id, count(*) AS n FROM '{mini.root / 'captions.parquet'}' GROUP BY image_id")
+    assert len(counts.fetchall()) == 79
+    write_random_text_cache(mini.root, tmp_path / "text-random-mean.parquet", dim=16)
+    cache = pd.read_parquet(tmp_path / "text-random-mean.parquet")
+    assert list(cache.columns) == ["image_id", "caption_id", "caption", "embedding"] and len(cache) == len(captions)
+    assert len(cache["embedding"].iloc[0]) == 16
+    rows = duckdb.sql(f"SELECT caption, len(embedding) AS dim FROM '{tmp_path}/text-*.parquet' LIMIT 3").fetchall()
+    assert len(rows) == 3 and all(dim == 16 for _, dim in rows)

@@ -11,40 +11,19 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import write_coco
 from PIL import Image
 from test_evaluate import TEXT_DIM, make_run
-from test_search import tiny_text_model
+from test_search import evaluated_run
 from torchvision.io import decode_jpeg
 
 import clip.api as api_module
 from clip import CLIPModel, load
 from clip.embeddings import load_image_embeddings
-from clip.evaluate import evaluate
-from pipeline.embed_text import embed_text
 from pipeline.errors import UserError
 from pipeline.shard_reader import SampleIndex, open_shards
-from pipeline.shards import build_shards
 from pipeline.text_cache import TextCache
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def evaluated_run(root: Path, n_images: int = 6, first_id: int = 700) -> tuple[Path, Path, Path]:
-    """(run dir, shards dir "val", text cache) after `clipcoco eval` (torch loader, CPU) on random JPEGs of
-    different sizes, captioned "image N caption C", embedded by a tiny random DistilBERT."""
-    ann, images = write_coco(root / "coco", n_images, size=(40, 30), first_id=first_id)
-    for i, path in enumerate(sorted(images.glob("*.jpg"))):  # landscape, portrait and square: the crop matters
-        size = [(40, 30), (30, 44), (36, 36)][i % 3]
-        pixels = np.random.default_rng(i).integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)
-        Image.fromarray(pixels).save(path, quality=90)
-    shards = root / "val"
-    build_shards(out=shards, images=images, annotations=ann, samples_per_shard=4, workers=1, progress=False)
-    text = embed_text(shards, model=str(tiny_text_model(root / "tiny-bert")), device="cpu", batch_size=16,
-                      progress=False)
-    make_run(root / "run", fingerprint=TextCache.load(text).fingerprint)
-    evaluate(root / "run", shards=shards, text=text, loader="torch", device="cpu", batch_size=4, progress=False)
-    return root / "run", shards, text
 
 
 @pytest.fixture(scope="module")

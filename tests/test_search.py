@@ -1,6 +1,7 @@
 """`clipcoco search`: text and image queries over a run's saved eval embeddings, on tiny data."""
 
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -35,11 +36,15 @@ def tiny_text_model(folder):
     return folder
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    """(run dir, shards dir named "val", text cache) after `clipcoco eval` on 10 random images in 3 shards."""
-    root = tmp_path_factory.mktemp("search")
-    ann, images = write_coco(root / "coco", 10, size=(40, 36), first_id=500)
+def evaluated_run(root: Path, n_images: int = 6, first_id: int = 700, *, size=(40, 30),
+                  vary_sizes: bool = True) -> tuple[Path, Path, Path]:
+    """(run dir, shards dir "val", text cache) after `clipcoco eval` (torch loader, CPU) on random JPEGs of
+    different sizes (or all `size`), captioned "image N caption C", embedded by a tiny random DistilBERT."""
+    ann, images = write_coco(root / "coco", n_images, size=size, first_id=first_id)
+    for i, path in enumerate(sorted(images.glob("*.jpg")) if vary_sizes else []):  # landscape, portrait, square
+        size = [(40, 30), (30, 44), (36, 36)][i % 3]
+        pixels = np.random.default_rng(i).integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(path, quality=90)
     shards = root / "val"
     build_shards(out=shards, images=images, annotations=ann, samples_per_shard=4, workers=1, progress=False)
     text = embed_text(shards, model=str(tiny_text_model(root / "tiny-bert")), device="cpu", batch_size=16,
@@ -47,6 +52,12 @@ def run(tmp_path_factory):
     make_run(root / "run", fingerprint=TextCache.load(text).fingerprint)
     evaluate(root / "run", shards=shards, text=text, loader="torch", device="cpu", batch_size=4, progress=False)
     return root / "run", shards, text
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """(run dir, shards dir named "val", text cache) after `clipcoco eval` on 10 random images in 3 shards."""
+    return evaluated_run(tmp_path_factory.mktemp("search"), 10, 500, size=(40, 36), vary_sizes=False)
 
 
 def plant(path, image_id: int, vector: torch.Tensor) -> None:

@@ -106,7 +106,7 @@ def embed_text(
 @app.command("loader", no_args_is_help=True)
 def loader(
     shards: Path = typer.Option(..., "--shards", help="Shard directory written by `clipcoco shards`."),
-    kind: str = typer.Option("dali", "--loader", help="dali | torch (webdataset + torchvision decode)."),
+    kind: str = typer.Option("auto", "--loader", help="auto (dali on CUDA, torch on a CPU) | dali | torch."),
     batch_size: int = typer.Option(64, "--batch-size", help="Images per batch."),
     batches: int = typer.Option(20, "--batches", help="Batches counted (after 2 warm-up batches)."),
     image_size: int = typer.Option(224, "--image-size", help="Square crop size in pixels."),
@@ -148,7 +148,7 @@ def train(
     image_size: int = typer.Option(224, "--image-size", help="Square crop size in pixels."),
     batch_size: int = typer.Option(64, "--batch-size", help="Images per step."),
     steps: int = typer.Option(10, "--steps", help="Steps counted per block (after 2 warm-up steps)."),
-    kind: str = typer.Option("dali", "--loader", help="dali | torch."),
+    kind: str = typer.Option("auto", "--loader", help="auto (dali on CUDA, torch on a CPU) | dali | torch."),
     threads: int = typer.Option(2, "--threads", help="Loader decoding threads."),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
     precision: str = typer.Option("bf16", "--precision", help="bf16 (autocast on CUDA; fp32 on a CPU) | fp32."),

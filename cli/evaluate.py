@@ -14,7 +14,8 @@ def command(
     out: Path | None = typer.Option(None, "--out", help="Report JSON. Default: RUN/eval-<split>[-folds<N>].json."),
     folds: int = typer.Option(1, "--folds", help="1: all images (5K protocol); 5: five folds of consecutive "
                               "images, mean (1K protocol)."),
-    loader: str = typer.Option("dali", "--loader", help="dali (GPU JPEG decoding on CUDA) or torch."),
+    loader: str = typer.Option("auto", "--loader", help="auto (dali on CUDA, torch on a CPU), dali (JPEGs decoded on "
+                                "the GPU) or torch."),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
     batch_size: int = typer.Option(256, "--batch-size", help="Images per batch (per process under torchrun)."),
     image_size: int | None = typer.Option(None, "--image-size", help="Center-crop size. Default: the run's."),

@@ -35,6 +35,7 @@ from pipeline.loaders import (
     check_kind,
     make_loader,
     random_resized_crop_box,
+    resolve_kind,
 )
 from pipeline.progress import rate_bar
 from pipeline.runtime import resolve_device
@@ -79,12 +80,37 @@ def _progress(enabled: bool) -> Progress:
                     console=Console(stderr=True), transient=True, disable=not enabled)
 
 
-def bench_loader(shards_dir: Path, *, loader: str = "dali", batch_size: int = 64, batches: int = 20,
+def batch_mate_repetition(first: list[list[int]], second: list[list[int]]) -> float:
+    """Of each image's batch-mates in one epoch, the share that are its batch-mates again in the next: (B - 1) / (N - 1)
+    for a global shuffle per epoch; far more when a batch is drawn from images that sit near each other in the tars."""
+    mates = {i: set(batch) - {i} for batch in second for i in batch}
+    again = total = 0
+    for batch in first:
+        for i in batch:
+            others = set(batch) - {i}
+            again += len(others & mates.get(i, set()))
+            total += len(others)
+    return again / max(total, 1)
+
+
+def order_statistics(ldr: Loader) -> dict:
+    """The loader's train order over two epochs (the order alone: no image is decoded): batch-mate repetition against
+    the ideal, the share of the split one batch's images span, and whether the first batch changes."""
+    epochs = [[rows.tolist() for rows in np.array_split(ldr.epoch_rows(e), ldr.steps_per_epoch)] for e in (0, 1)]
+    n, b = ldr.shards.n_images, ldr.batch_size
+    span = float(np.mean([(max(batch) - min(batch) + 1) / n for batch in epochs[0]]))
+    return {"batch_mate_repetition": round(batch_mate_repetition(*epochs), 5),
+            "ideal_repetition": round((b - 1) / max(n - 1, 1), 5), "batch_span": round(span, 4),
+            "first_batch_changes": sorted(epochs[0][0]) != sorted(epochs[1][0])}
+
+
+def bench_loader(shards_dir: Path, *, loader: str = "auto", batch_size: int = 64, batches: int = 20,
                  warmup: int = 2, image_size: int = 224, threads: int = 2, device: str = "auto", seed: int = 0,
                  progress: bool = True) -> dict:
     """Decode + augment throughput of one loader in training mode, cycling over the shards."""
     _check_positive(batch_size=batch_size, batches=batches, image_size=image_size, threads=threads)
     dev = resolve_device(device)
+    loader = resolve_kind(loader, dev)
     ldr, _ = _open_loader(shards_dir, kind=loader, batch_size=batch_size, image_size=image_size,
                           threads=threads, device=dev, seed=seed)
     stream = cycle(ldr)
@@ -103,7 +129,7 @@ def bench_loader(shards_dir: Path, *, loader: str = "dali", batch_size: int = 64
         seconds = time.perf_counter() - start
     return {"bench": "loader", "loader": loader, "images_per_s": round(images / seconds, 2), "batches": batches,
             "images": images, "seconds": round(seconds, 4), "batch_size": batch_size, "image_size": image_size,
-            "threads": threads, "device": dev.type}
+            "threads": threads, "device": dev.type, **order_statistics(ldr)}
 
 
 def _timed_steps(step: Callable[[Batch], None], batches: Iterator[Batch], *, warmup: int, steps: int,
@@ -131,7 +157,7 @@ def _timed_steps(step: Callable[[Batch], None], batches: Iterator[Batch], *, war
 
 
 def bench_train(shards_dir: Path, *, text: Path, synthetic: bool = False, image_model: str = "resnet50",
-                image_size: int = 224, batch_size: int = 64, steps: int = 10, warmup: int = 2, loader: str = "dali",
+                image_size: int = 224, batch_size: int = 64, steps: int = 10, warmup: int = 2, loader: str = "auto",
                 device: str = "auto", precision: str = "bf16", threads: int = 2, seed: int = 0,
                 progress: bool = True) -> dict:
     """Training images/s fed by the real loader, then by synthetic batches already on the device.
@@ -142,6 +168,7 @@ def bench_train(shards_dir: Path, *, text: Path, synthetic: bool = False, image_
     """
     _check_positive(batch_size=batch_size, steps=steps, image_size=image_size, threads=threads)
     dev = resolve_device(device)
+    loader = resolve_kind(loader, dev)
     cfg = config_from_flat({
         "model.image_model": image_model, "model.image_weights": "none", "data.image_size": image_size,
         "data.loader": loader, "data.threads": threads, "train.batch_size": batch_size, "train.steps": steps,
@@ -197,8 +224,10 @@ TORCHVISION_STAGES = ("decode", "resize")
 
 
 def _dali_stage(tars: list[Path], indexes: list[Path], *, stage: str, size: int, batch: int):
-    """The train pipeline of pipeline/loaders.py up to `stage`, on the CPU with one thread. `resize_noaa` is the
-    same resize without antialiasing: not what the loader does, it shows what DALI's CPU resampler costs alone."""
+    """DALI's side of the train pipeline up to `stage`, on the CPU with one thread: a decode with a random crop box
+    fused into it (DALI's own random crop here; the loader passes its box to `image_slice`, the same ROI decode),
+    then resize and normalise. `resize_noaa` is the same resize without antialiasing: not what the loader does, it
+    shows what DALI's CPU resampler costs alone."""
     from nvidia.dali import fn, pipeline_def, types
 
     @pipeline_def(batch_size=batch, num_threads=1, device_id=None, seed=0)

@@ -58,7 +58,7 @@ class DataConfig:
     eval_text: str = ""  # text cache for eval_shards
     image_size: int = 224  # square crop fed to the image tower
     crop_scale_min: float = 0.9  # random-resized-crop area scale range is [crop_scale_min, 1]
-    loader: str = "dali"  # dali (GPU decoding when on CUDA) | torch (webdataset + torchvision)
+    loader: str = "auto"  # auto (dali on CUDA, torch on a CPU) | dali (JPEGs decoded on the GPU) | torch (torchvision)
     threads: int = 4  # decoding threads per process
 
     def __post_init__(self) -> None:

@@ -78,7 +78,7 @@ def _embed_texts(model: CLIP, vectors: torch.Tensor, *, device: torch.device, ba
                       for i in range(0, vectors.shape[0], batch_size)])
 
 
-def embed_split(model: CLIP, *, shards: ShardSet, text: TextCache, device: torch.device, loader: str = "dali",
+def embed_split(model: CLIP, *, shards: ShardSet, text: TextCache, device: torch.device, loader: str = "auto",
                 batch_size: int = 256, image_size: int = 224, threads: int = 2, rank: int = 0, world_size: int = 1,
                 progress: bool = True) -> EvalEmbeddings:
     """Every image of `shards` (once, deterministic crop) and every cached caption of them, through `model`.
@@ -105,7 +105,7 @@ def embed_split(model: CLIP, *, shards: ShardSet, text: TextCache, device: torch
                           text_to_image=torch.from_numpy(np.searchsorted(image_ids, caption_image_ids)))
 
 
-def score_model(model: CLIP, *, shards: ShardSet, text: TextCache, device: torch.device | str, loader: str = "dali",
+def score_model(model: CLIP, *, shards: ShardSet, text: TextCache, device: torch.device | str, loader: str = "auto",
                 batch_size: int = 256, image_size: int = 224, threads: int = 2, folds: int = 1,
                 progress: bool = True) -> dict:
     """Retrieval metrics of `model` on `shards` (a ShardSet) with captions from `text` (a TextCache).

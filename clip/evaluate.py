@@ -24,7 +24,7 @@ from clip.retrieval import RECALL_AT, check_folds, retrieval_metrics
 from pipeline import __version__
 from pipeline.errors import UserError
 from pipeline.files import sha256_file, write_atomic
-from pipeline.loaders import check_kind
+from pipeline.loaders import check_kind, resolve_kind
 from pipeline.runtime import distributed
 from pipeline.shard_reader import open_shards
 from pipeline.text_cache import TextCache
@@ -67,7 +67,7 @@ def print_report(report: dict, console: Console | None = None) -> None:
 
 
 def evaluate(run_or_ckpt: Path, *, shards: Path, text: Path, out: Path | None = None, folds: int = 1,
-             loader: str = "dali", device: str = "auto", batch_size: int = 256, image_size: int | None = None,
+             loader: str = "auto", device: str = "auto", batch_size: int = 256, image_size: int | None = None,
              threads: int = 2, progress: bool = True) -> dict:
     """Score a run (its latest checkpoint) or a checkpoint on `shards` with the captions of `text`.
 
@@ -84,6 +84,7 @@ def evaluate(run_or_ckpt: Path, *, shards: Path, text: Path, out: Path | None = 
     run_dir = run_dir_of(ckpt_path)
     split = shard_set.root.resolve().name
     with distributed(device) as rt:
+        loader = resolve_kind(loader, rt.device)
         model = ckpt.build_model().to(rt.device).to(memory_format=torch.channels_last)
         if image_size is None:
             image_size = ckpt.cfg.data.image_size

@@ -1,8 +1,9 @@
 """Loaders: stream a shard directory as batches of ImageNet-normalised images and their COCO image ids.
 
-Input: a `ShardSet` (`pipeline.shard_reader.open_shards`: WebDataset tars, members `jpg` + `id`, with DALI `.idx`
-files). Output: `Batch`es (images [B, 3, S, S] float32 channels_last on the target device, image ids [B] int64
-on the CPU). Not a command of its own: `clipcoco train` and `clipcoco eval` pick one with `--loader dali|torch`.
+Input: a `ShardSet` (`pipeline.shard_reader.open_shards`: WebDataset tars with DALI `.idx` files). Output:
+`Batch`es (images [B, 3, S, S] float32 channels_last on the target device, image ids [B] int64 on the CPU). Not a
+command of its own: `clipcoco train`, `eval` and `bench` pick one with `--loader auto|dali|torch` (auto: dali on
+CUDA, torch on a CPU).
 
     loader = make_loader(open_shards(Path("shards/train")), kind="dali", batch_size=256, image_size=224,
                          train=True, device=torch.device("cuda"), seed=0, rank=0, world_size=1)
@@ -10,19 +11,22 @@ on the CPU). Not a command of its own: `clipcoco train` and `clipcoco eval` pick
         for batch in loader:          # one epoch; `loader.state_dict()` at any point resumes exactly there
             ...
 
-kind="dali": `fn.readers.webdataset` over the `.idx`-indexed tars; JPEGs decoded on the GPU ("mixed") when the
-device is CUDA, on the CPU otherwise. kind="torch": the baseline for machines without DALI; it reads each sample
-at the byte offsets the same `.idx` files give, decodes with `torchvision.io.decode_jpeg` in `threads` DataLoader
-workers and applies the same augmentation.
+Both loaders read each sample at the byte offsets the `.idx` files give (`SampleIndex`), in one order and with one
+crop per sample that the base class fixes: a seeded global permutation of the whole split per (seed, epoch), cut
+into one share per rank, and a crop box that is a function of (seed, epoch, row). So the same seed gives the same
+image ids in every batch and the same crops in both, and a resume is just the (epoch, batch) position.
+kind="dali": the JPEG bytes and boxes go to DALI through an external source; it decodes only the box
+(`fn.decoders.image_slice`, "mixed" = nvJPEG on CUDA, the CPU otherwise), resizes and normalises.
+kind="torch": the baseline for machines without DALI: `torchvision.io.decode_jpeg` in `threads` DataLoader workers.
 
-Train: random-resized-crop (area scale [crop_scale_min, 1], aspect ratio [3/4, 4/3]) to S x S, a seeded order
-that differs per epoch, and `steps_per_epoch` full batches per rank, the same count on every rank (so DDP
-ranks step together); the images no rank sees in an epoch are counted in `dropped_per_epoch`. Eval: the center
-square of each image (side = its shorter side) resized to S x S, which is resize-shorter-then-center-crop without
-rounding an intermediate size, so both loaders crop the same integer pixel box; file order, every image exactly
-once across ranks, the last batch partial.
+Train: random-resized-crop (area scale [crop_scale_min, 1], aspect ratio [3/4, 4/3]) to S x S and
+`steps_per_epoch` full batches per rank, the same count on every rank (so DDP ranks step together); the images no
+rank sees in an epoch are counted in `dropped_per_epoch`. Eval: the center square of each image (side = its
+shorter side) resized to S x S, which is resize-shorter-then-center-crop without rounding an intermediate size;
+file order, every image exactly once across ranks, the last batch partial.
 """
 
+import json
 import math
 import weakref
 from collections.abc import Iterator
@@ -34,13 +38,13 @@ import torchvision.transforms.v2.functional as F
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from pipeline.errors import UserError
-from pipeline.shard_reader import SampleIndex, ShardSet, decode_ids
+from pipeline.shard_reader import SampleIndex, ShardSet
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 ASPECT_RATIO = (3 / 4, 4 / 3)  # torchvision's RandomResizedCrop default, also DALI's random_aspect_ratio default
 CROP_ATTEMPTS = 10  # tries at a crop that fits before falling back to a center crop (both libraries use 10)
-KINDS = ("dali", "torch")
+KINDS = ("auto", "dali", "torch")
 
 
 @dataclass
@@ -55,11 +59,20 @@ def check_kind(kind: str) -> None:
         raise UserError(f"--loader {kind!r}: use one of {', '.join(KINDS)}")
 
 
+def resolve_kind(kind: str, device: torch.device) -> str:
+    """auto -> DALI on CUDA (it decodes on the GPU), the torch loader on a CPU (DALI's CPU resize is slower there:
+    docs/benchmarks.md); dali and torch as asked."""
+    check_kind(kind)
+    if kind == "auto":
+        return "dali" if torch.device(device).type == "cuda" else "torch"
+    return kind
+
+
 def make_loader(shards: ShardSet, *, kind: str, batch_size: int, image_size: int, train: bool,
                 device: torch.device, seed: int = 0, rank: int = 0, world_size: int = 1, threads: int = 2,
                 crop_scale_min: float = 0.9) -> "Loader":
     """The `kind` loader over `shards` for this rank; iterate it once per epoch."""
-    check_kind(kind)
+    kind = resolve_kind(kind, device)
     if batch_size < 1 or image_size < 1 or threads < 1:
         raise UserError("batch_size, image_size and threads must all be >= 1")
     if not 0 <= rank < world_size:
@@ -69,6 +82,23 @@ def make_loader(shards: ShardSet, *, kind: str, batch_size: int, image_size: int
     cls = DaliLoader if kind == "dali" else TorchLoader
     return cls(shards, batch_size=batch_size, image_size=image_size, train=train, device=torch.device(device),
                seed=seed, rank=rank, world_size=world_size, threads=threads, crop_scale_min=crop_scale_min)
+
+
+@dataclass(frozen=True)
+class Crops:
+    """Each sample's crop box: a function of (seed, epoch, row) alone, so both loaders crop alike and a resumed run
+    crops as an uninterrupted one."""
+
+    train: bool
+    seed: int
+    scale_min: float
+
+    def box(self, epoch: int, row: int, height: int, width: int) -> tuple[int, int, int, int]:
+        """(top, left, h, w): random-resized-crop when training, the center square for eval."""
+        if not self.train:
+            return center_square_box(height, width)
+        rng = np.random.default_rng([self.seed, epoch, row])
+        return random_resized_crop_box(height, width, scale=(self.scale_min, 1.0), rng=rng)
 
 
 class Loader:
@@ -91,8 +121,27 @@ class Loader:
         if train and self.steps_per_epoch == 0:
             raise UserError(f"{shards.root} holds {n} images, fewer than one batch of {batch_size} per rank "
                             f"over {world_size} rank(s): lower --batch-size")
+        self.index = SampleIndex.load(shards.indexes, tars=shards.tars)
+        self.index.require("jpg", "json")
+        if len(self.index) != n:
+            raise UserError(f"the .idx files of {shards.root} list {len(self.index)} samples but the "
+                            f"manifest says {n}: rebuild with `clipcoco shards --overwrite`")
+        self.crops = Crops(train=train, seed=seed, scale_min=crop_scale_min)
         self.epoch = 0  # epochs finished
         self.batch = 0  # batches yielded in the current epoch
+
+    def epoch_rows(self, epoch: int) -> np.ndarray:
+        """Sample rows this rank reads in `epoch`, in order: one seeded permutation of the whole split per
+        (seed, epoch) when training, cut into one share per rank; file order for eval."""
+        n = self.shards.n_images
+        order = np.random.default_rng([self.seed, epoch]).permutation(n) if self.train else np.arange(n)
+        mine = order[n * self.rank // self.world_size: n * (self.rank + 1) // self.world_size]
+        return mine[: self.steps_per_epoch * self.batch_size] if self.train else mine
+
+    def remaining_batches(self) -> list[np.ndarray]:
+        """The rows of each batch still to come in the current epoch."""
+        rows = self.epoch_rows(self.epoch)
+        return [rows[k: k + self.batch_size] for k in range(self.batch * self.batch_size, len(rows), self.batch_size)]
 
     def _signature(self) -> dict:
         """What fixes the sequence of batches: a saved position only means something for the same values."""
@@ -105,6 +154,10 @@ class Loader:
         return {"signature": self._signature(), "epoch": self.epoch, "batch": self.batch}
 
     def load_state_dict(self, state: dict) -> None:
+        if "dali" in state:
+            raise UserError("this loader position was saved by the DALI reader of clipcoco before 0.2 (a shuffle "
+                            "buffer over the tars, not a global shuffle), which this loader cannot restore: start "
+                            "the run again with --overwrite (or another --out)")
         mine = self._signature()
         diff = sorted(k for k in mine.keys() | state["signature"].keys() if state["signature"].get(k) != mine.get(k))
         if diff:
@@ -114,7 +167,8 @@ class Loader:
 
 
 class DaliLoader(Loader):
-    """fn.readers.webdataset -> (fused crop) decode -> resize -> normalise, with DALI's own checkpointing."""
+    """The loader's order and crop boxes -> DALI: the JPEG bytes through an external source, decoded with the box
+    fused into decoding ("mixed" on CUDA: nvJPEG), resized and normalised on the device."""
 
     kind = "dali"
 
@@ -125,78 +179,70 @@ class DaliLoader(Loader):
             raise UserError("--loader dali needs NVIDIA DALI: `pip install 'clipcoco[dali]'` "
                             "(nvidia-dali-cuda120 on CUDA 12), or use `--loader torch`") from e
         super().__init__(shards, **options)
-        self._checkpoint: str | None = None  # a DALI checkpoint to restore when the pipeline is next built
-        self._iterator = None
 
-    def state_dict(self) -> dict:
-        state = super().state_dict()
-        # The iterator's checkpoint counts only the batches it has handed out, not those prefetched behind them.
-        state["dali"] = self._iterator.checkpoints()[0] if self._iterator is not None else self._checkpoint
-        return state
-
-    def load_state_dict(self, state: dict) -> None:
-        super().load_state_dict(state)
-        self._checkpoint, self._iterator = state["dali"], None
-
-    def _build(self):
-        import nvidia.dali.math as dmath
+    def _build(self, source: "_DaliSource"):
         from nvidia.dali import fn, pipeline_def, types
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
         cuda = self.device.type == "cuda"
-        decoder = "mixed" if cuda else "cpu"
         gpu = (self.device.index if self.device.index is not None else torch.cuda.current_device()) if cuda else None
-        size = self.image_size
         # The float32 constants `normalize` uses, so both loaders normalise with the same numbers.
         mean, std = ((torch.tensor(v) * 255).tolist() for v in (IMAGENET_MEAN, IMAGENET_STD))
 
-        # The pipeline seed drives the crops: distinct per (seed, rank); the reader's seed drives the order.
-        @pipeline_def(batch_size=self.batch_size, num_threads=self.threads, device_id=gpu,
-                      seed=self.seed * self.world_size + self.rank, enable_checkpointing=True,
-                      checkpoint=self._checkpoint)
+        @pipeline_def(batch_size=self.batch_size, num_threads=self.threads, device_id=gpu, seed=self.seed)
         def pipeline():
-            # Train ranks move to the next share each epoch (more variety per rank); eval ranks keep theirs.
-            # pad_last_batch ends every reader epoch exactly at the shard's end (the padding is trimmed by the
-            # PARTIAL policy below), so the shuffle buffer never carries images into the next epoch.
-            jpegs, ids = fn.readers.webdataset(
-                paths=[str(p) for p in self.shards.tars], index_paths=[str(p) for p in self.shards.indexes],
-                ext=["jpg", "id"], dtypes=[types.UINT8, types.UINT8], missing_component_behavior="error",
-                random_shuffle=self.train, seed=self.seed, shard_id=self.rank, num_shards=self.world_size,
-                stick_to_shard=not self.train, pad_last_batch=True, name="Reader")
-            if self.train:
-                images = fn.decoders.image_random_crop(jpegs, device=decoder, output_type=types.RGB,
-                                                       random_area=[self.crop_scale_min, 1.0],
-                                                       random_aspect_ratio=list(ASPECT_RATIO),
-                                                       num_attempts=CROP_ATTEMPTS)
-            else:
-                shape = fn.peek_image_shape(jpegs)  # [H, W, C] from the JPEG header, before decoding
-                height, width = shape[0], shape[1]
-                side = dmath.min(height, width)  # the box of center_square_box, computed per sample
-                images = fn.decoders.image_slice(jpegs, fn.stack((height - side) // 2, (width - side) // 2),
-                                                 fn.stack(side, side), axis_names="HW", device=decoder,
-                                                 output_type=types.RGB)
-            images = fn.resize(images, size=[size, size])
+            jpegs, anchors, shapes = fn.external_source(source=source, num_outputs=3, batch=True,
+                                                        dtype=[types.UINT8, types.INT32, types.INT32])
+            # Integer anchor and shape are absolute pixels: the crop box is decoded, nothing else.
+            images = fn.decoders.image_slice(jpegs, anchors, shapes, axis_names="HW",
+                                             device="mixed" if cuda else "cpu", output_type=types.RGB)
+            images = fn.resize(images, size=[self.image_size, self.image_size])
             # HWC output: permuted to NCHW below it is already channels_last in memory, no copy needed.
-            images = fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="HWC",
-                                              mean=mean, std=std)
-            return images, ids
+            return fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="HWC", mean=mean, std=std)
 
         pipe = pipeline()
         pipe.build()
-        return DALIGenericIterator([pipe], ["images", "image_ids"], reader_name="Reader",
-                                   last_batch_policy=LastBatchPolicy.PARTIAL, auto_reset=True,
+        return DALIGenericIterator([pipe], ["images"], last_batch_policy=LastBatchPolicy.PARTIAL,
                                    prepare_first_batch=False)
 
     def __iter__(self) -> Iterator[Batch]:
-        if self._iterator is None:
-            self._iterator = self._build()
-        for (out,) in self._iterator:  # ends at this rank's epoch end (auto_reset starts the next)
-            full = out["images"].shape[0] == self.batch_size
-            if self.train and (self.batch >= self.steps_per_epoch or not full):
-                continue  # a larger rank's extra batch, or the partial one: read to end the reader's epoch
-            self.batch += 1
-            yield Batch(images=out["images"].permute(0, 3, 1, 2), image_ids=decode_ids(out["image_ids"].cpu()))
+        batches = self.remaining_batches()
+        if batches:  # one pipeline per pass: its source ends with the epoch
+            source = _DaliSource(self, batches, epoch=self.epoch)
+            for rows, (out,) in zip(batches, self._build(source), strict=True):
+                self.batch += 1
+                yield Batch(images=out["images"].permute(0, 3, 1, 2), image_ids=source.image_ids(rows))
         self.epoch, self.batch = self.epoch + 1, 0
+
+
+class _DaliSource:
+    """DALI's external source for one pass: per batch, the JPEG bytes and the (top, left), (h, w) crop boxes."""
+
+    def __init__(self, loader: Loader, batches: list[np.ndarray], *, epoch: int) -> None:
+        self.loader, self.batches, self.epoch, self.next = loader, batches, epoch, 0
+        self.ids: dict[int, int] = {}
+
+    def __iter__(self) -> "_DaliSource":
+        return self
+
+    def __next__(self) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]]:
+        if self.next == len(self.batches):
+            raise StopIteration
+        rows, self.next = self.batches[self.next], self.next + 1
+        index = self.loader.index
+        jpegs, anchors, shapes = [], [], []
+        for row in rows.tolist():
+            meta = json.loads(index.read(row, "json"))  # the size as DALI decodes it (EXIF orientation applied)
+            top, left, h, w = self.loader.crops.box(self.epoch, row, meta["height"], meta["width"])
+            self.ids[row] = meta["image_id"]
+            jpegs.append(np.frombuffer(index.read(row, "jpg"), dtype=np.uint8))
+            anchors.append(np.array([top, left], dtype=np.int32))
+            shapes.append(np.array([h, w], dtype=np.int32))
+        return jpegs, anchors, shapes
+
+    def image_ids(self, rows: np.ndarray) -> torch.Tensor:
+        """[B] int64 ids of a batch DALI handed out (the source has read it: DALI runs ahead of the consumer)."""
+        return torch.tensor([self.ids.pop(row) for row in rows.tolist()], dtype=torch.int64)
 
 
 class TorchLoader(Loader):
@@ -210,27 +256,12 @@ class TorchLoader(Loader):
 
     def __init__(self, shards: ShardSet, **options) -> None:
         super().__init__(shards, **options)
-        index = SampleIndex.load(shards.indexes, tars=shards.tars)
-        index.require("jpg", "id")
-        if len(index) != shards.n_images:
-            raise UserError(f"the .idx files of {shards.root} list {len(index)} samples but the "
-                            f"manifest says {shards.n_images}: rebuild with `clipcoco shards --overwrite`")
-        self._samples = _TarSamples(index, train=self.train, image_size=self.image_size,
-                                    crop_scale_min=self.crop_scale_min, seed=self.seed)
+        self._samples = _TarSamples(self.index, crops=self.crops, image_size=self.image_size)
         self._loader: torch.utils.data.DataLoader | None = None  # built on first use, kept across epochs
-
-    def epoch_rows(self, epoch: int) -> np.ndarray:
-        """Sample rows this rank reads in `epoch`, in order (a seeded permutation when training)."""
-        n = self.shards.n_images
-        order = np.random.default_rng([self.seed, epoch]).permutation(n) if self.train else np.arange(n)
-        mine = order[n * self.rank // self.world_size: n * (self.rank + 1) // self.world_size]
-        return mine[: self.steps_per_epoch * self.batch_size] if self.train else mine
 
     def _remaining_batches(self) -> list[list[tuple[int, int]]]:
         """The batch sampler's pass: (epoch, row) items of the batches still to come in the current epoch."""
-        epoch, rows = self.epoch, self.epoch_rows(self.epoch)
-        return [[(epoch, int(r)) for r in rows[k: k + self.batch_size]]
-                for k in range(self.batch * self.batch_size, len(rows), self.batch_size)]
+        return [[(self.epoch, int(r)) for r in rows] for rows in self.remaining_batches()]
 
     def __iter__(self) -> Iterator[Batch]:
         if self._loader is None:
@@ -317,12 +348,10 @@ def normalize(images: torch.Tensor) -> torch.Tensor:
 
 
 class _TarSamples(torch.utils.data.Dataset):
-    """dataset[(epoch, row)] -> (uint8 [3, S, S] image, image id); the crop is seeded by (seed, epoch, row)."""
+    """dataset[(epoch, row)] -> (uint8 [3, S, S] image, image id), cropped by the loader's `Crops`."""
 
-    def __init__(self, index: SampleIndex, *, train: bool, image_size: int, crop_scale_min: float,
-                 seed: int) -> None:
-        self.index, self.train = index, train
-        self.image_size, self.crop_scale_min, self.seed = image_size, crop_scale_min, seed
+    def __init__(self, index: SampleIndex, *, crops: Crops, image_size: int) -> None:
+        self.index, self.crops, self.image_size = index, crops, image_size
 
     def __len__(self) -> int:
         return len(self.index)
@@ -332,8 +361,4 @@ class _TarSamples(torch.utils.data.Dataset):
         image_id = self.index.image_id(row)
         data = torch.frombuffer(bytearray(self.index.read(row, "jpg")), dtype=torch.uint8)
         image = decode_jpeg(data, mode=ImageReadMode.RGB)
-        if not self.train:
-            return eval_image(image, self.image_size), image_id
-        rng = np.random.default_rng([self.seed, epoch, row])
-        box = random_resized_crop_box(*image.shape[1:], scale=(self.crop_scale_min, 1.0), rng=rng)
-        return crop_resize(image, box, self.image_size), image_id
+        return crop_resize(image, self.crops.box(epoch, row, *image.shape[1:]), self.image_size), image_id

@@ -104,7 +104,7 @@ def test_bench_train_synthetic_only(shards, text):
 
 
 @pytest.mark.parametrize(("extra", "message"), [
-    (["--loader", "pytorch"], "use one of dali, torch"),
+    (["--loader", "pytorch"], "use one of auto, dali, torch"),
     (["--batch-size", "50"], "larger than the 12 images"),
     (["--batches", "0"], "--batches must be >= 1"),
 ])

@@ -18,6 +18,7 @@ from pipeline.loaders import (
     center_square_box,
     make_loader,
     random_resized_crop_box,
+    resolve_kind,
 )
 from pipeline.shard_reader import open_shards
 from pipeline.shards import build_shards
@@ -212,3 +213,67 @@ def test_torch_loader_workers_are_freed_without_the_garbage_collector(generated)
         assert workers() is None
     finally:
         gc.enable()
+
+
+@pytest.fixture(scope="module")
+def many(tmp_path_factory):
+    """120 tiny JPEGs in 4 shards of 30, in image-id order as every shard directory is."""
+    root = tmp_path_factory.mktemp("many")
+    annotations, images = write_coco(root, 120, captions_per_image=1, size=(20, 16))
+    build_shards(out=root / "shards", images=images, annotations=annotations, samples_per_shard=30, progress=False)
+    return open_shards(root / "shards")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_train_order_is_a_global_shuffle_every_epoch(many, kind):
+    """Batches as a fresh global permutation per epoch makes them: batch-mates rarely meet again, a batch spans the
+    split (not a run of neighbours in the tars), the first batch changes."""
+    from clip.bench import batch_mate_repetition, order_statistics
+
+    ldr = loader(many, kind, train=True, batch_size=8, seed=0, threads=1)
+    epochs = [[b.image_ids.tolist() for b in ldr] for _ in range(3)]
+    ideal = 7 / 119
+    for first, second in zip(epochs, epochs[1:], strict=False):
+        assert batch_mate_repetition(first, second) <= 1.5 * ideal
+        assert sorted(first[0]) != sorted(second[0])
+    shards_per_batch = [len({(i - 1) // 30 for i in batch}) for batch in epochs[0]]
+    assert np.mean(shards_per_batch) >= 3  # 3.6 expected of 8 images drawn from 4 shards at random
+    stats = order_statistics(ldr)  # what `clipcoco bench loader` reports: the same order, from the loader's rows
+    assert stats["batch_mate_repetition"] == pytest.approx(batch_mate_repetition(*epochs[:2]), abs=1e-5)
+    assert stats["ideal_repetition"] == pytest.approx(ideal, abs=1e-5) and stats["first_batch_changes"]
+
+
+def test_repetition_statistic_against_a_hand_count():
+    from clip.bench import batch_mate_repetition
+
+    # Image 1's mates {2, 3} -> {2}: 1 of 2 again; 2: {1, 3} -> {1}: 1 of 2; 3: {1, 2} -> {4}: 0; 4, 5, 6 likewise.
+    assert batch_mate_repetition([[1, 2, 3], [4, 5, 6]], [[1, 2, 4], [3, 5, 6]]) == pytest.approx(4 / 12)
+    assert batch_mate_repetition([[1, 2], [3, 4]], [[1, 2], [3, 4]]) == 1.0
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_both_loaders_share_one_order_and_one_crop_per_sample(generated, world_size):
+    """Same seed -> the same image ids in every batch and the same crop box, on every rank, in every epoch."""
+    batches = {kind: [[b for b in ldr] for _ in range(2)]
+               for kind in KINDS
+               for ldr in [loader(generated, kind, train=True, batch_size=3, seed=4, world_size=world_size)]}
+    dali, torch_ = (sum(batches[k], []) for k in KINDS)
+    assert [b.image_ids.tolist() for b in dali] == [b.image_ids.tolist() for b in torch_]
+    diff = unnormalise(torch.cat([b.images for b in dali])) - unnormalise(torch.cat([b.images for b in torch_]))
+    assert diff.abs().mean() < 2  # decoders and resamplers differ by a few levels; another box by far more
+
+
+def test_a_position_saved_by_the_old_dali_reader_is_refused(generated):
+    old = loader(generated, "torch", train=True, batch_size=3).state_dict()
+    old["dali"] = "a DALI reader checkpoint"
+    with pytest.raises(UserError, match="before 0.2 .* cannot restore: start the run again with --overwrite"):
+        loader(generated, "dali", train=True, batch_size=3).load_state_dict(old)
+
+
+def test_auto_is_dali_on_cuda_and_torch_on_a_cpu():
+    assert resolve_kind("auto", torch.device("cpu")) == "torch"
+    assert resolve_kind("auto", torch.device("cuda", 0)) == "dali"
+    assert resolve_kind("dali", torch.device("cpu")) == "dali"
+    assert resolve_kind("torch", torch.device("cuda")) == "torch"
+    with pytest.raises(UserError, match="use one of auto, dali, torch"):
+        resolve_kind("pil", torch.device("cpu"))

@@ -4,4 +4,4 @@ Importing this package has no side effects; each stage is a module with a plain 
 the `clipcoco` command-line tool (package `cli`) wraps.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

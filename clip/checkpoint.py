@@ -83,7 +83,10 @@ class Checkpoint:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:
-            raise UserError(f"{path} is not a readable clipcoco checkpoint ({err}); pass another step_*.pt") from None
+            # Not torch.load's own message: for a text file it advises weights_only=False, which would run its pickles.
+            raise UserError(f"{path} is not a clipcoco checkpoint or run (torch.load cannot read it: "
+                            f"{type(err).__name__}): pass a run directory written by `clipcoco train` or one of its "
+                            "checkpoints/step_*.pt") from None
         fields = {f.name for f in dataclasses.fields(cls)}
         required = {f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING}
         if not isinstance(state, dict) or not required <= state.keys() or not state.keys() <= fields:

@@ -183,7 +183,14 @@ def load_config(source: str | Path | None = None, overrides: Mapping[str, Any] |
     flat: dict[str, Any] = {}
     if source is not None:
         text, where = read_config(source)
-        tree = yaml.safe_load(text) or {}
+        try:
+            tree = yaml.safe_load(text) or {}
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            problem = getattr(err, "problem", None) or type(err).__name__
+            raise UserError(f"{where} is not valid YAML{at}: {problem}; fix the file or pass a preset "
+                            "(clipcoco train --help lists them)") from None
         if not isinstance(tree, Mapping):
             raise UserError(f"{where} must hold a mapping of sections (model, data, optim, train)")
         flat.update(_flatten(tree, where))

@@ -61,7 +61,13 @@ def _load_trunk_weights(model: CLIP, cfg: ModelConfig) -> None:
         return
     if cfg.image_weights == "imagenet":
         weights = torchvision.models.get_model_weights(cfg.image_model).DEFAULT
-        state = weights.get_state_dict(progress=False)  # downloaded by torchvision once, then cached
+        try:
+            state = weights.get_state_dict(progress=False)  # downloaded by torchvision once, then cached
+        except OSError as err:  # URLError without a network, or a cache that cannot be written
+            raise UserError(f"cannot get torchvision's ImageNet weights for {cfg.image_model} ({type(err).__name__}: "
+                            f"{getattr(err, 'reason', err)}): pass --image-weights none (from scratch) or "
+                            f"--image-weights PATH (a state dict), or put {weights.url.rsplit('/', 1)[-1]} in "
+                            "$TORCH_HOME/hub/checkpoints (default ~/.cache/torch) when offline") from None
     else:
         path = Path(cfg.image_weights)
         if not path.is_file():

@@ -376,10 +376,12 @@ def train(cfg: Config, *, out: Path, overwrite: bool = False, progress: bool = T
     with distributed(cfg.train.device) as env:
         inputs = open_inputs(cfg)
         resume = find_resume(out, cfg, inputs, env.world_size, overwrite=overwrite)
+        # Built first: a model or loader that cannot be made (no network for the ImageNet weights, say) stops the
+        # command before it writes anything into the run directory.
+        run = build_run(cfg, out, env, inputs, resume)
         if env.main:
             prepare_run_dir(out, cfg, resume, overwrite=overwrite)
         barrier()  # the run directory is ready before any rank writes into it
-        run = build_run(cfg, out, env, inputs, resume)
         log = RunLog(out, enabled=env.main)
         # The images a train epoch leaves out (partial batches, over all ranks) are counted here once per start.
         log.write("start", run.step, {"world_size": env.world_size, "steps_per_epoch": run.loader.steps_per_epoch,

@@ -122,7 +122,7 @@ class Loader:
             raise UserError(f"{shards.root} holds {n} images, fewer than one batch of {batch_size} per rank "
                             f"over {world_size} rank(s): lower --batch-size")
         self.index = SampleIndex.load(shards.indexes, tars=shards.tars)
-        self.index.require("jpg", "json")
+        self.index.require("jpg", "json", "id")
         if len(self.index) != n:
             raise UserError(f"the .idx files of {shards.root} list {len(self.index)} samples but the "
                             f"manifest says {n}: rebuild with `clipcoco shards --overwrite`")

@@ -86,10 +86,12 @@ def test_a_failed_save_removes_its_temporary_file(tmp_path, cfg, monkeypatch):
 
 def test_not_a_checkpoint_says_so(tmp_path):
     (tmp_path / "weights.pt").write_bytes(b"")
+    (tmp_path / "README.md").write_text("# clipcoco\n\nA data-pipeline-first trainer.\n")
     torch.save({"state_dict": {}}, tmp_path / "other.pt")
-    for name in ("weights.pt", "other.pt"):
-        with pytest.raises(UserError, match="clipcoco checkpoint"):
+    for name in ("weights.pt", "README.md", "other.pt"):
+        with pytest.raises(UserError, match="is not a clipcoco checkpoint") as err:
             Checkpoint.load(tmp_path / name)
+        assert "weights_only" not in str(err.value)  # never the advice to unpickle an unknown file
 
 
 def test_missing_run_says_what_to_do(tmp_path):

@@ -107,3 +107,11 @@ def test_missing_file_says_what_to_do(tmp_path):
 def test_valid_keys_cover_sections():
     keys = valid_keys()
     assert "model.embed_dim" in keys and "train.batch_size" in keys and len(keys) == len(set(keys))
+
+
+def test_malformed_yaml_names_the_file_line_and_column(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  image_model: resnet18\n  embed_dim: [1, 2\ntrain:\n  steps: 3\n")
+    with pytest.raises(UserError, match=r"bad.yaml is not valid YAML at line 4, column 6: expected .,. or .\].") as err:
+        load_config(bad)
+    assert "Traceback" not in str(err.value) and len(str(err.value).splitlines()) == 1

@@ -239,3 +239,18 @@ def test_gpu_bf16_dali_run_resumes(data, tmp_path):
     assert first["step"] == 3 and resumed["step"] == 5 and [m["step"] for m in logged] == [1, 2, 3, 4, 5]
     assert all(np.isfinite(m["loss"]) and m["peak_mem_gb"] > 0 for m in logged)
     assert Checkpoint.load(tmp_path / "run").model["trunk.conv1.weight"].dtype == torch.float32
+
+
+def test_imagenet_weights_without_network_is_one_line_and_writes_nothing(data, tmp_path, monkeypatch):
+    from urllib.error import URLError
+
+    from torchvision.models._api import WeightsEnum
+
+    def offline(self, *args, **kwargs):
+        raise URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(WeightsEnum, "get_state_dict", offline)
+    with pytest.raises(UserError, match=r"--image-weights none .*--image-weights PATH .*TORCH_HOME") as err:
+        train_module.train(config(data, **{"model.image_weights": "imagenet"}), out=tmp_path / "run", progress=False)
+    assert len(str(err.value).splitlines()) == 1
+    assert not (tmp_path / "run").exists()  # checked before the run directory is written

@@ -35,7 +35,7 @@ import pyarrow.parquet as pq
 from pipeline import __version__
 from pipeline.coco import ImageRecord, read_coco_captions, read_karpathy
 from pipeline.errors import UserError
-from pipeline.files import commit, replacing, sha256_file, write_atomic
+from pipeline.files import commit, replacing, sha256_file, temporary_name, write_atomic
 from pipeline.images import Prepared, Rejected, prepare_image
 from pipeline.progress import rate_bar
 from pipeline.shard_reader import (
@@ -165,7 +165,7 @@ class ShardWriter:
     def __init__(self, out: Path, index: int, build_id: str):
         self.out, self.index, self.build_id = out, index, build_id
         self.tar = out / shard_name(index, "tar")
-        self.tmp = self.tar.with_name(self.tar.name + ".tmp")
+        self.tmp = temporary_name(self.tar)  # where a killed run leaves it: complete_prefix clears it
         self.file = self.tmp.open("wb")
         self.hashing = _HashingFile(self.file)
         self.writer = tarfile.TarFile(fileobj=self.hashing, mode="w", format=tarfile.USTAR_FORMAT,

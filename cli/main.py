@@ -7,7 +7,7 @@ import sys
 
 import typer
 
-from cli import bench, demo, embed_text, evaluate, plot, search, shards, train, zeroshot
+from cli import bench, demo, embed_images, embed_text, evaluate, plot, search, shards, train, zeroshot
 from pipeline import __version__
 from pipeline.errors import UserError
 
@@ -27,6 +27,7 @@ app = typer.Typer(
 
 app.command("shards", no_args_is_help=True)(shards.command)
 app.command("embed-text", no_args_is_help=True)(embed_text.command)
+app.command("embed-images", no_args_is_help=True)(embed_images.command)
 app.command("train", no_args_is_help=True)(train.command)
 app.command("eval", no_args_is_help=True)(evaluate.command)
 app.command("search", no_args_is_help=True)(search.command)

@@ -37,6 +37,17 @@ def command(
     image_size: int = typer.Option(None, "--image-size", help="Square crop size in pixels."),
     embed_dim: int = typer.Option(None, "--embed-dim", help="Size of the shared image-text space."),
     head: str = typer.Option(None, "--head", help="Projection heads: linear or mlp."),
+    loss: str = typer.Option(None, "--loss", help="infonce (CLIP's softmax over the batch) or sigmoid (SigLIP's "
+                             "pairwise loss with a learned bias; said to do better at small batches)."),
+    lock_image: bool = typer.Option(None, "--lock-image/--no-lock-image", help="Freeze the pretrained trunk (eval "
+                                    "mode, no grad); only the heads train. With --image-features no image is decoded."),
+    image_features: Path = typer.Option(None, "--image-features", help="Pooled trunk features of --shards from "
+                                        "`clipcoco embed-images` (needs --lock-image): an epoch takes seconds."),
+    captions: str = typer.Option(None, "--captions", help="one (a random caption of each image per step) or all "
+                                 "(every caption of each image, all positives, never each other's negatives)."),
+    extra_negatives: int = typer.Option(None, "--extra-negatives", help="Captions of other images drawn from the "
+                                        "training cache each step, through the current text head, as extra "
+                                        "image->text negatives (a global count, split over the processes)."),
     batch_size: int = typer.Option(None, "--batch-size", help="Images per process per step."),
     epochs: int = typer.Option(None, "--epochs", help="Train for N epochs (instead of --steps)."),
     steps: int = typer.Option(None, "--steps", help="Total target step count (a resumed run continues to it)."),

@@ -42,6 +42,7 @@ class Checkpoint:
     scheduler: dict | None = None
     rng: dict | None = None  # {"torch": the global RNG state, "captions": [world, ...] per-rank caption streams}
     loader: list[dict] | None = None  # each rank's Loader.state_dict(), in rank order
+    negatives: list[dict] | None = None  # each rank's ExtraNegatives.state_dict() (runs with --extra-negatives)
     epoch: int = 0
     samples_seen: int = 0
 
@@ -61,7 +62,9 @@ class Checkpoint:
         return model.eval()
 
     def to_dict(self) -> dict:
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        """The saved dict: every field, less the optional ones this run does not have (None)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if getattr(self, f.name) is not None or f.default is dataclasses.MISSING}
 
     def save(self, run_dir: Path, *, keep_last: int) -> Path:
         """Write checkpoints/step_<step>.pt, point `latest` at it, keep the newest `keep_last`."""

@@ -20,6 +20,7 @@ from typing import Any
 
 import yaml
 
+from clip.loss import LOSSES
 from clip.presets import read_config
 from pipeline.errors import UserError
 from pipeline.loaders import KINDS as LOADER_KINDS
@@ -41,6 +42,9 @@ class ModelConfig:
     head: str = "linear"  # projection heads: linear | mlp (one hidden layer)
     init_temperature: float = 0.07  # CLIP's initial softmax temperature (logit scale 1/0.07)
     max_logit_scale: float = 100.0  # clamp on the learned logit scale, as in CLIP
+    loss: str = "infonce"  # infonce (CLIP's softmax) | sigmoid (SigLIP's pairwise loss, with a learned bias)
+    init_logit_bias: float = -10.0  # SigLIP's initial logit bias (sigmoid loss only)
+    lock_image: bool = False  # freeze the pretrained trunk (eval mode, no grad): only the heads train
 
     def __post_init__(self) -> None:
         _check(self.image_model in RESNETS, f"model.image_model must be one of {RESNETS}")
@@ -48,6 +52,7 @@ class ModelConfig:
         _check(self.head in ("linear", "mlp"), "model.head must be linear or mlp")
         _check(0 < self.init_temperature < 1, "model.init_temperature must be in (0, 1)")
         _check(self.max_logit_scale >= 1 / self.init_temperature, "model.max_logit_scale < 1/init_temperature")
+        _check(self.loss in LOSSES, f"model.loss must be one of {', '.join(LOSSES)}")
 
 
 @dataclass(frozen=True)
@@ -60,6 +65,7 @@ class DataConfig:
     crop_scale_min: float = 0.9  # random-resized-crop area scale range is [crop_scale_min, 1]
     loader: str = "auto"  # auto (dali on CUDA, torch on a CPU) | dali (JPEGs decoded on the GPU) | torch (torchvision)
     threads: int = 4  # decoding threads per process
+    image_features: str = ""  # pooled trunk features from `clipcoco embed-images`: train the heads on caches alone
 
     def __post_init__(self) -> None:
         _check(self.image_size >= 16, "data.image_size must be >= 16")
@@ -67,6 +73,9 @@ class DataConfig:
         _check(self.loader in LOADER_KINDS, f"data.loader must be one of {', '.join(LOADER_KINDS)}")
         _check(self.threads >= 1, "data.threads must be >= 1")
         _check(bool(self.eval_shards) == bool(self.eval_text), "data.eval_shards and data.eval_text go together")
+
+
+CAPTIONS = ("one", "all")
 
 
 @dataclass(frozen=True)
@@ -96,7 +105,9 @@ class TrainConfig:
     device: str = "auto"  # auto (cuda when available) | cpu | cuda (cuda:LOCAL_RANK under torchrun) | cuda:N
     precision: str = "bf16"  # bf16 autocast on CUDA (fp32 on CPU) | fp32
     compile: bool = False  # torch.compile the image tower
-    seed: int = 0  # seeds model init, shuffling and caption choice
+    seed: int = 0  # seeds model init, shuffling, caption choice and extra negatives
+    captions: str = "one"  # one (a random caption of each image per step) | all (every caption of each image)
+    extra_negatives: int = 0  # captions of other images drawn from the training cache each step (global count)
     save_every: int = 1000  # checkpoint period in steps (a final checkpoint is always written)
     keep_last: int = 3  # checkpoints kept on disk
     eval_every: int = 0  # eval period in steps when data.eval_shards is set; 0 = only at the end
@@ -110,6 +121,8 @@ class TrainConfig:
         _check(self.precision in ("bf16", "fp32"), "train.precision must be bf16 or fp32")
         _check(self.save_every >= 1 and self.keep_last >= 1, "train.save_every and train.keep_last must be >= 1")
         _check(self.eval_every >= 0 and self.log_every >= 1, "train.eval_every >= 0, train.log_every >= 1")
+        _check(self.captions in CAPTIONS, f"train.captions must be one of {', '.join(CAPTIONS)}")
+        _check(self.extra_negatives >= 0, "train.extra_negatives must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -118,6 +131,10 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        _check(not self.data.image_features or self.model.lock_image,
+               "data.image_features (cached trunk features) needs model.lock_image: a trained trunk would change them")
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return dataclasses.asdict(self)

@@ -8,6 +8,7 @@ fixed_size_list<float32>[E] (L2-normalised); schema metadata: clipcoco_version, 
 run), step, shards_fingerprint, text_metadata (the cache's metadata, JSON). `clipcoco search` ranks its images.
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,22 +39,22 @@ class EvalEmbeddings:
 
 
 @torch.inference_mode()
-def _embed_images(model: CLIP, *, shards: ShardSet, device: torch.device, loader: str, batch_size: int, image_size: int,
-                  threads: int, rank: int, world: int, progress: bool) -> tuple[np.ndarray, torch.Tensor]:
+def embed_images(encode: Callable[[torch.Tensor], torch.Tensor], dim: int, *, shards: ShardSet, device: torch.device,
+                 loader: str, batch_size: int, image_size: int, threads: int, rank: int, world: int, progress: bool,
+                 label: str = "scoring images") -> tuple[np.ndarray, torch.Tensor]:
+    """(sorted image ids [I], `encode`(images) [I, dim] float32 on the CPU) of every image of `shards` once, with the
+    eval crop; under torchrun each rank encodes a share and every rank gets all back."""
     batches = make_loader(shards, kind=loader, batch_size=batch_size, image_size=image_size, train=False,
                           device=device, rank=rank, world_size=world, threads=threads)
     ids, feats = [], []
-    with rate_bar("scoring images", "images", enabled=progress and rank == 0) as bar:
+    with rate_bar(label, "images", enabled=progress and rank == 0) as bar:
         task = bar.add_task("images", total=shards.n_images)
         for batch in batches:
-            feats.append(model.encode_image(batch.images).float())
+            feats.append(encode(batch.images).float())
             ids.append(batch.image_ids.to(device))
             bar.advance(task, len(batch.image_ids) * world)  # every rank moves at about the same pace
-    if feats:
-        local_feats = torch.cat(feats)
-    else:  # a rank can get no image when there are fewer images than ranks; it still joins the gather
-        local_feats = torch.zeros(0, model.encode_text(torch.zeros(1, model.text_dim, device=device)).shape[1],
-                                  device=device)
+    # A rank can get no image when there are fewer images than ranks; it still joins the gather.
+    local_feats = torch.cat(feats) if feats else torch.zeros(0, dim, device=device)
     local_ids = torch.cat(ids) if ids else torch.zeros(0, dtype=torch.long, device=device)
     if world > 1:
         local_ids, local_feats = gather_rows(local_ids), gather_rows(local_feats)
@@ -62,7 +63,7 @@ def _embed_images(model: CLIP, *, shards: ShardSet, device: torch.device, loader
     return all_ids[order], all_feats[torch.from_numpy(order)]
 
 
-def _check_every_image_once(ids: np.ndarray, shards: ShardSet) -> None:
+def check_every_image_once(ids: np.ndarray, shards: ShardSet) -> None:
     # A loader that pads its last batch or repeats samples across ranks would silently bias the recalls.
     expected = shards.image_ids()
     if len(ids) != shards.n_images or not np.array_equal(ids, expected):
@@ -89,10 +90,10 @@ def embed_split(model: CLIP, *, shards: ShardSet, text: TextCache, device: torch
     was_training = model.training
     model.eval()
     try:
-        image_ids, image_feats = _embed_images(model, shards=shards, device=device, loader=loader,
-                                               batch_size=batch_size, image_size=image_size, threads=threads,
-                                               rank=rank, world=world_size, progress=progress)
-        _check_every_image_once(image_ids, shards)
+        image_ids, image_feats = embed_images(model.encode_image, model.embed_dim, shards=shards, device=device,
+                                              loader=loader, batch_size=batch_size, image_size=image_size,
+                                              threads=threads, rank=rank, world=world_size, progress=progress)
+        check_every_image_once(image_ids, shards)
         text.check_covers(image_ids)
         keep = np.isin(text.image_ids, image_ids)  # a cache may hold more images than these shards
         caption_image_ids = text.image_ids[keep]

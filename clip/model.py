@@ -6,6 +6,7 @@ Output: L2-normalised embeddings [B, E] and [N, E], and the learned logit scale.
 Used by `clipcoco train`, `clipcoco eval` and `clipcoco search` (through `clip.checkpoint`).
 """
 
+import hashlib
 import math
 from pathlib import Path
 
@@ -36,11 +37,34 @@ class CLIP(nn.Module):
         self.text_head = _head(text_dim, cfg.embed_dim, cfg.head)
         # Learned in log space so the scale stays positive; CLIP's init is 1/0.07.
         self.log_logit_scale = nn.Parameter(torch.tensor(math.log(1 / cfg.init_temperature)))
+        # SigLIP's learnable bias (init -10: the many negatives start near probability 0), only for its loss.
+        self.logit_bias = nn.Parameter(torch.tensor(cfg.init_logit_bias)) if cfg.loss == "sigmoid" else None
         self.max_logit_scale = cfg.max_logit_scale
         self.text_dim = text_dim
+        self.feature_dim = feat_dim
+        self.embed_dim = cfg.embed_dim
+        self.lock_image = cfg.lock_image
+        if cfg.lock_image:  # the pretrained trunk stays as it is: no gradients, BatchNorm statistics frozen
+            self.trunk.requires_grad_(False)
+            self.trunk.eval()
+
+    def train(self, mode: bool = True) -> "CLIP":
+        super().train(mode)
+        if self.lock_image:
+            self.trunk.eval()
+        return self
+
+    def image_features(self, images: Tensor) -> Tensor:
+        """[B, 3, S, S] images -> the trunk's pooled features [B, feature_dim] (what `clipcoco embed-images` caches)."""
+        if self.lock_image:
+            with torch.no_grad():
+                return self.trunk(images)
+        return self.trunk(images)
 
     def encode_image(self, images: Tensor) -> Tensor:
-        return F.normalize(self.image_head(self.trunk(images)), dim=-1)  # [B, 3, S, S] -> [B, E]
+        """[B, 3, S, S] images, or their cached pooled trunk features [B, feature_dim] (a locked trunk) -> [B, E]."""
+        features = images if images.ndim == 2 else self.image_features(images)
+        return F.normalize(self.image_head(features.to(next(self.image_head.parameters()).dtype)), dim=-1)
 
     def encode_text(self, text: Tensor) -> Tensor:
         # The cache stores float16; the head's dtype (or autocast) decides the compute precision.
@@ -51,9 +75,18 @@ class CLIP(nn.Module):
         # Clamped as in CLIP: an unbounded scale makes the softmax one-hot and training unstable.
         return self.log_logit_scale.exp().clamp(max=self.max_logit_scale)
 
-    def forward(self, images: Tensor, text: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def forward(self, images: Tensor, text: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
         # One forward for both towers, so DistributedDataParallel sees every parameter used in its forward.
-        return self.encode_image(images), self.encode_text(text), self.logit_scale()
+        return self.encode_image(images), self.encode_text(text), self.logit_scale(), self.logit_bias
+
+
+def trunk_sha256(model: CLIP) -> str:
+    """sha256 of the trunk's weights and buffers (names, dtypes, values): which trunk made a feature cache."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.trunk.state_dict().items()):
+        h.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def _load_trunk_weights(model: CLIP, cfg: ModelConfig) -> None:

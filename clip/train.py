@@ -12,9 +12,12 @@ spent waiting for the next batch; peak_mem_gb: GPU memory on CUDA, the process's
     clipcoco train --shards data/shards/train --text data/shards/train/text.parquet --out runs/r1
     torchrun --nproc_per_node 8 $(which clipcoco) train ...      # DDP, one process per GPU
 
-Per step only the ResNet and the two heads run: the text side is one row per image drawn from the cache
-(a random caption of the image, from a seeded generator saved in every checkpoint). `train.steps` is the
-total target: rerunning into the same `--out` resumes from `latest` and continues to the new target.
+Per step only the ResNet and the two heads run: the text side comes from the cache, one random caption per image
+(`train.captions: one`, from a seeded generator saved in every checkpoint) or all of them (`all`), plus
+`train.extra_negatives` captions of other images (clip/negatives.py). With `model.lock_image` the trunk is frozen, and
+with `data.image_features` (from `clipcoco embed-images`) the heads train on the two caches without decoding an
+image. `train.steps` is the total target: rerunning into the same `--out` resumes from `latest` and continues to
+the new target.
 """
 
 import json
@@ -33,8 +36,10 @@ from torch.nn.parallel import DistributedDataParallel
 
 from clip.checkpoint import CHECKPOINT_DIR, LATEST, Checkpoint
 from clip.config import Config, OptimConfig
+from clip.image_features import FeatureLoader, ImageFeatures
 from clip.loss import clip_loss
-from clip.model import CLIP, build_model
+from clip.model import CLIP, build_model, trunk_sha256
+from clip.negatives import ExtraNegatives
 from pipeline.errors import UserError
 from pipeline.loaders import Loader, make_loader
 from pipeline.runtime import Runtime, barrier, distributed, gather_objects
@@ -45,9 +50,11 @@ RUN_FILES = ("config.yaml", "metrics.jsonl", CHECKPOINT_DIR, "tensorboard")
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on conv and linear weights only: decaying biases, norm scales or the temperature only hurts."""
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    """Weight decay on conv and linear weights only: decaying biases, norm scales or the temperature only hurts.
+    Frozen parameters (a locked trunk) are left out."""
+    trained = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in trained if p.ndim >= 2]
+    no_decay = [p for p in trained if p.ndim < 2]
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
@@ -68,19 +75,39 @@ def make_scheduler(optimizer: torch.optim.Optimizer, *, warmup: int, total: int)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, warmup=warmup, total=total))
 
 
-def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, images: Tensor, text: Tensor, *,
-               grad_clip: float, bf16: bool) -> Tensor:
-    """One optimisation step on a batch of images and their captions' cached vectors; returns the loss."""
+@dataclass
+class TextBatch:
+    """The text side of one step, from the caches: [B x K, D] caption vectors (K slots per image, `valid` [B, K]
+    saying which hold one; K = 1 and valid None for one caption per image) and optional extra negatives."""
+
+    captions: Tensor
+    valid: Tensor | None = None
+    extra: Tensor | None = None  # [X, D]
+    extra_ids: Tensor | None = None  # [X] int64, the images the extras belong to
+
+
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, images: Tensor,
+               text: Tensor | TextBatch, *, grad_clip: float, bf16: bool, loss: str = "infonce",
+               image_ids: Tensor | None = None) -> Tensor:
+    """One optimisation step on a batch of images (or cached trunk features) and their captions' cached vectors,
+    `text` a [B, D] tensor (one caption per image) or a TextBatch; returns the loss."""
+    if not isinstance(text, TextBatch):
+        text = TextBatch(text)
+    n_captions = text.captions.shape[0]
+    # Captions and extras through the text head in one forward, so DDP sees the head used once.
+    rows = text.captions if text.extra is None else torch.cat([text.captions, text.extra])
     with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=bf16):
-        image_feats, text_feats, logit_scale = model(images, text)
-        loss = clip_loss(image_feats, text_feats, logit_scale)
+        image_feats, text_feats, logit_scale, logit_bias = model(images, rows)
+        extra = text_feats[n_captions:] if text.extra is not None else None
+        value = clip_loss(image_feats, text_feats[:n_captions], logit_scale, valid=text.valid, extra=extra,
+                          image_ids=image_ids, extra_ids=text.extra_ids, kind=loss, bias=logit_bias)
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    value.backward()
     if grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     optimizer.step()
     scheduler.step()
-    return loss.detach()
+    return value.detach()
 
 
 @dataclass(frozen=True)
@@ -89,6 +116,7 @@ class Inputs:
     text: TextCache
     eval_shards: ShardSet | None
     eval_text: TextCache | None
+    image_features: ImageFeatures | None = None
 
 
 def open_inputs(cfg: Config) -> Inputs:
@@ -108,7 +136,11 @@ def open_inputs(cfg: Config) -> Inputs:
             raise UserError(f"eval text cache {eval_text.path} was made with a different text encoder than "
                             f"{text.path} ({_differences(text.fingerprint, eval_text.fingerprint)}): embed the eval "
                             "captions with the same --model and --pooling")
-    return Inputs(shards, text, eval_shards, eval_text)
+    features = None
+    if cfg.data.image_features:
+        features = ImageFeatures.load(Path(cfg.data.image_features))
+        features.check(shards, cfg)
+    return Inputs(shards, text, eval_shards, eval_text, features)
 
 
 def _differences(a: dict, b: dict) -> str:
@@ -117,7 +149,9 @@ def _differences(a: dict, b: dict) -> str:
 
 
 def _shape(model: dict, text_dim: int) -> str:
-    return f"{model['image_model']}, embed_dim {model['embed_dim']}, {model['head']} heads, text dim {text_dim}"
+    locked = ", trunk locked" if model.get("lock_image") else ""
+    return (f"{model['image_model']}, embed_dim {model['embed_dim']}, {model['head']} heads, text dim {text_dim}, "
+            f"{model.get('loss', 'infonce')} loss{locked}")
 
 
 def find_resume(out: Path, cfg: Config, inputs: Inputs, world_size: int, *, overwrite: bool) -> Checkpoint | None:
@@ -260,8 +294,22 @@ class Run:
     scheduler: torch.optim.lr_scheduler.LambdaLR
     loader: Loader
     captions: torch.Generator  # picks each image's caption; one stream per rank
+    negatives: ExtraNegatives | None  # this rank's share of the extra text negatives
     total: int
     step: int = 0
+
+    def text_batch(self, image_ids: Tensor) -> TextBatch:
+        """The cached text of a step: one caption per image drawn from `captions`, or all of them; the extras."""
+        text, device = self.inputs.text, self.env.device
+        if self.cfg.train.captions == "all":
+            captions, valid = text.all_captions(image_ids, text.max_captions)
+            batch = TextBatch(captions.to(device, non_blocking=True), valid)
+        else:
+            batch = TextBatch(text.sample(image_ids, self.captions).to(device, non_blocking=True))
+        if self.negatives is not None:
+            extra, extra_ids = self.negatives.draw()
+            batch.extra, batch.extra_ids = extra.to(device, non_blocking=True), extra_ids
+        return batch
 
     @property
     def bf16(self) -> bool:
@@ -279,10 +327,20 @@ def build_run(cfg: Config, out: Path, env: Runtime, inputs: Inputs, resume: Chec
     # Batches arrive channels_last; weights in the same layout keep convs on the fast path (cuDNN/oneDNN) and
     # gradient strides equal to DDP's buckets.
     model = model.to(env.device, memory_format=torch.channels_last)
-    loader = make_loader(inputs.shards, kind=cfg.data.loader, batch_size=cfg.train.batch_size,
-                         image_size=cfg.data.image_size, train=True, device=env.device, seed=cfg.train.seed,
-                         rank=env.rank, world_size=env.world_size, threads=cfg.data.threads,
-                         crop_scale_min=cfg.data.crop_scale_min)
+    options = dict(batch_size=cfg.train.batch_size, image_size=cfg.data.image_size, train=True, device=env.device,
+                   seed=cfg.train.seed, rank=env.rank, world_size=env.world_size, threads=cfg.data.threads,
+                   crop_scale_min=cfg.data.crop_scale_min)
+    if inputs.image_features is not None:
+        loader = FeatureLoader(inputs.shards, inputs.image_features, **options)
+    else:
+        loader = make_loader(inputs.shards, kind=cfg.data.loader, **options)
+    negatives = None
+    if cfg.train.extra_negatives:
+        if cfg.train.extra_negatives % env.world_size:
+            raise UserError(f"--extra-negatives {cfg.train.extra_negatives} is drawn in equal shares by "
+                            f"{env.world_size} processes: pass a multiple of {env.world_size}")
+        negatives = ExtraNegatives(inputs.text, cfg.train.extra_negatives // env.world_size, seed=cfg.train.seed,
+                                   rank=env.rank)
     total = cfg.train.steps or cfg.train.epochs * loader.steps_per_epoch
     optimizer = make_optimizer(model, cfg.optim)
     scheduler = make_scheduler(optimizer, warmup=cfg.optim.warmup_steps, total=total)
@@ -295,20 +353,29 @@ def build_run(cfg: Config, out: Path, env: Runtime, inputs: Inputs, resume: Chec
         torch.set_rng_state(resume.rng["torch"])
         captions.set_state(resume.rng["captions"][env.rank])
         loader.load_state_dict(resume.loader[env.rank])
+        if negatives is not None:
+            if resume.negatives is None:
+                raise UserError(f"{out} was trained without --extra-negatives: resume without it, or start a new run "
+                                "with --overwrite")
+            negatives.load_state_dict(resume.negatives[env.rank])
         step = int(resume.step)
+    if inputs.image_features is not None:  # the cached features must be this trunk's (fresh or resumed)
+        inputs.image_features.check_trunk(trunk_sha256(model), cfg.model.image_weights)
     step_model: nn.Module = model
     if env.world_size > 1:
         on_cuda = env.device.type == "cuda"
         step_model = DistributedDataParallel(model, device_ids=[env.device.index] if on_cuda else None)
     if cfg.train.compile:
         step_model = torch.compile(step_model)
-    return Run(cfg, out, env, inputs, model, step_model, optimizer, scheduler, loader, captions, total, step)
+    return Run(cfg, out, env, inputs, model, step_model, optimizer, scheduler, loader, captions, negatives, total,
+               step)
 
 
 def save(run: Run) -> Path | None:
     """Checkpoint every rank's loader position and caption stream; rank 0 writes the file."""
     loader_states = gather_objects(run.loader.state_dict())
     caption_states = gather_objects(run.captions.get_state())
+    negative_states = gather_objects(run.negatives.state_dict()) if run.negatives is not None else None
     if run.env.rank != 0:
         return None
     return Checkpoint(
@@ -318,6 +385,7 @@ def save(run: Run) -> Path | None:
         optimizer=run.optimizer.state_dict(), scheduler=run.scheduler.state_dict(),
         rng={"torch": torch.get_rng_state(), "captions": torch.stack(caption_states)}, loader=loader_states,
         epoch=run.step // run.loader.steps_per_epoch, samples_seen=run.step * run.images_per_step,
+        negatives=negative_states,
     ).save(run.out, keep_last=run.cfg.train.keep_last)
 
 
@@ -350,10 +418,11 @@ def fit(run: Run, log: RunLog, *, progress: bool) -> dict:
         task = bar.add_task("train", total=run.total, completed=run.step, stats="")
         while run.step < run.total:  # one pass per epoch; a resumed loader starts mid-epoch
             for batch in meter.timed(run.loader):
-                text = run.inputs.text.sample(batch.image_ids, run.captions).to(run.env.device, non_blocking=True)
+                text = run.text_batch(batch.image_ids)
                 lr = run.optimizer.param_groups[0]["lr"]
                 loss = train_step(run.step_model, run.optimizer, run.scheduler, batch.images, text,
-                                  grad_clip=run.cfg.optim.grad_clip, bf16=run.bf16)
+                                  grad_clip=run.cfg.optim.grad_clip, bf16=run.bf16, loss=run.cfg.model.loss,
+                                  image_ids=batch.image_ids)
                 run.step += 1
                 meter.add(loss)
                 if _due(run.step, cfg.log_every, run.total):

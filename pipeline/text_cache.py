@@ -45,11 +45,13 @@ def cache_rows(captions: pa.Table, embeddings: np.ndarray, schema: pa.Schema) ->
 
 
 def write_cache(path: Path, parts: Iterable[pa.Table], schema: pa.Schema) -> Path:
-    """Write the cache atomically, one row group per part (parts in (image_id, caption_id) order)."""
+    """Write a cache atomically, one row group per part (parts in id order). Also the writer of the image-feature
+    cache (clip/image_features.py): any schema with an `embedding` column and id columns."""
     # zstd for ids and text; float16 noise does not compress, so the embeddings are stored plain.
-    compression = {"image_id": "zstd", "caption_id": "zstd", "caption": "zstd", "embedding": "none"}
+    compression = {name: "none" if name == "embedding" else "zstd" for name in schema.names}
+    ids = [name for name in ("image_id", "caption_id") if name in schema.names]
     with replacing(path) as tmp, pq.ParquetWriter(tmp, schema, compression=compression, use_dictionary=False,
-                                                  write_statistics=["image_id", "caption_id"]) as writer:
+                                                  write_statistics=ids) as writer:
         for part in parts:
             writer.write_table(part.replace_schema_metadata(schema.metadata), row_group_size=max(1, part.num_rows))
     return path
@@ -58,6 +60,19 @@ def write_cache(path: Path, parts: Iterable[pa.Table], schema: pa.Schema) -> Pat
 def schema_metadata(schema: pa.Schema) -> dict[str, str]:
     """A Parquet file's own key/value metadata, decoded (Arrow's private ARROW:* entries left out)."""
     return {k.decode(): v.decode() for k, v in (schema.metadata or {}).items() if not k.startswith(b"ARROW:")}
+
+
+def read_vectors(table: pa.Table, dim: int, path: Path, *, rerun: str) -> torch.Tensor:
+    """The `embedding` column (fixed_size_list<float16>[dim]) of a cache as one [N, dim] float16 tensor."""
+    embedding = table.column("embedding").combine_chunks()
+    if not (pa.types.is_fixed_size_list(embedding.type) and embedding.type.list_size == dim
+            and pa.types.is_float16(embedding.type.value_type)):
+        raise UserError(f"{path}: embedding column is {embedding.type}, expected fixed_size_list<float16>[{dim}]: "
+                        f"rerun `{rerun}`")
+    values = embedding.flatten().to_numpy(zero_copy_only=False)
+    if not values.flags.writeable:  # a zero-copy view of Arrow memory; torch tensors must own writable memory
+        values = values.copy()
+    return torch.from_numpy(values.reshape(len(table), dim))
 
 
 def model_slug(model: str) -> str:
@@ -107,12 +122,7 @@ class TextCache:
         if missing or any(c not in table.column_names for c in columns):
             raise UserError(f"{path} is not a clipcoco text cache (missing metadata {missing or 'none'}, columns "
                             f"{table.column_names}): {hint}")
-        embedding = table.column("embedding").combine_chunks()
-        dim = int(metadata["dim"])
-        if not (pa.types.is_fixed_size_list(embedding.type) and embedding.type.list_size == dim
-                and pa.types.is_float16(embedding.type.value_type)):
-            raise UserError(f"{path}: embedding column is {embedding.type}, expected fixed_size_list<float16>[{dim}]: "
-                            f"rerun `clipcoco embed-text`")
+        embeddings = read_vectors(table, int(metadata["dim"]), path, rerun="clipcoco embed-text")
         # Own, writable copies (a few MB): callers may hand them to torch.from_numpy.
         image_ids = np.array(table.column("image_id").to_numpy(), dtype=np.int64)
         caption_ids = np.array(table.column("caption_id").to_numpy(), dtype=np.int64)
@@ -120,10 +130,6 @@ class TextCache:
         step_ok = (np.diff(image_ids) > 0) | ((np.diff(image_ids) == 0) & (np.diff(caption_ids) > 0))
         if not step_ok.all():
             raise UserError(f"{path}: rows are not sorted by (image_id, caption_id): rerun `clipcoco embed-text`")
-        values = embedding.flatten().to_numpy(zero_copy_only=False)
-        if not values.flags.writeable:  # a zero-copy view of Arrow memory; torch tensors must own writable memory
-            values = values.copy()
-        embeddings = torch.from_numpy(values.reshape(len(image_ids), dim))
         return cls(path, metadata, image_ids, caption_ids, table.column("caption"), embeddings)
 
     def __len__(self) -> int:
@@ -142,16 +148,38 @@ class TextCache:
                 f"(first: {missing[:5].tolist()}): the cache was made from other shards; run "
                 f"`clipcoco embed-text SHARDS_DIR` on the shard directory you are using")
 
-    def sample(self, image_ids: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """[B, D] float16: for each image id, one of its captions' embeddings, uniformly, drawn with `generator`."""
+    @property
+    def max_captions(self) -> int:
+        """The most captions any one image has (COCO: 7)."""
+        return int(self._counts.max())
+
+    def _runs(self, image_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(first row, caption count) of each image id's run of rows; stops on an id the cache lacks."""
         ids = image_ids.to("cpu", torch.int64)
         pos = torch.searchsorted(self._unique_ids, ids).clamp_(max=len(self._unique_ids) - 1)
         absent = self._unique_ids[pos] != ids
         if absent.any():
             self.check_covers(ids[absent].numpy())
-        counts = self._counts[pos]
+        return self._starts[pos], self._counts[pos]
+
+    def sample(self, image_ids: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """[B, D] float16: for each image id, one of its captions' embeddings, uniformly, drawn with `generator`."""
+        starts, counts = self._runs(image_ids)
         # float64 uniforms scaled by each image's caption count: uniform over its captions; the clamp only
         # guards the (measure-zero) rounding of u * count up to count.
-        u = torch.rand(len(ids), generator=generator, dtype=torch.float64)
+        u = torch.rand(len(starts), generator=generator, dtype=torch.float64)
         offset = torch.minimum((u * counts).long(), counts - 1)
-        return self.embeddings[self._starts[pos] + offset]
+        return self.embeddings[starts + offset]
+
+    def all_captions(self, image_ids: torch.Tensor, slots: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every caption of each image: ([B x slots, D] float16, row i x slots + k = caption k of image i; [B, slots]
+        bool, which slots hold a caption). `slots` >= max_captions; unused slots repeat a caption, masked out."""
+        starts, counts = self._runs(image_ids)
+        k = torch.arange(slots)
+        valid = k[None, :] < counts[:, None]
+        rows = starts[:, None] + torch.minimum(k[None, :], counts[:, None] - 1)
+        return self.embeddings[rows.reshape(-1)], valid
+
+    def rows(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """([R, D] float16 embeddings, [R] int64 image ids) of cache rows `rows`."""
+        return self.embeddings[rows], torch.from_numpy(self.image_ids)[rows]

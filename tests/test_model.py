@@ -14,8 +14,9 @@ from pipeline.errors import UserError
 @pytest.mark.parametrize("head", ["linear", "mlp"])
 def test_shapes_and_unit_norm(head):
     model = build_model(ModelConfig(image_model="resnet18", image_weights="none", embed_dim=24, head=head), 40)
-    img, txt, scale = model(torch.randn(3, 3, 32, 32), torch.randn(5, 40, dtype=torch.float16))
+    img, txt, scale, bias = model(torch.randn(3, 3, 32, 32), torch.randn(5, 40, dtype=torch.float16))
     assert img.shape == (3, 24) and txt.shape == (5, 24)
+    assert bias is None  # the bias exists only for the sigmoid loss
     torch.testing.assert_close(img.norm(dim=-1), torch.ones(3))
     torch.testing.assert_close(txt.norm(dim=-1), torch.ones(5))
     assert scale.item() == pytest.approx(1 / 0.07, rel=1e-5)
@@ -45,3 +46,24 @@ def test_mismatched_or_missing_weights_are_refused(tmp_path):
         build_model(ModelConfig(image_model="resnet18", image_weights=str(path)), 4)
     with pytest.raises(UserError, match="not found"):
         build_model(ModelConfig(image_model="resnet18", image_weights=str(tmp_path / "nope.pt")), 4)
+
+
+def test_sigmoid_loss_adds_a_learned_bias():
+    model = build_model(ModelConfig(image_model="resnet18", image_weights="none", embed_dim=8, loss="sigmoid"), 4)
+    *_, bias = model(torch.randn(2, 3, 32, 32), torch.randn(2, 4))
+    assert bias.requires_grad and bias.item() == pytest.approx(-10.0)
+
+
+def test_locked_trunk_stays_frozen_in_eval_mode_and_takes_cached_features():
+    model = build_model(ModelConfig(image_model="resnet18", image_weights="none", embed_dim=8, lock_image=True), 4)
+    model.train()
+    assert not model.trunk.training and model.image_head.training
+    assert not any(p.requires_grad for p in model.trunk.parameters())
+    images = torch.randn(2, 3, 32, 32)
+    before = model.trunk.bn1.running_mean.clone()
+    img, *_ = model(images, torch.randn(2, 4))
+    img.sum().backward()
+    torch.testing.assert_close(model.trunk.bn1.running_mean, before)  # no BatchNorm statistics update
+    assert model.trunk.conv1.weight.grad is None and model.image_head.weight.grad is not None
+    # Cached pooled features [B, 512] give exactly what the images give.
+    torch.testing.assert_close(model.encode_image(model.image_features(images)), model.encode_image(images))

@@ -89,7 +89,7 @@ def test_every_named_train_flag_is_called_after_exactly_one_config_key():
     from clip.config import valid_keys
 
     named = {name: option for name, option in _train_options().items() if name not in NOT_CONFIG}
-    assert set(NOT_CONFIG) <= set(_train_options()) and len(named) == 22
+    assert set(NOT_CONFIG) <= set(_train_options()) and len(named) == 27
     for name, option in named.items():
         keys = [key for key in valid_keys() if key.partition(".")[2] == name]
         assert len(keys) == 1, (name, keys)

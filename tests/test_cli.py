@@ -153,7 +153,7 @@ def test_train_bad_set_is_a_user_error(trained, pair, message):
 
 
 def test_train_help_lists_presets_and_shows_set():
-    result = CliRunner().invoke(app, ["train", "--help"], terminal_width=200)
+    result = CliRunner().invoke(app, ["train", "--help"], env={"COLUMNS": "200"})  # rich reads COLUMNS
     text = " ".join(re.sub(r"[│╭╮╰╯─]", " ", result.output).split())
     assert "A preset: coco-karpathy, demo (the files of configs/), or a path to a YAML file" in text
     assert "--set SECTION.KEY=VALUE Set any config key, repeatable: --set optim.beta2=0.95" in text

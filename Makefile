@@ -22,7 +22,7 @@ PYTEST_ARGS ?=
 BENCH_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install shards shards-2017 embed-text train eval demo test bench lint clean
+.PHONY: help install shards shards-2017 embed-text embed-images train eval demo test bench lint clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  \033[1m%-12s\033[0m %s\n", $$1, $$2}'
@@ -45,6 +45,9 @@ shards-2017: install ## COCO 2017 official split instead: $(DATA)/train2017 and 
 embed-text: install ## every caption of $(TRAIN) and $(EVAL) through frozen $(TEXT_MODEL), once
 	$(BIN)/clipcoco embed-text $(TRAIN) --model $(TEXT_MODEL) --pooling $(POOLING) --out $(TRAIN)/text-$(TEXT_SLUG).parquet
 	$(BIN)/clipcoco embed-text $(EVAL) --model $(TEXT_MODEL) --pooling $(POOLING) --out $(EVAL)/text-$(TEXT_SLUG).parquet
+
+embed-images: install ## ImageNet ResNet-50 features of $(TRAIN), once, for `clipcoco train --lock-image --image-features`
+	$(BIN)/clipcoco embed-images $(TRAIN) --image-weights imagenet --out $(TRAIN)/features-resnet50-224.parquet
 
 train: install ## train with $(CONFIG) into $(RUN) (rerun to resume)
 	$(BIN)/clipcoco train --config $(CONFIG) --shards $(TRAIN) --text $(TRAIN)/text-$(TEXT_SLUG).parquet --out $(RUN)

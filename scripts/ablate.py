@@ -213,12 +213,25 @@ def main() -> None:
             with results_file.open("a") as f:
                 f.write(json.dumps(row) + "\n")
             done.append(row)
-    print("\n| dataset | variant | seed | steps | t2i R@1 | t2i R@5 | i2t R@1 | i2t R@5 | train s |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for r in done:
-        if r["dataset"] == args.dataset:
-            recalls = " | ".join(f"{100 * r[k]:.1f}" for k in ("t2i_r1", "t2i_r5", "i2t_r1", "i2t_r5"))
-            print(f"| {r['dataset']} | {r['variant']} | {r['seed']} | {r['steps']} | {recalls} | {r['train_s']:.0f} |")
+    print_table([r for r in done if r["dataset"] == args.dataset])
+
+
+def print_table(rows: list[dict]) -> None:
+    """Markdown: per variant, the mean over seeds of each recall (in %), each seed's value in brackets."""
+    keys = ("t2i_r1", "t2i_r5", "i2t_r1", "i2t_r5")
+    print("\n| variant | seeds | steps | t2i R@1 | t2i R@5 | i2t R@1 | i2t R@5 | train s (mean) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name in VARIANTS:
+        mine = [r for r in rows if r["variant"] == name]
+        if not mine:
+            continue
+        cells = []
+        for k in keys:
+            values = [100 * r[k] for r in mine]
+            each = "/".join(f"{v:.1f}" for v in values)
+            cells.append(f"**{sum(values) / len(values):.1f}** ({each})" if len(values) > 1 else f"{values[0]:.1f}")
+        seconds = sum(r["train_s"] for r in mine) / len(mine)
+        print(f"| {name} | {len(mine)} | {mine[0]['steps']} | {' | '.join(cells)} | {seconds:.0f} |")
 
 
 if __name__ == "__main__":

@@ -58,7 +58,8 @@ def cache_schema(dim: int, metadata: dict[str, str]) -> pa.Schema:
 def cache_rows(captions: pa.Table, embeddings: np.ndarray, schema: pa.Schema) -> pa.Table:
     """Rows of a cache: `captions` (image_id, caption_id, caption) with their [N, D] vectors, cast to `schema`."""
     dim = schema.field("embedding").type.list_size
-    vectors = np.asarray(embeddings, dtype=np.float16).reshape(-1, dim)
+    with np.errstate(over="ignore"):  # a value beyond float16's range becomes inf, refused just below
+        vectors = np.asarray(embeddings, dtype=np.float16).reshape(-1, dim)
     bad = non_finite_rows(vectors)
     if len(bad):  # a NaN scores as a perfect match downstream: never write one
         first = int(bad[0])

@@ -7,14 +7,17 @@ metrics.jsonl holds one JSON object per line: `{"kind": "train", "step", "epoch"
 "images_per_s", "data_wait", "peak_mem_gb"}` every `train.log_every` steps (data_wait: the fraction of wall time
 spent waiting for the next batch; peak_mem_gb: GPU memory on CUDA, the process's peak RSS on a CPU),
 `{"kind": "eval", "step", ...scores}` after each eval, and `{"kind": "start", "step", "world_size",
-"steps_per_epoch", "dropped_per_epoch", "target_step"}` each time a run starts or resumes.
+"steps_per_epoch", "dropped_per_epoch", "target_step"}` each time a run starts or resumes (a resume adds
+`"changed"`: the config keys that differ from the checkpoint's, as [before, now]).
 
     clipcoco train --shards data/shards/train --text data/shards/train/text.parquet --out runs/r1
     torchrun --nproc_per_node 8 $(which clipcoco) train ...      # DDP, one process per GPU
 
 Per step only the ResNet and the two heads run: the text side is one row per image drawn from the cache
 (a random caption of the image, from a seeded generator saved in every checkpoint). `train.steps` is the
-total target: rerunning into the same `--out` resumes from `latest` and continues to the new target.
+total target: rerunning into the same `--out` resumes from `latest` and continues to the new target, with the
+optimizer settings of the new config (SET_AT_START lists what a resume cannot change). A NaN/Inf loss or weight
+stops the run before it is logged or saved.
 """
 
 import json

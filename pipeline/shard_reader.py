@@ -1,8 +1,9 @@
 """The read side of a shard directory (written by `clipcoco shards`; the format is in docs/contracts.md).
 
 Inputs: a shard directory: `manifest.json`, `shard-NNNNNN.tar` with its `.idx` (DALI's webdataset index) and
-`.json` sidecar, `sizes.json`, `captions.parquet`. Outputs: a `ShardSet` (the files, the count, the fingerprint) and a
-`SampleIndex` (every sample's members located by the `.idx` files, read by offset). The loaders, train, eval,
+`.json` sidecar, `sizes.json`, `captions.parquet`. Outputs: a `ShardSet` (the files, the count, the fingerprint), a
+`SampleIndex` (every sample's members located by the `.idx` files, read by offset) and the captions (`read_captions`,
+the one reader of captions.parquet; embed-text uses it too). The loaders, train, eval,
 search, bench and `clipcoco shards --verify` read shards through this module only; the writer is
 pipeline/shards.py.
 

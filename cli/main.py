@@ -1,5 +1,6 @@
 """`clipcoco`: the typer app. Each command lives in its own module as a thin wrapper over one
-library function; this module only assembles them and turns a `UserError` into a short message.
+library function; this module only assembles them and turns a `UserError`, or a file-system error the user can
+fix (disk full, read-only, no permission, a path too long: `pipeline.errors.os_error_message`), into a short message.
 """
 
 import os
@@ -9,7 +10,7 @@ import typer
 
 from cli import bench, demo, embed_images, embed_text, evaluate, plot, search, shards, train, zeroshot
 from pipeline import __version__
-from pipeline.errors import UserError
+from pipeline.errors import UserError, os_error_message
 
 app = typer.Typer(
     name="clipcoco",
@@ -57,10 +58,11 @@ def _root(
 def main() -> None:
     try:
         app(prog_name="clipcoco")
-    except UserError as err:
-        if _debug["on"]:
+    except (UserError, OSError) as err:
+        message = str(err) if isinstance(err, UserError) else os_error_message(err)
+        if _debug["on"] or message is None:
             raise
-        typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
+        typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
         sys.exit(2)
 
 

@@ -194,7 +194,7 @@ def bench_train(shards_dir: Path, *, text: Path, synthetic: bool = False, image_
         if not synthetic:
             ldr, shards = _open_loader(shards_dir, kind=loader, batch_size=batch_size, image_size=image_size,
                                        threads=threads, device=dev, seed=seed)
-            cache.check_covers(shards.image_ids())
+            cache.check_matches(shards)
             real_seconds, real_wait = _timed_steps(step, cycle(ldr), warmup=warmup, steps=steps,
                                                    batch_size=batch_size, device=dev, bar=bar, label="real")
             # The loader's threads must not compete with the synthetic block for the same cores.

@@ -71,8 +71,9 @@ class Checkpoint:
         folder = Path(run_dir) / CHECKPOINT_DIR
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / checkpoint_name(self.step)
-        with replacing(path) as tmp:
-            torch.save(self.to_dict(), tmp)
+        # Through a Python file, so a full disk raises an OSError (torch's own file writer only says "unexpected pos").
+        with replacing(path) as tmp, open(tmp, "wb") as f:
+            torch.save(self.to_dict(), f)
         write_atomic(folder / LATEST, f"{path.name}\n".encode())
         for old in list_checkpoints(run_dir)[:-keep_last]:
             if old != path:
@@ -96,7 +97,31 @@ class Checkpoint:
             keys = sorted(state) if isinstance(state, dict) else type(state).__name__
             raise UserError(f"{path} is not a clipcoco checkpoint (it holds {keys}): pass a run directory written "
                             "by `clipcoco train` or one of its checkpoints/step_*.pt")
-        return cls(**state)
+        ckpt = cls(**state)
+        _check_weights(path, ckpt)
+        return ckpt
+
+
+def _check_weights(path: Path, ckpt: Checkpoint) -> None:
+    """Stop unless the model weights are every tensor of the CLIP its config describes, in shape, and finite."""
+    with torch.device("meta"):  # the expected names and shapes, without allocating or initialising anything
+        expected = {k: v.shape for k, v in CLIP(ckpt.cfg.model, int(ckpt.text_dim)).state_dict().items()}
+    weights = ckpt.model if isinstance(ckpt.model, dict) else {}
+    missing = sorted(expected.keys() - weights.keys())
+    unexpected = sorted(weights.keys() - expected.keys())
+    misshapen = sorted(k for k in expected.keys() & weights.keys()
+                       if not isinstance(weights[k], torch.Tensor) or weights[k].shape != expected[k])
+    if missing or unexpected or misshapen:
+        first = (missing or unexpected or misshapen)[0]
+        raise UserError(f"{path} is damaged or not a clipcoco checkpoint: its model weights do not fit the model its "
+                        f"config describes ({len(missing)} missing, {len(unexpected)} unexpected, {len(misshapen)} of "
+                        f"another shape; first: {first}): pass another of the run's checkpoints/step_*.pt")
+    bad = {k: int((~torch.isfinite(v)).sum()) for k, v in weights.items() if v.is_floating_point()}
+    bad = {k: n for k, n in bad.items() if n}
+    if bad:
+        raise UserError(f"{path} holds non-finite weights ({sum(bad.values()):,} NaN/Inf values in {len(bad)} of "
+                        f"{len(weights)} tensors, first: {next(iter(bad))}): the training had diverged when it was "
+                        "saved; pass an earlier checkpoint (checkpoints/step_*.pt) or train again with a lower --lr")
 
 
 def checkpoint_name(step: int) -> str:

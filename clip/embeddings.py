@@ -20,6 +20,7 @@ import torch
 
 from clip.model import CLIP
 from clip.retrieval import retrieval_metrics
+from pipeline.errors import UserError
 from pipeline.files import replacing
 from pipeline.loaders import make_loader
 from pipeline.progress import rate_bar
@@ -101,6 +102,13 @@ def embed_split(model: CLIP, *, shards: ShardSet, text: TextCache, device: torch
         text_feats = _embed_texts(model, vectors, device=device)
     finally:
         model.train(was_training)
+    bad_images, bad_texts = (int((~torch.isfinite(f)).any(1).sum()) for f in (image_feats, text_feats))
+    if bad_images or bad_texts:  # a NaN compares false with everything: it would rank as a perfect match
+        cause = ("its weights hold NaN/Inf" if not all(bool(p.isfinite().all()) for p in model.parameters())
+                 else "its weights are finite: its arithmetic overflows")
+        raise UserError(f"the model gave NaN/Inf for {bad_images:,} of {len(image_feats):,} image embeddings and "
+                        f"{bad_texts:,} of {len(text_feats):,} caption embeddings ({cause}; the text cache "
+                        f"{text.path} is finite): no recall is computed from them; score another checkpoint")
     return EvalEmbeddings(image_ids=image_ids, image_feats=image_feats, caption_image_ids=caption_image_ids,
                           caption_ids=text.caption_ids[keep], text_feats=text_feats,
                           text_to_image=torch.from_numpy(np.searchsorted(image_ids, caption_image_ids)))

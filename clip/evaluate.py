@@ -81,6 +81,7 @@ def evaluate(run_or_ckpt: Path, *, shards: Path, text: Path, out: Path | None = 
     check_folds(folds, shard_set.n_images)  # before the images are scored, not after
     cache = TextCache.load(Path(text))
     check_text_cache(ckpt, cache, Path(text))
+    cache.check_matches(shard_set)
     run_dir = run_dir_of(ckpt_path)
     split = shard_set.root.resolve().name
     with distributed(device) as rt:

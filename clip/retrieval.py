@@ -14,6 +14,9 @@ Protocol, over all captions (about 5 per image, not always exactly 5):
   are consecutive by image id; the literature cuts them in dataset_coco.json order, so 1K numbers
   are comparable but their fold membership differs (the 5K numbers do not depend on any order).
 Ties: a competitor whose score equals the positive's counts ahead of it (pessimistic).
+Non-finite scores (NaN, +-Inf) count as the worst score, never the best: every comparison with a NaN is false, so a
+NaN positive would otherwise have no competitor ahead of it and rank first. (`clipcoco eval` refuses non-finite
+embeddings before they get here.)
 """
 
 import math
@@ -60,6 +63,7 @@ def _ranks(image_feats: torch.Tensor, text_feats: torch.Tensor, text_to_image: t
 
     def scores(rows: slice, cols: slice) -> tuple[torch.Tensor, torch.Tensor]:
         sim = image_feats[rows] @ text_feats[cols].T  # [i, t]
+        sim.masked_fill_(~torch.isfinite(sim), -math.inf)  # the worst: a non-finite positive has all ahead of it
         own = text_to_image[cols][None, :] == torch.arange(rows.start, rows.stop, device=device)[:, None]
         return sim, own
 

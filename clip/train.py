@@ -7,7 +7,8 @@ metrics.jsonl holds one JSON object per line: `{"kind": "train", "step", "epoch"
 "images_per_s", "data_wait", "peak_mem_gb"}` every `train.log_every` steps (data_wait: the fraction of wall time
 spent waiting for the next batch; peak_mem_gb: GPU memory on CUDA, the process's peak RSS on a CPU),
 `{"kind": "eval", "step", ...scores}` after each eval, and `{"kind": "start", "step", "world_size",
-"steps_per_epoch", "dropped_per_epoch", "target_step"}` each time a run starts or resumes.
+"steps_per_epoch", "dropped_per_epoch", "target_step"}` each time a run starts or resumes (a resume adds
+`"changed"`: the config keys that differ from the checkpoint's, as [before, now]).
 
     clipcoco train --shards data/shards/train --text data/shards/train/text.parquet --out runs/r1
     torchrun --nproc_per_node 8 $(which clipcoco) train ...      # DDP, one process per GPU
@@ -17,7 +18,8 @@ Per step only the ResNet and the two heads run: the text side comes from the cac
 `train.extra_negatives` captions of other images (clip/negatives.py). With `model.lock_image` the trunk is frozen, and
 with `data.image_features` (from `clipcoco embed-images`) the heads train on the two caches without decoding an
 image. `train.steps` is the total target: rerunning into the same `--out` resumes from `latest` and continues to
-the new target.
+the new target, with the optimizer settings of the new config (SET_AT_START lists what a resume cannot change). A
+NaN/Inf loss or weight stops the run before it is logged or saved.
 """
 
 import json
@@ -34,19 +36,24 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
-from clip.checkpoint import CHECKPOINT_DIR, LATEST, Checkpoint
+from clip.checkpoint import CHECKPOINT_DIR, LATEST, Checkpoint, list_checkpoints
 from clip.config import Config, OptimConfig
 from clip.image_features import FeatureLoader, ImageFeatures
 from clip.loss import clip_loss
 from clip.model import CLIP, build_model, trunk_sha256
 from clip.negatives import ExtraNegatives
 from pipeline.errors import UserError
+from pipeline.files import write_atomic
 from pipeline.loaders import Loader, make_loader
 from pipeline.runtime import Runtime, barrier, distributed, gather_objects
 from pipeline.shard_reader import ShardSet, open_shards
 from pipeline.text_cache import TextCache
 
 RUN_FILES = ("config.yaml", "metrics.jsonl", CHECKPOINT_DIR, "tensorboard")
+# Config keys that only act when a run starts (the initial weights and temperature): a resume cannot apply another
+# value, so it is refused. The model's shape is compared on its own; the loader refuses a change of what fixes its
+# order (batch size, seed, image size, crop scale, loader kind). Every other key a resume applies as given.
+SET_AT_START = ("model.image_weights", "model.init_temperature", "model.init_logit_bias")
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -71,8 +78,21 @@ def lr_factor(step: int, *, warmup: int, total: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def make_scheduler(optimizer: torch.optim.Optimizer, *, warmup: int, total: int) -> torch.optim.lr_scheduler.LambdaLR:
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, warmup=warmup, total=total))
+def make_scheduler(optimizer: torch.optim.Optimizer, *, warmup: int, total: int,
+                   step: int = 0) -> torch.optim.lr_scheduler.LambdaLR:
+    """The schedule, at `step` (a resumed run's: each param group's `initial_lr` is the peak it scales)."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup=warmup, total=total),
+                                             last_epoch=step - 1)
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Restore a saved optimizer's moments and step counts, but keep this config's hyperparameters (lr, weight
+    decay, betas, eps): `load_state_dict` would bring back the saved run's, so a resume with a new --lr or
+    --weight-decay would silently train with the old ones."""
+    settings = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+    optimizer.load_state_dict(state)
+    for group, fresh in zip(optimizer.param_groups, settings, strict=True):
+        group.update(fresh, initial_lr=fresh["lr"])  # initial_lr: the peak the rebuilt schedule scales
 
 
 @dataclass
@@ -126,12 +146,12 @@ def open_inputs(cfg: Config) -> Inputs:
                         "(from `clipcoco embed-text`)")
     shards = open_shards(Path(cfg.data.shards))
     text = TextCache.load(Path(cfg.data.text))
-    text.check_covers(shards.image_ids())
+    text.check_matches(shards)
     eval_shards = eval_text = None
     if cfg.data.eval_shards:
         eval_shards = open_shards(Path(cfg.data.eval_shards))
         eval_text = TextCache.load(Path(cfg.data.eval_text))
-        eval_text.check_covers(eval_shards.image_ids())
+        eval_text.check_matches(eval_shards)
         if eval_text.fingerprint != text.fingerprint:
             raise UserError(f"eval text cache {eval_text.path} was made with a different text encoder than "
                             f"{text.path} ({_differences(text.fingerprint, eval_text.fingerprint)}): embed the eval "
@@ -146,6 +166,13 @@ def open_inputs(cfg: Config) -> Inputs:
 def _differences(a: dict, b: dict) -> str:
     keys = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
     return "differs in " + ", ".join(f"{k}: {a.get(k)!r} vs {b.get(k)!r}" for k in keys)
+
+
+def config_changes(before: Config, after: Config) -> dict[str, list]:
+    """{"section.key": [before, after]} for every key whose value differs."""
+    old, new = before.to_dict(), after.to_dict()
+    return {f"{section}.{key}": [old[section][key], value] for section, keys in new.items()
+            for key, value in keys.items() if old[section][key] != value}
 
 
 def _shape(model: dict, text_dim: int) -> str:
@@ -167,6 +194,12 @@ def find_resume(out: Path, cfg: Config, inputs: Inputs, world_size: int, *, over
     ours = _shape(cfg.to_dict()["model"], inputs.text.dim)
     if theirs != ours:
         raise UserError(f"{out} holds a run of a different model ({theirs}; this config: {ours}): {start_over}")
+    fixed = {k: v for k, v in config_changes(ckpt.cfg, cfg).items() if k in SET_AT_START}
+    if fixed:
+        raise UserError(f"{out} started with " + ", ".join(f"{k} {old!r} (this config: {new!r})"
+                                                            for k, (old, new) in fixed.items())
+                        + f", which only acts when a run starts: pass the run's value (its config.yaml) to resume, "
+                        f"or {start_over}")
     if ckpt.text_fingerprint != inputs.text.fingerprint:
         raise UserError(f"text cache {inputs.text.path} is not the one {out} was trained with "
                         f"({_differences(ckpt.text_fingerprint, inputs.text.fingerprint)}): pass that run's "
@@ -190,26 +223,39 @@ def prepare_run_dir(out: Path, cfg: Config, resume: Checkpoint | None, *, overwr
             elif path.exists():
                 path.unlink()
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(cfg.to_yaml())
+    write_atomic(out / "config.yaml", cfg.to_yaml().encode())
     metrics = out / "metrics.jsonl"
     kept = []
     if resume is not None and metrics.is_file():
         kept = [line for line in metrics.read_text().splitlines() if json.loads(line)["step"] <= resume.step]
-    metrics.write_text("".join(f"{line}\n" for line in kept))
+    write_atomic(metrics, "".join(f"{line}\n" for line in kept).encode())
 
 
 class Meter:
-    """Throughput and data-wait fraction over a logging window; the loss is summed on device (no sync per step)."""
+    """Throughput, data-wait fraction and the losses of a logging window; the losses stay on the device until the
+    window is read or checked (no sync per step)."""
 
     def __init__(self) -> None:
+        self.last_finite: tuple[int, float] | None = None  # (step, loss) of the newest finite loss checked
         self.reset()
 
     def reset(self) -> None:
-        self.start, self.wait, self.steps, self.loss_sum = time.perf_counter(), 0.0, 0, None
+        self.start, self.wait, self.steps, self.losses = time.perf_counter(), 0.0, [], []
 
-    def add(self, loss: Tensor) -> None:
-        self.steps += 1
-        self.loss_sum = loss if self.loss_sum is None else self.loss_sum + loss
+    def add(self, step: int, loss: Tensor) -> None:
+        self.steps.append(step)
+        self.losses.append(loss)
+
+    def first_non_finite(self) -> tuple[int, float] | None:
+        """(step, loss) of the window's first NaN/Inf loss, or None (the finite ones update `last_finite`)."""
+        if not self.losses:
+            return None
+        values = torch.stack(self.losses).float().cpu().tolist()  # one sync
+        for step, value in zip(self.steps, values, strict=True):
+            if not math.isfinite(value):
+                return step, value
+            self.last_finite = step, value
+        return None
 
     def timed(self, batches: Iterable) -> Iterator:
         """Yield from `batches`, counting the time spent waiting for each one."""
@@ -224,9 +270,10 @@ class Meter:
             yield batch
 
     def read(self, images_per_step: int) -> dict:
-        loss = self.loss_sum.item() / self.steps  # the one sync per window
+        loss = torch.stack(self.losses).float().mean().item()  # the one sync per window
         elapsed = max(time.perf_counter() - self.start, 1e-9)
-        out = {"loss": loss, "images_per_s": self.steps * images_per_step / elapsed, "data_wait": self.wait / elapsed}
+        out = {"loss": loss, "images_per_s": len(self.steps) * images_per_step / elapsed,
+               "data_wait": self.wait / elapsed}
         self.reset()
         return out
 
@@ -343,13 +390,11 @@ def build_run(cfg: Config, out: Path, env: Runtime, inputs: Inputs, resume: Chec
                                    rank=env.rank)
     total = cfg.train.steps or cfg.train.epochs * loader.steps_per_epoch
     optimizer = make_optimizer(model, cfg.optim)
-    scheduler = make_scheduler(optimizer, warmup=cfg.optim.warmup_steps, total=total)
     captions = torch.Generator().manual_seed(cfg.train.seed * 65_536 + env.rank)
     step = 0
     if resume is not None:
         model.load_state_dict(resume.model)
-        optimizer.load_state_dict(resume.optimizer)
-        scheduler.load_state_dict(resume.scheduler)
+        load_optimizer_state(optimizer, resume.optimizer)
         torch.set_rng_state(resume.rng["torch"])
         captions.set_state(resume.rng["captions"][env.rank])
         loader.load_state_dict(resume.loader[env.rank])
@@ -361,6 +406,8 @@ def build_run(cfg: Config, out: Path, env: Runtime, inputs: Inputs, resume: Chec
         step = int(resume.step)
     if inputs.image_features is not None:  # the cached features must be this trunk's (fresh or resumed)
         inputs.image_features.check_trunk(trunk_sha256(model), cfg.model.image_weights)
+    # Rebuilt, not restored: the schedule of this config (peak lr, warmup, total) at the step reached.
+    scheduler = make_scheduler(optimizer, warmup=cfg.optim.warmup_steps, total=total, step=step)
     step_model: nn.Module = model
     if env.world_size > 1:
         on_cuda = env.device.type == "cuda"
@@ -407,6 +454,26 @@ def log_train(run: Run, log: RunLog, meter: Meter, lr: float) -> dict:
     return window
 
 
+def stop_if_diverged(run: Run, meter: Meter, *, weights: bool) -> None:
+    """Stop at a NaN/Inf loss (and, with `weights`, NaN/Inf weights) before it is logged or saved: the run's last
+    good checkpoint stays its latest, and the message says from where to resume and what to change."""
+    bad = meter.first_non_finite()
+    if bad is not None:
+        what = f"the training loss became {bad[1]} at step {bad[0]}"
+    elif weights and not bool(torch.stack([p.isfinite().all() for p in run.model.parameters()]).all()):
+        what = f"the weights became NaN/Inf by step {run.step}"
+    else:
+        return
+    last = (f"last finite loss {meter.last_finite[1]:.4f} at step {meter.last_finite[0]}"
+            if meter.last_finite else "no finite loss before it")
+    kept = list_checkpoints(run.out)
+    resume = f"rerun with the same --out to resume from {kept[-1].name}" if kept else "rerun with --overwrite"
+    optim = run.cfg.optim
+    raise UserError(f"{what} ({last}); stopped without saving it: {resume} and a lower --lr (now {optim.lr:g}), a "
+                    f"longer --warmup-steps (now {optim.warmup_steps}), --precision fp32 or --set optim.grad_clip "
+                    f"(now {optim.grad_clip:g}) (the text cache holds only finite vectors)")
+
+
 def _due(step: int, every: int, total: int) -> bool:
     return step == total or (every > 0 and step % every == 0)
 
@@ -424,14 +491,17 @@ def fit(run: Run, log: RunLog, *, progress: bool) -> dict:
                                   grad_clip=run.cfg.optim.grad_clip, bf16=run.bf16, loss=run.cfg.model.loss,
                                   image_ids=batch.image_ids)
                 run.step += 1
-                meter.add(loss)
+                meter.add(run.step, loss)
                 if _due(run.step, cfg.log_every, run.total):
+                    stop_if_diverged(run, meter, weights=False)
                     window = log_train(run, log, meter, lr)
                     bar.update(task, completed=run.step, stats=f"loss {window['loss']:.4f}  "
                                f"{window['images_per_s']:.1f} img/s  data-wait {100 * window['data_wait']:.0f}%")
                 if run.inputs.eval_shards is not None and _due(run.step, cfg.eval_every, run.total):
+                    stop_if_diverged(run, meter, weights=True)
                     scores = periodic_eval(run, log)
                 if _due(run.step, cfg.save_every, run.total):
+                    stop_if_diverged(run, meter, weights=True)
                     saved = save(run)
                 if run.step >= run.total:
                     break
@@ -442,6 +512,9 @@ def fit(run: Run, log: RunLog, *, progress: bool) -> dict:
 def train(cfg: Config, *, out: Path, overwrite: bool = False, progress: bool = True) -> dict:
     """Train (or resume) the run in `out` up to the target step; returns the final step, loss and eval scores."""
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file: pass a folder for the run (it holds config.yaml, metrics.jsonl and "
+                        "checkpoints/)")
     with distributed(cfg.train.device) as env:
         inputs = open_inputs(cfg)
         resume = find_resume(out, cfg, inputs, env.world_size, overwrite=overwrite)
@@ -453,8 +526,11 @@ def train(cfg: Config, *, out: Path, overwrite: bool = False, progress: bool = T
         barrier()  # the run directory is ready before any rank writes into it
         log = RunLog(out, enabled=env.main)
         # The images a train epoch leaves out (partial batches, over all ranks) are counted here once per start.
+        # A resume applies the config as given: `changed` records what differs from the checkpoint's.
+        changed = {} if resume is None else {"changed": config_changes(resume.cfg, cfg)}
         log.write("start", run.step, {"world_size": env.world_size, "steps_per_epoch": run.loader.steps_per_epoch,
-                                      "dropped_per_epoch": run.loader.dropped_per_epoch, "target_step": run.total})
+                                      "dropped_per_epoch": run.loader.dropped_per_epoch, "target_step": run.total,
+                                      **changed})
         try:
             return fit(run, log, progress=progress)
         finally:

@@ -31,7 +31,8 @@ from pipeline.errors import UserError
 from pipeline.files import replacing, sha256_file
 from pipeline.progress import rate_bar
 from pipeline.runtime import Runtime, barrier, distributed, resolve_device
-from pipeline.text_cache import cache_rows, cache_schema, model_slug, write_cache
+from pipeline.shard_reader import read_captions, read_json
+from pipeline.text_cache import cache_rows, cache_schema, default_cache_path, write_cache
 
 POOLINGS = ("mean", "cls")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -178,11 +179,7 @@ def _tokenizer_sha256(tokenizer) -> str:
 
 def _read_captions(shards_dir: Path) -> pa.Table:
     path = shards_dir / "captions.parquet"
-    if not path.is_file():
-        raise UserError(f"no captions.parquet in {shards_dir}: did you run `clipcoco shards`?")
-    table = pq.read_table(path, columns=["image_id", "caption_id", "caption"])
-    table = table.cast(pa.schema([("image_id", pa.int64()), ("caption_id", pa.int64()), ("caption", pa.string())]))
-    table = table.sort_by([("image_id", "ascending"), ("caption_id", "ascending")])
+    table = read_captions(shards_dir)
     if table.num_rows == 0:
         raise UserError(f"{path} holds no captions: rebuild the shards with `clipcoco shards`")
     image_ids, caption_ids = (table.column(c).to_numpy() for c in ("image_id", "caption_id"))
@@ -199,6 +196,30 @@ def _chunks(n_rows: int, chunk_size: int, rank: int, world: int) -> Iterator[tup
             yield index, start, min(start + chunk_size, n_rows)
 
 
+def _part_done(path: Path, rows: int) -> bool:
+    """Whether the part file of `rows` captions is there and whole; a damaged one is removed, to be embedded again."""
+    if not path.is_file():
+        return False
+    try:
+        if pq.read_metadata(path).num_rows == rows:
+            return True
+    except (pa.ArrowException, OSError):
+        pass
+    path.unlink()
+    return False
+
+
+def _up_to_date(out: Path, schema: pa.Schema) -> bool:
+    """Whether `out` is a readable cache made with exactly this metadata; an unreadable one is to be replaced."""
+    if not out.is_file():
+        return False
+    try:
+        return pq.read_schema(out).metadata == schema.metadata
+    except (pa.ArrowException, OSError) as err:
+        _say(f"{out} cannot be read ({type(err).__name__}): embedding the captions again to replace it")
+        return False
+
+
 def _write_part(path: Path, table: pa.Table) -> None:
     with replacing(path) as tmp:
         pq.write_table(table, tmp, compression="none")  # parts live minutes; the final file is compressed
@@ -209,7 +230,7 @@ def _prepare_parts(parts: Path, plan: dict, rank: int) -> None:
     if rank != 0:
         return
     plan_file = parts / "plan.json"
-    if parts.is_dir() and (not plan_file.is_file() or json.loads(plan_file.read_text()) != plan):
+    if parts.is_dir() and read_json(plan_file) != plan:  # None when missing or damaged: stale too
         shutil.rmtree(parts)
     if not parts.is_dir():
         parts.mkdir(parents=True)
@@ -237,7 +258,11 @@ def embed_text(shards_dir: Path, *, model: str = "distilbert-base-uncased", pool
         raise UserError("--max-length must be >= 2 and --batch-size >= 1")
     captions_path = shards_dir / "captions.parquet"
     table = _read_captions(shards_dir)
-    out = Path(out) if out is not None else shards_dir / f"text-{model_slug(model)}-{pooling}.parquet"
+    out = Path(out) if out is not None else default_cache_path(shards_dir, model, pooling)
+    if out.is_dir():  # checked before any work, not when the file is written
+        raise UserError(f"--out {out} is a folder: pass the cache's file name, e.g. "
+                        f"{out / default_cache_path(shards_dir, model, pooling).name}")
+    out.parent.mkdir(parents=True, exist_ok=True)  # a read-only or impossible place fails here, before the model loads
 
     with distributed(device) as rt:
         return _embed(table, captions_path, out, rt, model=model, pooling=pooling, max_length=max_length,
@@ -260,7 +285,7 @@ def _embed(table: pa.Table, captions_path: Path, out: Path, rt: Runtime, *, mode
         "captions_sha256": sha256_file(captions_path), "clipcoco_version": __version__,
     }
     schema = cache_schema(encoder.dim, metadata)
-    if out.is_file() and pq.read_schema(out).metadata == schema.metadata:
+    if _up_to_date(out, schema):
         _say(f"up to date: {out} already holds these {table.num_rows:,} captions embedded with these options; "
              f"nothing to do")
         return out
@@ -270,7 +295,8 @@ def _embed(table: pa.Table, captions_path: Path, out: Path, rt: Runtime, *, mode
     barrier()
     n_parts = -(-table.num_rows // chunk_size)
     part_paths = [parts_dir / f"part-{i:06d}.parquet" for i in range(n_parts)]
-    todo = [c for c in _chunks(table.num_rows, chunk_size, rank, world) if not part_paths[c[0]].is_file()]
+    todo = [(index, start, end) for index, start, end in _chunks(table.num_rows, chunk_size, rank, world)
+            if not _part_done(part_paths[index], end - start)]
     mine = len(list(_chunks(table.num_rows, chunk_size, rank, world)))
     if len(todo) < mine and rank == 0:
         _say(f"resuming: {mine - len(todo)} of {mine} parts already embedded in {parts_dir}")

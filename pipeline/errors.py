@@ -1,9 +1,34 @@
-"""The one exception type for a user's mistake (wrong path, mismatched inputs, missing extra).
+"""The one exception type for a user's mistake (wrong path, mismatched inputs, missing extra), and the one rule
+that turns a file-system error the user can fix (disk full, read-only, no permission, a path too long) into one.
 
 The CLI prints its message without a traceback and exits 2 (`--debug` shows the traceback);
 any other exception is an internal error and keeps its traceback.
 """
 
+import errno
+
+# What to do about the file-system errors a user fixes: space, permissions, another path.
+_OS_ADVICE = {
+    errno.ENOSPC: "free space on that disk or write somewhere else (another --out)",
+    errno.EDQUOT: "free space within your quota or write somewhere else (another --out)",
+    errno.EROFS: "that file system is read-only: write somewhere else (another --out)",
+    errno.EACCES: "check its permissions (and its folder's), or write somewhere else (another --out)",
+    errno.EPERM: "check its permissions (and its folder's), or write somewhere else (another --out)",
+    errno.ENAMETOOLONG: "a name in that path is too long for the file system: choose a shorter path",
+    errno.ENOTDIR: "a part of that path is a file, not a folder: choose another path",
+    errno.EISDIR: "that is a folder: pass a file name",
+    errno.EEXIST: "it exists and is not a folder: choose another path",
+}
+
 
 class UserError(Exception):
     """A problem the user can fix; the message must say what to do next."""
+
+
+def os_error_message(err: OSError) -> str | None:
+    """One line naming the file, the error and what to do, for an OSError the user can fix; None for any other."""
+    advice = _OS_ADVICE.get(err.errno)
+    if advice is None:
+        return None
+    where = f"{err.filename}: " if err.filename else ""
+    return f"{where}{err.strerror or errno.errorcode[err.errno]}: {advice}"

@@ -3,7 +3,9 @@
 A file is written under `<name>.tmp` beside its final name, flushed to disk (fsync), then renamed over the
 final name, and the directory entry is synced too: a reader sees the old file or the whole new one, never a
 torn one, even after a power loss. An error inside the block removes the temporary file; a process killed
-outright leaves it, under a name no reader looks for (the next run of the stage clears it).
+outright leaves it, under a name no reader looks for (the next run of the stage clears it). A write that fails
+on the disk (full, read-only) raises an OSError naming the file, which the CLI turns into one line
+(`pipeline.errors.os_error_message`).
 """
 
 import hashlib
@@ -50,8 +52,10 @@ def replacing(path: Path) -> Iterator[Path]:
     try:
         yield tmp
         commit(tmp, path)
-    except BaseException:
+    except BaseException as err:
         tmp.unlink(missing_ok=True)
+        if isinstance(err, OSError) and err.filename is None:  # a failed write() names no file: name the one it was
+            err.filename = str(path)
         raise
 
 

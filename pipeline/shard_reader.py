@@ -1,8 +1,9 @@
 """The read side of a shard directory (written by `clipcoco shards`; the format is in docs/contracts.md).
 
 Inputs: a shard directory: `manifest.json`, `shard-NNNNNN.tar` with its `.idx` (DALI's webdataset index) and
-`.json` sidecar, `sizes.json`, `captions.parquet`. Outputs: a `ShardSet` (the files, the count, the fingerprint) and a
-`SampleIndex` (every sample's members located by the `.idx` files, read by offset). The loaders, train, eval,
+`.json` sidecar, `sizes.json`, `captions.parquet`. Outputs: a `ShardSet` (the files, the count, the fingerprint), a
+`SampleIndex` (every sample's members located by the `.idx` files, read by offset) and the captions (`read_captions`,
+the one reader of captions.parquet; embed-text uses it too). The loaders, train, eval,
 search, bench and `clipcoco shards --verify` read shards through this module only; the writer is
 pipeline/shards.py.
 
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
@@ -75,6 +77,27 @@ def read_json(path: Path) -> dict[str, Any] | None:
         return None
 
 
+CAPTIONS_SCHEMA = pa.schema([("image_id", pa.int64()), ("caption_id", pa.int64()), ("caption", pa.string())])
+
+
+def read_captions(root: Path, columns: list[str] | None = None) -> pa.Table:
+    """`root/captions.parquet` (all columns, or `columns`), sorted by (image_id, caption_id); `UserError` when it is
+    missing or cannot be read (cut short, damaged)."""
+    path = Path(root) / "captions.parquet"
+    if not path.is_file():
+        raise UserError(f"no captions.parquet in {root}: did you run `clipcoco shards`?")
+    names = columns or CAPTIONS_SCHEMA.names
+    try:
+        table = pq.read_table(path, columns=names).cast(pa.schema([CAPTIONS_SCHEMA.field(n) for n in names]))
+    except (pa.ArrowException, OSError) as err:  # cut short, not Parquet, columns missing or of another type
+        if isinstance(err, OSError) and err.errno is not None:  # the file system's (no permission...): the CLI says it
+            raise
+        raise UserError(f"{path} cannot be read ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+                        f"): it is damaged; rerun the `clipcoco shards` command that wrote {root} (same options: it "
+                        "rewrites captions.parquet)") from None
+    return table.sort_by([(c, "ascending") for c in ("image_id", "caption_id") if c in names])
+
+
 @dataclass(frozen=True)
 class ShardSet:
     root: Path
@@ -86,8 +109,11 @@ class ShardSet:
 
     def image_ids(self) -> np.ndarray:
         """Sorted int64 ids of every packed image (from captions.parquet)."""
-        column = pq.read_table(self.root / "captions.parquet", columns=["image_id"]).column("image_id")
-        return np.unique(column.to_numpy()).astype(np.int64)
+        return np.unique(read_captions(self.root, ["image_id"]).column("image_id").to_numpy()).astype(np.int64)
+
+    def captions(self) -> pa.Table:
+        """Every packed caption (image_id, caption_id, caption), sorted by (image_id, caption_id)."""
+        return read_captions(self.root)
 
 
 def load_manifest(root: Path) -> dict:

@@ -74,9 +74,13 @@ def verify_shards(shards_dir: Path, *, progress: bool = True) -> dict:
     if read_json(root / "sizes.json") != {tar.name: e["count"] for tar, e in zip(shards.tars, shards.manifest["shards"],
                                                                                  strict=True)}:
         problems.append("sizes.json is missing or disagrees with manifest.json: rebuild with --overwrite")
-    parquet_ids = np.unique(shards.image_ids())
-    if not np.array_equal(parquet_ids, np.unique(np.array(checked_ids, np.int64))):
-        problems.append("captions.parquet image ids differ from the images in the shards")
+    try:
+        parquet_ids = np.unique(shards.image_ids())
+    except UserError as err:  # cut short or damaged: one problem among the others, not a stop
+        problems.append(str(err))
+    else:
+        if not np.array_equal(parquet_ids, np.unique(np.array(checked_ids, np.int64))):
+            problems.append("captions.parquet image ids differ from the images in the shards")
     if problems:
         raise UserError(f"{len(problems)} problem(s) in {shards.root}:\n  " + "\n  ".join(problems))
     report = {"shards": len(shards.tars), "images": len(checked_ids), "fingerprint": shards.fingerprint, "ok": True}

@@ -7,7 +7,7 @@ Output: a `TextCache` holding the ids, the `[N, D]` float16 embeddings as one to
 metadata; `sample` draws one caption per image for a training batch without a Python loop per image.
 
     cache = TextCache.load(Path("data/shards/karpathy-trainval/text-distilbert-base-uncased-mean.parquet"))
-    cache.check_covers(shards.image_ids())
+    cache.check_matches(shards)                          # made from exactly these shards' captions
     text = cache.sample(batch.image_ids, generator)      # [B, D] float16
 """
 
@@ -21,6 +21,7 @@ import torch
 
 from pipeline.errors import UserError
 from pipeline.files import replacing
+from pipeline.shard_reader import ShardSet
 
 # Schema metadata keys written by `embed-text`. FINGERPRINT_KEYS are the ones that determine the numbers a
 # trainer and an evaluator must agree on; the compute dtype and the tool version only move the last bits.
@@ -28,6 +29,24 @@ METADATA_KEYS = ("model", "weights_sha256", "tokenizer_sha256", "pooling", "max_
                  "dtype", "captions_sha256", "clipcoco_version")
 FINGERPRINT_KEYS = ("model", "weights_sha256", "tokenizer_sha256", "pooling", "max_length", "normalization", "dim")
 _INT_KEYS = ("max_length", "dim")
+_CHECK_ROWS = 32768  # vectors checked for NaN/Inf at a time: a bool mask of one piece, not of the whole cache
+
+
+def non_finite_rows(vectors: np.ndarray) -> np.ndarray:
+    """Row numbers of the [N, D] `vectors` holding a NaN or an infinity."""
+    return np.concatenate([start + np.flatnonzero(~np.isfinite(vectors[start:start + _CHECK_ROWS]).all(axis=1))
+                           for start in range(0, len(vectors), _CHECK_ROWS)] or [np.zeros(0, np.int64)])
+
+
+def default_cache_path(shards_dir: Path, model: str, pooling: str) -> Path:
+    """Where `clipcoco embed-text SHARDS_DIR` writes its cache unless told --out."""
+    return Path(shards_dir) / f"text-{model_slug(model)}-{pooling}.parquet"
+
+
+def embed_text_command(shards_dir: Path | str, metadata: dict[str, str]) -> str:
+    """The `clipcoco embed-text` command that makes a cache like the one with `metadata` from `shards_dir`."""
+    return (f"clipcoco embed-text {shards_dir} --model {metadata['model']} --pooling {metadata['pooling']} "
+            f"--max-length {metadata['max_length']}")
 
 
 def cache_schema(dim: int, metadata: dict[str, str]) -> pa.Schema:
@@ -39,7 +58,16 @@ def cache_schema(dim: int, metadata: dict[str, str]) -> pa.Schema:
 def cache_rows(captions: pa.Table, embeddings: np.ndarray, schema: pa.Schema) -> pa.Table:
     """Rows of a cache: `captions` (image_id, caption_id, caption) with their [N, D] vectors, cast to `schema`."""
     dim = schema.field("embedding").type.list_size
-    values = pa.array(np.asarray(embeddings, dtype=np.float16).reshape(-1), type=pa.float16())
+    with np.errstate(over="ignore"):  # a value beyond float16's range becomes inf, refused just below
+        vectors = np.asarray(embeddings, dtype=np.float16).reshape(-1, dim)
+    bad = non_finite_rows(vectors)
+    if len(bad):  # a NaN scores as a perfect match downstream: never write one
+        first = int(bad[0])
+        raise UserError(f"{len(bad):,} of {len(vectors):,} caption vectors are not finite in float16 storage (first: "
+                        f"image {captions.column('image_id')[first]} caption {captions.column('caption_id')[first]}): "
+                        "the text model's outputs overflow float16 or hold NaN, and nothing was written for them; "
+                        "try --dtype float32, or check the model's weights")
+    values = pa.array(vectors.reshape(-1), type=pa.float16())
     table = captions.select(["image_id", "caption_id", "caption"])
     return table.append_column("embedding", pa.FixedSizeListArray.from_arrays(values, dim)).cast(schema)
 
@@ -130,6 +158,15 @@ class TextCache:
         step_ok = (np.diff(image_ids) > 0) | ((np.diff(image_ids) == 0) & (np.diff(caption_ids) > 0))
         if not step_ok.all():
             raise UserError(f"{path}: rows are not sorted by (image_id, caption_id): rerun `clipcoco embed-text`")
+        values = embeddings.numpy()
+        bad = non_finite_rows(values)
+        if len(bad):  # every comparison with a NaN is false: it would rank as a perfect match
+            first = int(bad[0])
+            raise UserError(f"the text cache {path} holds {int((~np.isfinite(values[bad])).sum()):,} NaN/Inf values in "
+                            f"{len(bad):,} of its {len(values):,} caption vectors (first: image {image_ids[first]} "
+                            f"caption {caption_ids[first]}): it is damaged; make it again with "
+                            f"`{embed_text_command('SHARDS_DIR', metadata)} --out {path}` (SHARDS_DIR: the shards it "
+                            "was made from)")
         return cls(path, metadata, image_ids, caption_ids, table.column("caption"), embeddings)
 
     def __len__(self) -> int:
@@ -147,6 +184,34 @@ class TextCache:
                 f"{len(missing)} of {len(wanted)} image ids have no caption in the text cache {self.path} "
                 f"(first: {missing[:5].tolist()}): the cache was made from other shards; run "
                 f"`clipcoco embed-text SHARDS_DIR` on the shard directory you are using")
+
+    def check_matches(self, shards: ShardSet) -> None:
+        """Stop unless this cache holds exactly the captions of `shards` (image ids, caption ids and text, as its
+        captions.parquet lists them) for every image of them: a cache made before the shards were rebuilt from
+        edited annotations would train or score captions the shards no longer hold. Rows of other images are
+        allowed (a cache of a bigger split)."""
+        captions = shards.captions()
+        image_ids = captions.column("image_id").to_numpy()
+        self.check_covers(image_ids)
+        keep = np.isin(self.image_ids, image_ids)
+        mine = self._captions if keep.all() else self._captions.filter(pa.array(keep))
+        if (keep.sum() == len(image_ids) and np.array_equal(self.image_ids[keep], image_ids)
+                and np.array_equal(self.caption_ids[keep], captions.column("caption_id").to_numpy())
+                and mine.equals(captions.column("caption"))):
+            return
+        theirs = set(zip(image_ids.tolist(), captions.column("caption_id").to_pylist(),
+                         captions.column("caption").to_pylist(), strict=True))
+        ours = set(zip(self.image_ids[keep].tolist(), self.caption_ids[keep].tolist(), mine.to_pylist(), strict=True))
+        missing, extra = theirs - ours, ours - theirs
+        first = min(missing or extra, default=None)  # None: the same rows, one of them listed twice
+        example = f"first: image {first[0]} caption {first[1]}" if first else "a caption is listed twice"
+        default = default_cache_path(shards.root, self.metadata["model"], self.metadata["pooling"])
+        then = "" if self.path.resolve() == default.resolve() else f", and pass the {default} it writes"
+        raise UserError(
+            f"the text cache {self.path} was made from other captions than {shards.root}/captions.parquet holds "
+            f"({len(missing):,} of its {len(theirs):,} captions are not in the cache as they are, {len(extra):,} "
+            f"cached captions of its images are not in it; {example}): the shards were rebuilt since, or the cache "
+            f"is of other shards; rerun `{embed_text_command(shards.root, self.metadata)}`{then}")
 
     @property
     def max_captions(self) -> int:

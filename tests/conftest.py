@@ -1,5 +1,7 @@
 """Shared fixtures: tiny generated COCO-layout data, the bundled coco-mini, the gpu marker."""
 
+import contextlib
+import io
 import json
 import os
 import signal
@@ -87,6 +89,31 @@ def write_random_text_cache(shards: Path, path: Path, *, dim: int, seed: int = 0
     vectors = np.random.default_rng(seed).standard_normal((len(captions), dim))
     schema = cache_schema(dim, metadata or cache_metadata(dim))
     return write_cache(path, [cache_rows(captions, vectors, schema)], schema)
+
+
+def edit_captions(annotations: Path, n: int) -> None:
+    """Change the text of the first `n` captions of an official-layout captions JSON (ids kept)."""
+    data = json.loads(annotations.read_text())
+    for a in data["annotations"][:n]:
+        a["caption"] = f"edited: {a['caption']}"
+    annotations.write_text(json.dumps(data))
+
+
+def clipcoco(*args: str) -> tuple[int, str]:
+    """(exit code, stderr) of `clipcoco ARGS` through the CLI's entry point (`cli.main.main`), in this process."""
+    from cli.main import main
+
+    stderr, argv = io.StringIO(), sys.argv
+    sys.argv = ["clipcoco", *args]
+    try:
+        with contextlib.redirect_stderr(stderr):
+            main()
+        code = 0
+    except SystemExit as exit:
+        code = exit.code
+    finally:
+        sys.argv = argv
+    return code, stderr.getvalue()
 
 
 def take(loader, n: int) -> list:

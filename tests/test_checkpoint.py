@@ -1,5 +1,6 @@
 """Checkpoints: weights_only round trip, `latest`, keep_last, and a save killed before its rename."""
 
+import errno
 import subprocess
 import sys
 import textwrap
@@ -11,7 +12,7 @@ import torch
 from clip.checkpoint import Checkpoint, list_checkpoints, resolve_checkpoint
 from clip.config import Config, load_config
 from clip.model import build_model
-from pipeline.errors import UserError
+from pipeline.errors import UserError, os_error_message
 
 
 def _state(step: int, cfg: Config) -> Checkpoint:
@@ -74,12 +75,16 @@ def test_a_failed_save_removes_its_temporary_file(tmp_path, cfg, monkeypatch):
     _state(1, cfg).save(tmp_path, keep_last=3)
 
     def disk_full(obj, f, *args, **kwargs):
-        Path(f).write_bytes(b"half a checkpoint")
-        raise OSError("No space left on device")
+        f.write(b"half a checkpoint")
+        raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(torch, "save", disk_full)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(OSError, match="No space left") as err:
         _state(2, cfg).save(tmp_path, keep_last=3)
+    # The failed write names the checkpoint, and the CLI's one line says what to do.
+    assert err.value.filename == str(tmp_path / "checkpoints" / "step_00000002.pt")
+    assert os_error_message(err.value) == (f"{err.value.filename}: No space left on device: free space on that disk "
+                                           "or write somewhere else (another --out)")
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest", "step_00000001.pt"]
     assert Checkpoint.load(tmp_path).step == 1
 
@@ -97,3 +102,28 @@ def test_not_a_checkpoint_says_so(tmp_path):
 def test_missing_run_says_what_to_do(tmp_path):
     with pytest.raises(UserError, match="clipcoco train"):
         resolve_checkpoint(tmp_path)
+
+
+def test_weights_that_do_not_fit_the_model_are_one_line(tmp_path, cfg):
+    state = _state(1, cfg)
+    del state.model["image_head.weight"]
+    state.save(tmp_path / "missing", keep_last=1)
+    with pytest.raises(UserError, match=r"damaged or not a clipcoco checkpoint: .*\(1 missing, 0 unexpected, 0 of "
+                                        r"another shape; first: image_head.weight\)") as err:
+        Checkpoint.load(tmp_path / "missing")
+    assert len(str(err.value).splitlines()) == 1
+    state = _state(1, cfg)
+    state.model["image_head.weight"] = state.model["image_head.weight"][:, :3]
+    state.save(tmp_path / "shape", keep_last=1)
+    with pytest.raises(UserError, match="1 of another shape"):
+        Checkpoint.load(tmp_path / "shape")
+
+
+def test_non_finite_weights_are_refused(tmp_path, cfg):
+    state = _state(1, cfg)
+    state.model["image_head.weight"][0, :2] = float("nan")
+    state.model["text_head.bias"][0] = float("inf")
+    state.save(tmp_path, keep_last=1)
+    with pytest.raises(UserError, match=r"holds non-finite weights \(3 NaN/Inf values in 2 of \d+ tensors, first: "
+                                        r"image_head.weight\).*earlier checkpoint"):
+        Checkpoint.load(tmp_path)

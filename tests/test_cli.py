@@ -30,12 +30,21 @@ def test_root_help_lists_commands():
 
 
 BOOM = """
+import errno
 from cli.main import app, main
 from pipeline.errors import UserError
 
 @app.command("boom")
 def boom():
     raise UserError("no captions.parquet in x: did you run `clipcoco shards`?")
+
+@app.command("full")
+def full():
+    raise OSError(errno.ENOSPC, "No space left on device", "/data/runs/r1/metrics.jsonl")
+
+@app.command("broken")
+def broken():
+    raise OSError(errno.EIO, "Input/output error")
 
 main()
 """
@@ -50,6 +59,15 @@ def test_user_error_prints_message_without_traceback():
     assert proc.returncode == 2
     assert "error: no captions.parquet in x: did you run `clipcoco shards`?" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_a_file_system_error_the_user_can_fix_is_one_line_and_others_keep_their_traceback():
+    proc = _run("full")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr == ("error: /data/runs/r1/metrics.jsonl: No space left on device: free space on that disk or "
+                           "write somewhere else (another --out)\n")
+    proc = _run("broken")  # not the user's to fix: an internal error, with its traceback
+    assert proc.returncode == 1 and "Traceback" in proc.stderr and "Input/output error" in proc.stderr
 
 
 def test_debug_shows_traceback():

@@ -253,3 +253,53 @@ def test_bad_options(tmp_path, tiny_model):
         embed_text(tmp_path / "shards", model=str(tiny_model), pooling="max", progress=False)
     with pytest.raises(UserError, match=r"--max-length 512 exceeds .*\(128 positions"):
         embed_text(tmp_path / "shards", model=str(tiny_model), max_length=512, device="cpu", progress=False)
+
+
+def test_a_non_finite_vector_is_never_written(tmp_path, tiny_model, monkeypatch):
+    rows = write_captions(tmp_path / "shards", n_images=3)
+    real_encode = et.Encoder.encode
+
+    def overflowing(self, texts, **kwargs):
+        vectors = real_encode(self, texts, **kwargs)
+        vectors[1, 0] = float("nan")
+        return vectors
+
+    monkeypatch.setattr(et.Encoder, "encode", overflowing)
+    with pytest.raises(UserError, match=rf"1 of {len(rows)} caption vectors are not finite in float16 storage \(first: "
+                                        rf"image {rows[1][0]} caption {rows[1][1]}\).*--dtype float32"):
+        embed_text(tmp_path / "shards", model=str(tiny_model), device="cpu", progress=False)
+    assert not list((tmp_path / "shards").glob("text-*.parquet"))
+    assert not list((tmp_path / "shards").glob(".*.parts/part-*.parquet"))  # no part of it either
+
+
+def test_a_damaged_cache_or_part_is_replaced_by_a_rerun(tmp_path, tiny_model, capsys):
+    write_captions(tmp_path / "shards", n_images=6)
+    options = dict(model=str(tiny_model), device="cpu", progress=False, chunk_size=8)
+    out = embed_text(tmp_path / "shards", **options)
+    good = out.read_bytes()
+    out.write_bytes(good[: len(good) // 2])  # cut short
+    assert embed_text(tmp_path / "shards", **options) == out
+    assert "cannot be read" in capsys.readouterr().err and out.read_bytes() == good
+    # A damaged part file and plan of an interrupted run: embedded again, not a failure on every rerun.
+    out.unlink()
+    parts = out.with_name(f".{out.name}.parts")
+    parts.mkdir()
+    (parts / "plan.json").write_text("{not json")
+    embed_text(tmp_path / "shards", **options)
+    assert out.read_bytes() == good
+    plan = {"metadata": pq.read_schema(out).metadata, "chunk_size": 8, "rows": pq.read_metadata(out).num_rows}
+    parts.mkdir()
+    (parts / "plan.json").write_text(json.dumps({**plan, "metadata": {k.decode(): v.decode()
+                                                                      for k, v in plan["metadata"].items()}}))
+    (parts / "part-000000.parquet").write_bytes(b"PAR1 damaged")
+    out.unlink()
+    embed_text(tmp_path / "shards", **options)
+    assert out.read_bytes() == good and not parts.exists()
+
+
+def test_out_that_is_a_folder_is_refused_before_the_model_loads(tmp_path, monkeypatch):
+    write_captions(tmp_path / "shards", n_images=2)
+    monkeypatch.setattr(et, "Encoder", lambda *a, **k: pytest.fail("the model was loaded"))
+    with pytest.raises(UserError, match=r"--out .*shards is a folder: pass the cache's file name, e\.g\. "
+                                        r".*shards/text-tiny-mean.parquet"):
+        embed_text(tmp_path / "shards", model="tiny", out=tmp_path / "shards", progress=False)

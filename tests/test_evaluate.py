@@ -1,6 +1,7 @@
 """Retrieval metrics against a brute-force reference, and `clipcoco eval` end to end on tiny data."""
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -8,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import cache_metadata, write_coco, write_random_text_cache
+from conftest import cache_metadata, clipcoco, edit_captions, write_coco, write_random_text_cache
 from typer.testing import CliRunner
 
 import clip.embeddings as embeddings_module
@@ -102,6 +103,22 @@ def test_ties_count_against_the_positive():
     got = retrieval_metrics(feats, feats.clone(), torch.tensor([0, 1]))
     assert got["i2t_r1"] == 0.0 and got["t2i_r1"] == 0.0
     assert got["i2t_r5"] == 1.0 and got["t2i_r5"] == 1.0
+
+
+def test_a_non_finite_score_ranks_worst_never_first():
+    # Image 0's features are NaN: its scores with every caption are NaN, its own caption's included.
+    images = torch.tensor([[math.nan, 0.0], [0.0, 1.0], [1.0, 0.0]])
+    texts = torch.tensor([[0.6, 0.8], [0.0, 1.0], [1.0, 0.0]])
+    got = retrieval_metrics(images, texts, torch.tensor([0, 1, 2]), chunk_images=2, chunk_texts=2)
+    # image 0 -> text: its NaN positive has both competitors ahead (rank 3); images 1 and 2 are first. A NaN
+    # competitor (image 0 for captions 1 and 2) is never ahead of a finite positive.
+    assert (got["i2t_r1"], got["i2t_medr"]) == (pytest.approx(2 / 3), 1.0)
+    assert got["t2i_r1"] == pytest.approx(2 / 3) and got["t2i_r5"] == 1.0
+    ranks = [retrieval_metrics(images, texts, torch.tensor([0, 1, 2]), chunk_images=1, chunk_texts=1)[key]
+             for key in ("i2t_r1", "t2i_r1")]
+    assert ranks == [pytest.approx(2 / 3)] * 2  # the same tile by tile
+    inf = retrieval_metrics(torch.tensor([[math.inf, 0.0], [0.0, 1.0]]), torch.eye(2), torch.tensor([0, 1]))
+    assert inf["i2t_r1"] == 0.5 and inf["t2i_r1"] == 0.5  # +Inf is no better than NaN
 
 
 def test_shuffled_order_gives_the_same_result():
@@ -295,3 +312,49 @@ def test_mismatched_text_cache_is_refused(eval_setup, tmp_path):
     make_run(tmp_path / "run", fingerprint=trained_on)
     with pytest.raises(UserError, match="pooling: cache 'mean', run 'cls'"):
         evaluate(tmp_path / "run", shards=shards_dir, text=text, loader="torch", device="cpu", progress=False)
+
+
+def test_non_finite_weights_cache_or_embeddings_are_refused(loaded, eval_setup, tmp_path):
+    shards_dir, text = eval_setup
+    # A checkpoint holding NaN weights: named, before anything is scored.
+    run = make_run(tmp_path / "run", fingerprint=fingerprint_of(text))
+    state = torch.load(run, weights_only=True)
+    state["model"]["image_head.weight"][0, 0] = math.nan
+    torch.save(state, run)
+    with pytest.raises(UserError, match=r"step_00000007.pt holds non-finite weights \(1 NaN/Inf values in 1 of"):
+        evaluate(tmp_path / "run", shards=shards_dir, text=text, loader="torch", device="cpu", progress=False)
+    # A text cache holding NaN (written past embed-text's check): named with its count.
+    table = pq.read_table(text)
+    values = table.column("embedding").combine_chunks().flatten().to_numpy().copy()
+    values[TEXT_DIM * 5] = np.nan
+    column = pa.FixedSizeListArray.from_arrays(pa.array(values, pa.float16()), TEXT_DIM)
+    pq.write_table(table.set_column(3, "embedding", column), tmp_path / "nan.parquet")
+    make_run(tmp_path / "good", fingerprint=fingerprint_of(text))
+    with pytest.raises(UserError, match=r"the text cache .*nan.parquet holds 1 NaN/Inf values in 1 of its 62"):
+        evaluate(tmp_path / "good", shards=shards_dir, text=tmp_path / "nan.parquet", loader="torch", device="cpu",
+                 progress=False)
+    # A model whose output is NaN: no recall is computed from it.
+    shards, cache, model = loaded
+    broken = build_model(load_config(None, CONFIG).model, TEXT_DIM).eval()
+    broken.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        broken.text_head.bias[0] = math.inf
+    with pytest.raises(UserError, match=r"NaN/Inf for 0 of 13 image embeddings and 62 of 62 caption embeddings "
+                                        r"\(its weights hold NaN/Inf"):
+        embed((shards, cache, broken), 13)
+
+
+def test_a_cache_of_edited_captions_is_refused_in_one_line(tmp_path):
+    ann, images = write_coco(tmp_path / "coco", 6, captions_per_image=2, size=(32, 32))
+    shards = tmp_path / "shards" / "test"
+    build_shards(out=shards, images=images, annotations=ann, workers=1, progress=False)
+    text = write_text_cache(shards, shards / "text-tiny-text-mean.parquet")
+    make_run(tmp_path / "run", fingerprint=fingerprint_of(text))
+    edit_captions(ann, 3)
+    build_shards(out=shards, images=images, annotations=ann, workers=1, overwrite=True, progress=False)
+    code, stderr = clipcoco("eval", str(tmp_path / "run"), "--shards", str(shards), "--text", str(text),
+                            "--loader", "torch", "--device", "cpu")
+    assert code == 2 and len(stderr.strip().splitlines()) == 1, stderr
+    assert "was made from other captions than" in stderr and "(3 of its 12 captions are not in the cache" in stderr
+    assert f"rerun `clipcoco embed-text {shards} --model tiny-text --pooling mean --max-length 77`" in stderr
+    assert not (tmp_path / "run" / "eval-test.json").exists()

@@ -358,6 +358,20 @@ def test_verify_catches_a_shard_cut_at_a_member_boundary(tiny_coco, tmp_path):
         verify_shards(out, progress=False)
 
 
+def test_a_cut_captions_parquet_is_listed_by_verify_and_a_rerun_rewrites_it(tiny_coco, tmp_path):
+    ann, images = tiny_coco
+    out = tmp_path / "s"
+    _build(ann, images, out, samples_per_shard=5)
+    good = (out / "captions.parquet").read_bytes()
+    (out / "captions.parquet").write_bytes(good[:-64])
+    with pytest.raises(UserError, match=r"1 problem\(s\) in .*\n  .*captions.parquet cannot be read \(ArrowInvalid: "
+                                        r".*rerun the `clipcoco shards` command that wrote"):
+        verify_shards(out, progress=False)
+    _build(ann, images, out, samples_per_shard=5)  # the same command again: the advice holds
+    assert (out / "captions.parquet").read_bytes() == good
+    assert verify_shards(out, progress=False)["ok"]
+
+
 def test_cli_builds_and_prints_a_summary(tiny_coco, tmp_path):
     ann, images = tiny_coco
     result = CliRunner().invoke(app, ["shards", "--annotations", str(ann), "--images", str(images),

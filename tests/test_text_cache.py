@@ -9,6 +9,7 @@ from conftest import cache_metadata
 
 import pipeline.text_cache as text_cache
 from pipeline.errors import UserError
+from pipeline.shard_reader import ShardSet
 from pipeline.text_cache import TextCache, cache_rows, cache_schema, model_slug
 
 DIM = 4
@@ -106,3 +107,56 @@ def test_model_slug(tmp_path):
     snapshot = tmp_path / "hub" / "models--distilbert--distilbert-base-uncased" / "snapshots" / "12040accade4e8a0f"
     snapshot.mkdir(parents=True)
     assert model_slug(str(snapshot)) == "distilbert--distilbert-base-uncased"
+
+
+def test_load_refuses_non_finite_vectors(cache_path, tmp_path):
+    table = pq.read_table(cache_path)
+    values = np.repeat(np.arange(6, dtype=np.float16)[:, None], DIM, axis=1)
+    values[3, 1], values[4, :2] = np.nan, np.inf  # image 20 caption 3, image 30 caption 4
+    column = pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1), pa.float16()), DIM)
+    pq.write_table(table.set_column(3, "embedding", column), tmp_path / "nan.parquet")  # past cache_rows' check
+    with pytest.raises(UserError, match=r"nan.parquet holds 3 NaN/Inf values in 2 of its 6 caption vectors "
+                                        r"\(first: image 20 caption 3\): .*`clipcoco embed-text SHARDS_DIR --model "
+                                        r"tiny --pooling mean --max-length 77 --out .*nan.parquet`") as err:
+        TextCache.load(tmp_path / "nan.parquet")
+    assert len(str(err.value).splitlines()) == 1
+
+
+def test_cache_rows_never_write_a_non_finite_vector():
+    captions = pa.table({"image_id": pa.array([10, 20, 30], pa.int64()), "caption_id": pa.array([1, 3, 4], pa.int64()),
+                         "caption": ["a", "b", "c"]})
+    vectors = np.zeros((3, DIM), dtype=np.float32)
+    vectors[1, 2] = 1e6  # finite in float32, infinite in float16 storage
+    with pytest.raises(UserError, match=r"1 of 3 caption vectors are not finite in float16 storage \(first: image 20 "
+                                        r"caption 3\).*--dtype float32"):
+        cache_rows(captions, vectors, cache_schema(DIM, METADATA))
+
+
+def shard_set(root, rows):
+    """A ShardSet whose captions.parquet holds `rows` of (image_id, caption_id, caption); nothing else is read."""
+    root.mkdir(exist_ok=True)
+    pq.write_table(pa.table({"image_id": pa.array([r[0] for r in rows], pa.int64()),
+                             "caption_id": pa.array([r[1] for r in rows], pa.int64()),
+                             "caption": pa.array([r[2] for r in rows], pa.string())}), root / "captions.parquet")
+    return ShardSet(root=root, tars=[], indexes=[], manifest={}, n_images=len({r[0] for r in rows}), fingerprint="")
+
+
+CACHED = [(10, 1, "caption 1"), (10, 2, "caption 2"), (10, 7, "caption 7"), (20, 3, "caption 3"), (30, 4, "caption 4"),
+          (30, 5, "caption 5")]
+
+
+def test_check_matches_the_shards_captions(cache_path, tmp_path):
+    cache = TextCache.load(cache_path)
+    cache.check_matches(shard_set(tmp_path / "same", CACHED[::-1]))  # captions.parquet's own order does not matter
+    cache.check_matches(shard_set(tmp_path / "fewer", CACHED[3:]))  # a cache of a bigger split
+    edited = [*CACHED[:1], (10, 2, "caption 2, edited"), *CACHED[2:]]
+    with pytest.raises(UserError, match=r"text cache .*text.parquet was made from other captions than .*edited/captions"
+                                        r".parquet holds \(1 of its 6 captions are not in the cache as they are, 1 "
+                                        r"cached captions of its images are not in it; first: image 10 caption 2\).*"
+                                        r"rerun `clipcoco embed-text .*edited --model tiny --pooling mean "
+                                        r"--max-length 77`, and pass the .*edited/text-tiny-mean.parquet it writes"):
+        cache.check_matches(shard_set(tmp_path / "edited", edited))
+    with pytest.raises(UserError, match=r"0 of its 5 captions are not in the cache as they are, 1 cached captions"):
+        cache.check_matches(shard_set(tmp_path / "dropped", CACHED[1:]))  # image 10 lost a caption
+    with pytest.raises(UserError, match="1 of 4 image ids have no caption"):
+        cache.check_matches(shard_set(tmp_path / "more", [*CACHED, (40, 9, "caption 9")]))

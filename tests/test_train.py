@@ -1,13 +1,17 @@
 """`clipcoco train` end to end on generated shards + a text cache: exact resume, 2-rank DDP, eval, refusals, CLI."""
 
+import errno
 import json
+import math
+import os
+import shutil
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import cache_metadata, torchrun, write_coco, write_random_text_cache
+from conftest import cache_metadata, clipcoco, edit_captions, torchrun, write_coco, write_random_text_cache
 from typer.testing import CliRunner
 
 import clip.train as train_module
@@ -254,3 +258,124 @@ def test_imagenet_weights_without_network_is_one_line_and_writes_nothing(data, t
         train_module.train(config(data, **{"model.image_weights": "imagenet"}), out=tmp_path / "run", progress=False)
     assert len(str(err.value).splitlines()) == 1
     assert not (tmp_path / "run").exists()  # checked before the run directory is written
+
+
+@pytest.mark.parametrize("poison", ["loss", "weights"])
+def test_a_non_finite_loss_or_weight_stops_without_saving_it(data, tmp_path, monkeypatch, poison):
+    """NaN from step 4 on: the step-2 checkpoint stays the latest, one line names the step and the last finite loss."""
+    real_step, calls = train_module.train_step, []
+
+    def diverging_step(model, *args, **kwargs):
+        loss = real_step(model, *args, **kwargs)
+        calls.append(loss.item())
+        if len(calls) == 4:
+            with torch.no_grad():  # the weights go bad in step 4's update; with "loss", its loss shows it too
+                next(model.parameters()).fill_(math.nan)
+            return torch.tensor(math.nan) if poison == "loss" else loss
+        return loss
+
+    monkeypatch.setattr(train_module, "train_step", diverging_step)
+    cfg = config(data, **{"train.save_every": 2, "train.log_every": 3})  # steps 1-3 logged, 4 due for a save
+    with pytest.raises(UserError) as err:
+        train_module.train(cfg, out=tmp_path / "run", progress=False)
+    what, last = (("the training loss became nan at step 4", 3) if poison == "loss"
+                  else ("the weights became NaN/Inf by step 4", 4))  # step 4's loss was still finite
+    assert str(err.value).startswith(f"{what} (last finite loss {calls[last - 1]:.4f} at step {last}); stopped "
+                                     "without saving it: rerun with the same --out to resume from step_00000002.pt "
+                                     "and a lower --lr (now 0.001)")
+    assert len(str(err.value).splitlines()) == 1
+    assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["step_00000002.pt"]
+    assert Checkpoint.load(tmp_path / "run").step == 2  # finite weights: Checkpoint.load would refuse others
+    assert [m["step"] for m in metrics(tmp_path / "run") if m["kind"] == "train"] == [3]
+
+
+def test_resume_applies_a_new_lr_and_weight_decay_and_refuses_an_initial_setting(data, tmp_path):
+    out = tmp_path / "run"
+    train_module.train(config(data, **{"train.steps": 2}), out=out, progress=False)
+    first_config = (out / "config.yaml").read_text()
+    # The initial temperature only acts when a run starts: refused in one line, nothing rewritten.
+    with pytest.raises(UserError, match=r"started with model.init_temperature 0.07 \(this config: 0.05\), which only "
+                                        r"acts when a run starts: pass the run's value .* or pass --overwrite") as err:
+        train_module.train(config(data, **{"train.steps": 4, "model.init_temperature": 0.05}), out=out)
+    assert len(str(err.value).splitlines()) == 1 and (out / "config.yaml").read_text() == first_config
+    # A new peak lr and weight decay: the optimizer uses them, on the schedule rebuilt from them.
+    cfg = config(data, **{"train.steps": 4, "optim.lr": 5e-4, "optim.weight_decay": 0.05})
+    train_module.train(cfg, out=out, progress=False)
+    lrs = {m["step"]: m["lr"] for m in metrics(out) if m["kind"] == "train"}
+    want = [5e-4 * train_module.lr_factor(s - 1, warmup=2, total=4) for s in (3, 4)]
+    assert [lrs[s] for s in (3, 4)] == pytest.approx(want, rel=1e-12)
+    assert [lrs[s] for s in (1, 2)] == pytest.approx([1e-3 * train_module.lr_factor(s - 1, warmup=2, total=2)
+                                                      for s in (1, 2)], rel=1e-12)
+    groups = Checkpoint.load(out).optimizer["param_groups"]
+    assert [(g["initial_lr"], g["weight_decay"]) for g in groups] == [(5e-4, 0.05), (5e-4, 0.0)]
+    assert groups[0]["lr"] == pytest.approx(5e-4 * train_module.lr_factor(4, warmup=2, total=4), abs=1e-15)
+    assert load_config(out / "config.yaml") == cfg  # config.yaml says what the optimizer used
+    starts = [m for m in metrics(out) if m["kind"] == "start"]
+    assert "changed" not in starts[0]
+    assert starts[1]["changed"] == {"optim.lr": [1e-3, 5e-4], "optim.weight_decay": [0.1, 0.05],
+                                    "train.steps": [2, 4]}
+
+
+def test_a_changed_loader_setting_on_resume_is_one_line(data, tmp_path):
+    train_module.train(config(data, **{"train.steps": 3}), out=tmp_path / "run", progress=False)
+    with pytest.raises(UserError, match="different loader .batch_size differ.") as err:
+        train_module.train(config(data, **{"train.steps": 6, "train.batch_size": 8}), out=tmp_path / "run")
+    assert len(str(err.value).splitlines()) == 1
+
+
+def test_a_cache_of_edited_captions_is_refused_in_one_line(tmp_path):
+    annotations, images = write_coco(tmp_path / "coco", 8, captions_per_image=2, size=(32, 32))
+    shards = tmp_path / "shards"
+    build_shards(out=shards, images=images, annotations=annotations, workers=1, progress=False)
+    text = write_text_cache(shards, tmp_path / "text.parquet")
+    edit_captions(annotations, 5)
+    build_shards(out=shards, images=images, annotations=annotations, workers=1, overwrite=True, progress=False)
+    code, stderr = clipcoco(*train_args(shards, text, tmp_path / "run"))
+    assert code == 2 and len(stderr.strip().splitlines()) == 1, stderr
+    assert f"the text cache {text} was made from other captions than {shards}/captions.parquet holds (5 of its 16 " \
+           "captions are not in the cache as they are" in stderr
+    assert f"rerun `clipcoco embed-text {shards} --model tiny-random --pooling mean --max-length 77`" in stderr
+    assert not (tmp_path / "run").exists()
+
+
+def train_args(shards: Path, text: Path, out: Path, *extra: str) -> list[str]:
+    return ["train", "--shards", str(shards), "--text", str(text), "--out", str(out), "--image-model", "resnet18",
+            "--image-weights", "none", "--image-size", "32", "--embed-dim", "16", "--batch-size", "4", "--loader",
+            "torch", "--device", "cpu", "--warmup-steps", "1", "--steps", "1", "--set", "data.threads=1",
+            "--no-progress", *extra]
+
+
+def test_bad_outputs_and_a_damaged_captions_file_are_one_line(data, tmp_path, monkeypatch):
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(UserError, match="--out .*file is a file: pass a folder for the run"):
+        train_module.train(config(data), out=tmp_path / "file")
+    code, stderr = clipcoco(*train_args(data["shards"], data["text"], tmp_path / ("x" * 300)))
+    assert code == 2 and stderr.startswith(f"error: {tmp_path / ('x' * 300)}") and len(stderr.splitlines()) == 1
+    assert "File name too long: a name in that path is too long for the file system" in stderr
+    # A full disk when the checkpoint is written: one line naming it.
+    monkeypatch.setattr(torch, "save", lambda *a, **k: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left "
+                                                                                    "on device")))
+    code, stderr = clipcoco(*train_args(data["shards"], data["text"], tmp_path / "full"))
+    assert code == 2 and len(stderr.splitlines()) == 1, stderr
+    assert stderr == (f"error: {tmp_path / 'full' / 'checkpoints' / 'step_00000001.pt'}: No space left on device: "
+                      "free space on that disk or write somewhere else (another --out)\n")
+    monkeypatch.undo()
+    # A captions.parquet cut short.
+    shutil.copytree(data["shards"], tmp_path / "shards")
+    captions = tmp_path / "shards" / "captions.parquet"
+    captions.write_bytes(captions.read_bytes()[:-100])
+    code, stderr = clipcoco(*train_args(tmp_path / "shards", data["text"], tmp_path / "run"))
+    assert code == 2 and len(stderr.splitlines()) == 1, stderr
+    assert f"{captions} cannot be read (ArrowInvalid: " in stderr and "rerun the `clipcoco shards` command" in stderr
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_a_read_only_out_is_one_line(data, tmp_path):
+    (tmp_path / "ro").mkdir()
+    (tmp_path / "ro").chmod(0o500)
+    try:
+        code, stderr = clipcoco(*train_args(data["shards"], data["text"], tmp_path / "ro" / "run"))
+    finally:
+        (tmp_path / "ro").chmod(0o700)
+    assert code == 2 and len(stderr.splitlines()) == 1, stderr
+    assert "Permission denied: check its permissions" in stderr

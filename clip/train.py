@@ -37,7 +37,7 @@ from clip.loss import clip_loss
 from clip.model import CLIP, build_model
 from pipeline.errors import UserError
 from pipeline.loaders import Loader, make_loader
-from pipeline.runtime import Runtime, barrier, distributed, gather_objects
+from pipeline.runtime import Runtime, barrier, distributed, gather_objects, main_locked
 from pipeline.shard_reader import ShardSet, open_shards
 from pipeline.text_cache import TextCache
 
@@ -373,7 +373,8 @@ def fit(run: Run, log: RunLog, *, progress: bool) -> dict:
 def train(cfg: Config, *, out: Path, overwrite: bool = False, progress: bool = True) -> dict:
     """Train (or resume) the run in `out` up to the target step; returns the final step, loss and eval scores."""
     out = Path(out)
-    with distributed(cfg.train.device) as env:
+    # Locked first: what find_resume reads must not change under it (another train into the same --out).
+    with main_locked(out, "clipcoco train"), distributed(cfg.train.device) as env:
         inputs = open_inputs(cfg)
         resume = find_resume(out, cfg, inputs, env.world_size, overwrite=overwrite)
         # Built first: a model or loader that cannot be made (no network for the ImageNet weights, say) stops the

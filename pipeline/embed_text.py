@@ -30,7 +30,7 @@ from pipeline import __version__
 from pipeline.errors import UserError
 from pipeline.files import replacing, sha256_file
 from pipeline.progress import rate_bar
-from pipeline.runtime import Runtime, barrier, distributed, resolve_device
+from pipeline.runtime import Runtime, barrier, distributed, main_locked, resolve_device
 from pipeline.text_cache import cache_rows, cache_schema, model_slug, write_cache
 
 POOLINGS = ("mean", "cls")
@@ -239,7 +239,7 @@ def embed_text(shards_dir: Path, *, model: str = "distilbert-base-uncased", pool
     table = _read_captions(shards_dir)
     out = Path(out) if out is not None else shards_dir / f"text-{model_slug(model)}-{pooling}.parquet"
 
-    with distributed(device) as rt:
+    with main_locked(out.parent, "clipcoco embed-text"), distributed(device) as rt:
         return _embed(table, captions_path, out, rt, model=model, pooling=pooling, max_length=max_length,
                       batch_size=batch_size, dtype=dtype, progress=progress, chunk_size=chunk_size)
 

@@ -44,7 +44,9 @@ def test_read_coco_captions_sorted_with_all_captions(tmp_path):
                             {"id": 1, "image_id": 99, "caption": "x"}]}
     path = tmp_path / "captions.json"
     path.write_text(json.dumps(coco))
-    records = read_coco_captions(path, tmp_path / "imgs")
+    listing = read_coco_captions(path, tmp_path / "imgs")
+    records = listing.records
+    assert (listing.captions_listed, listing.captions_without_image) == (4, 1)  # image 99 is not listed
     assert [r.image_id for r in records] == [4, 7, 9]
     assert records[0].path == tmp_path / "imgs" / "a.jpg" and (records[0].width, records[0].height) == (5, 6)
     assert records[0].captions == (" spaced  é ",)  # byte-exact, not stripped
@@ -73,14 +75,14 @@ def test_read_coco_captions_mistakes(tmp_path):
 
 def test_read_karpathy_splits(tmp_path):
     path = write_karpathy(tmp_path)
-    test = read_karpathy(path, tmp_path, "test")
+    test = read_karpathy(path, tmp_path, "test").records
     assert [r.image_id for r in test] == [80, 90]
     assert test[0].file_name == "val2014/COCO_val2014_000000000080.jpg"
     assert test[0].path == tmp_path / "val2014" / "COCO_val2014_000000000080.jpg" and test[0].path.is_file()
     assert test[0].caption_ids == tuple(sorted(test[0].caption_ids))
     assert test[0].captions == ("80 caption 2 ", "80 caption 1 ", "80 caption 0 ")  # raw text, in sentid order
-    assert [r.image_id for r in read_karpathy(path, tmp_path, "train")] == [10, 20, 30]
-    assert [r.image_id for r in read_karpathy(path, tmp_path, "trainval")] == [10, 20, 30, 40, 50]
+    assert [r.image_id for r in read_karpathy(path, tmp_path, "train").records] == [10, 20, 30]
+    assert [r.image_id for r in read_karpathy(path, tmp_path, "trainval").records] == [10, 20, 30, 40, 50]
 
 
 def test_read_karpathy_mistakes(tmp_path):

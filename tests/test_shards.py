@@ -181,7 +181,7 @@ def bad_coco(tmp_path_factory):
     (images / "000000000009.jpg").write_bytes(_jpeg(rgb[..., 0]))  # grayscale: kept
     (images / "000000000010.jpg").write_bytes(_jpeg(rgb, progressive=True))  # progressive: kept
     exif = Image.Exif()
-    exif[0x0112] = 6  # rotated by 90 degrees: kept, its json gives the size DALI decodes to
+    exif[0x0112] = 6  # rotated by 90 degrees: re-encoded upright (64 high, 48 wide), without EXIF
     (images / "000000000014.jpg").write_bytes(_jpeg(rgb, exif=exif))
     # arithmetic-coded (made once with `jpegtran -arithmetic`, 64x48): decodable, but not by the GPU decoders
     shutil.copy(ASSETS / "arithmetic.jpg", images / "000000000015.jpg")
@@ -212,14 +212,15 @@ def test_bad_inputs_left_out_or_reencoded(bad_coco, tmp_path):
     assert totals["left_out_by_reason"] == {"empty": 1, "missing": 1, "no_caption": 1, "undecodable": 3}
     # image 11: all 5 dropped; image 12: caption ids 1055..1059, the 3 odd ones dropped
     assert totals["captions_dropped"] == 5 + 3 and totals["captions_packed"] == 9 * 5 - 3
-    assert totals["images_reencoded"] == 3
+    assert totals["images_reencoded"] == 4
     expected = {i: [c for c in caps if c.strip()] for i, caps in _captions_of(ann).items() if i not in BAD_REASONS}
     samples = _check_against_json(open_shards(tmp_path / "s"), expected)
-    for image_id in (7, 8, 15):  # re-encoded as plain RGB JPEGs
+    for image_id in (7, 8, 14, 15):  # re-encoded as plain RGB JPEGs without EXIF (14: turned upright)
         assert jpeg_frame_type(samples[image_id]["jpg"]) == 0xC0
         with Image.open(io.BytesIO(samples[image_id]["jpg"])) as im:
-            assert (im.format, im.mode, im.size) == ("JPEG", "RGB", (64, 48))
-    for image_id in (9, 10, 14):
+            size = (48, 64) if image_id == 14 else (64, 48)
+            assert (im.format, im.mode, im.size, dict(im.getexif())) == ("JPEG", "RGB", size, {})
+    for image_id in (9, 10):
         assert samples[image_id]["jpg"] == (images / f"{image_id:012d}.jpg").read_bytes()
     meta = json.loads(samples[14]["json"])
     assert (meta["width"], meta["height"]) == (48, 64)

@@ -52,7 +52,8 @@ def test_loads_as_coco_captions(demo):
             assert r.path.is_file()
             with Image.open(r.path) as im:
                 assert im.format == "JPEG" and im.mode == "RGB" and im.size == (r.width, r.height) == (64, 64)
-    ids = {s: {r.image_id for r in read_coco_captions(demo.annotations[s], demo.images[s]).records} for s in ("train", "test")}
+    ids = {s: {r.image_id for r in read_coco_captions(demo.annotations[s], demo.images[s]).records}
+           for s in ("train", "test")}
     assert not ids["train"] & ids["test"]
     caption_ids = [a["id"] for s in ("train", "test") for a in _coco(demo, s)["annotations"]]
     assert len(caption_ids) == len(set(caption_ids))

@@ -107,13 +107,14 @@ def _check_unique(records: list[ImageRecord], source: Path) -> None:
 
 
 def _captions(pairs: list[tuple[int, str, str]], image_id: int,
-              source: Path) -> tuple[tuple[str, ...], tuple[int, ...]]:
+              source: str) -> tuple[tuple[str, ...], tuple[int, ...]]:
     """(captions, caption ids) sorted by caption id, from (caption id, caption, entry name) triples of one image."""
     pairs = sorted(pairs)
     for (a, _, first), (b, _, second) in zip(pairs, pairs[1:], strict=False):
         if a == b:
             raise UserError(f"{source}: {first} and {second} give image {image_id} the caption id {a} twice (a "
-                            "caption is identified by image id and caption id): fix the file (or re-download it)")
+                            "caption is identified by image id and caption id): fix that entry (or re-download the "
+                            "file)")
     return tuple(c for _, c, _ in pairs), tuple(i for i, _, _ in pairs)
 
 
@@ -138,7 +139,7 @@ def read_coco_captions(annotations: Path, images: Path, *, allow_outside_images:
         image_id = image.integer("id")
         image.name += f" (id {image_id})"
         file_name = image.file_name(image.text("file_name"), images, allow_outside_images)
-        captions, caption_ids = _captions(by_image.pop(image_id, []), image_id, annotations)
+        captions, caption_ids = _captions(by_image.pop(image_id, []), image_id, image.source)
         records.append(ImageRecord(
             image_id=image_id, file_name=file_name, path=images / file_name,
             width=image.integer("width", default=0), height=image.integer("height", default=0),
@@ -175,7 +176,7 @@ def read_karpathy(karpathy: Path, images_root: Path, split: str, *, allow_outsid
                      for s in _entries(image.entry["sentences"], image.source, f"{image.name} sentences")]
         filepath, filename = image.text("filepath"), image.text("filename")
         file_name = image.file_name(f"{filepath}/{filename}", images_root, allow_outside_images)
-        captions, caption_ids = _captions(sentences, image_id, karpathy)
+        captions, caption_ids = _captions(sentences, image_id, image.source)
         records.append(ImageRecord(
             image_id=image_id, file_name=file_name, path=images_root / filepath / filename, width=0, height=0,
             captions=captions, caption_ids=caption_ids,

@@ -83,8 +83,8 @@ def _read_regular(path: Path) -> bytes | Rejected:
         os.close(fd)
 
 
-def _full_scale(image: Image.Image) -> int:
-    """The sample value that means white in an integer image (mode I or I;16): its sample type's maximum."""
+def integer_white(image: Image.Image) -> int:
+    """The sample value that means white in an integer image (mode I or I;16) as opened: its sample type's maximum."""
     if image.mode.startswith("I;16"):
         return 65535
     bits = 16  # mode I without a TIFF's word on it: a 16-bit PNG or PGM as older Pillows open them
@@ -94,12 +94,13 @@ def _full_scale(image: Image.Image) -> int:
     return 2 ** min(bits, 31) - 1  # mode I holds signed 32-bit samples
 
 
-def to_8bit(image: Image.Image) -> Image.Image:
+def to_8bit(image: Image.Image, white: int) -> Image.Image:
     """An RGB or L image with 8 bits per channel, with the tones of `image` (PIL's convert("RGB") saturates).
 
-    16- and 32-bit integer samples are scaled from their type's range (0..65535 -> 0..255; negative samples are
-    black); float samples from [0, 1] when they lie there, else from their own [min, max]; transparency (LA, RGBA,
-    P or L with a transparent colour) is laid over white; anything else (CMYK, YCbCr, 1, P) is converted by PIL.
+    Integer samples (16- and 32-bit) are scaled from 0..`white` (`integer_white` of the file as opened: 0..65535 ->
+    0..255; negative samples are black); float samples from [0, 1] when they lie there, else from their own
+    [min, max]; transparency (LA, RGBA, P or L with a transparent colour) is laid over white; anything else (CMYK,
+    YCbCr, 1, P) is converted by PIL.
     """
     if image.mode in ("RGB", "L") and "transparency" not in image.info:
         return image
@@ -109,7 +110,7 @@ def to_8bit(image: Image.Image) -> Image.Image:
         if image.mode == "F":
             low, high = (0.0, 1.0) if values.min() >= 0 and values.max() <= 1 else (values.min(), values.max())
         else:
-            low, high = 0.0, float(_full_scale(image))
+            low, high = 0.0, float(white)
         scaled = (values - low) * (255.0 / max(high - low, 1e-12))
         return Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8), "L")
     if "A" in image.mode or "a" in image.mode or "transparency" in image.info:
@@ -147,8 +148,9 @@ def prepare_image(path: Path, *, resize_shorter: int = 0, quality: int = 95) -> 
                 return Prepared(data, width, height, reencoded=False)
             image.load()  # decodes every pixel; a truncated or corrupt stream raises here
             # Stored upright: DALI applies an EXIF orientation, torchvision's decode_jpeg does not, and the
-            # re-encoded JPEG carries no EXIF.
-            image = to_8bit(ImageOps.exif_transpose(image))
+            # re-encoded JPEG carries no EXIF. The white level first: the upright copy forgets the file's TIFF tags.
+            white = integer_white(image)
+            image = to_8bit(ImageOps.exif_transpose(image), white)
             if scale < 1.0:
                 width, height = image.size
                 size = (max(1, round(width * scale)), max(1, round(height * scale)))

@@ -207,3 +207,5 @@ def test_every_writing_command_stops_while_another_holds_its_folder(tmp_path):
             assert len(str(error).splitlines()) == 1 and "clipcoco demo, since" in str(error)
             after = sorted(p.name for p in folder.iterdir() if p.name != ".lock")
         assert after == [n for n in before or [] if n != ".lock"], args
+    # The holders were killed (SIGKILL): their locks went with them, and the same command now runs.
+    assert CliRunner().invoke(app, [*commands[shards], "--no-progress"]).exit_code == 0

@@ -25,6 +25,8 @@ def command(
     max_failure_rate: float = typer.Option(0.01, "--max-failure-rate", help="Exit non-zero (after writing "
                                            "everything) when more than this fraction of listed images is left out."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace shards built with other inputs or options."),
+    allow_outside_images: bool = typer.Option(False, "--allow-outside-images", help="Accept file names that lead "
+                                              "outside --images (absolute, or through ..); refused otherwise."),
     verify: Path = typer.Option(None, "--verify", help="Only check an existing shard directory against its "
                                 "sidecars, indexes and captions.parquet."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar and a summary."),
@@ -34,7 +36,8 @@ def command(
     Example: clipcoco shards --annotations coco/annotations/captions_val2017.json --images coco/val2017
     --out data/shards/val2017
 
-    Rerun the same command after a crash: complete shards are kept and the result is byte-identical.
+    Rerun the same command after a crash: complete shards are kept and the result is byte-identical. Rerun it
+    after fixing images that were left out (failures.jsonl): they are retried, and packed where they now decode.
     """
     from pipeline.shard_verify import verify_shards
     from pipeline.shards import build_shards
@@ -46,4 +49,5 @@ def command(
         raise UserError("pass --images DIR and --out DIR (or --verify DIR to check existing shards)")
     build_shards(out=out, images=images, annotations=annotations, karpathy=karpathy, split=split,
                  resize_shorter=resize_shorter, quality=quality, samples_per_shard=samples_per_shard,
-                 workers=workers, max_failure_rate=max_failure_rate, overwrite=overwrite, progress=progress)
+                 workers=workers, max_failure_rate=max_failure_rate, overwrite=overwrite,
+                 allow_outside_images=allow_outside_images, progress=progress)

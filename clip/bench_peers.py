@@ -76,7 +76,7 @@ def bench_shards(*, annotations: Path, images: Path, peer: str | None = None, re
     if workers < 0:
         raise UserError(f"--workers must be >= 0 (0 = all cores), got {workers}")
     workers = workers or len(os.sched_getaffinity(0))
-    files = [r.path for r in read_coco_captions(Path(annotations), Path(images))]
+    files = [r.path for r in read_coco_captions(Path(annotations), Path(images)).records]
     for path in files:
         if not path.is_file():
             raise UserError(f"{path} is listed in {annotations} but missing: check --images")

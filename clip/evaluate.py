@@ -25,7 +25,7 @@ from pipeline import __version__
 from pipeline.errors import UserError
 from pipeline.files import sha256_file, write_atomic
 from pipeline.loaders import check_kind, resolve_kind
-from pipeline.runtime import distributed
+from pipeline.runtime import distributed, main_locked
 from pipeline.shard_reader import open_shards
 from pipeline.text_cache import TextCache
 
@@ -73,9 +73,17 @@ def evaluate(run_or_ckpt: Path, *, shards: Path, text: Path, out: Path | None = 
 
     Writes the report JSON (default RUN_DIR/eval-<split>.json, eval-<split>-folds<N>.json with folds > 1)
     and RUN_DIR/embeddings-<split>.parquet; returns the report. Under torchrun, rank 0 writes and prints.
+    The run directory stays locked until both are written.
     """
     check_kind(loader)
     ckpt_path = resolve_checkpoint(Path(run_or_ckpt))
+    with main_locked(run_dir_of(ckpt_path), "clipcoco eval"):
+        return _evaluate(ckpt_path, shards=shards, text=text, out=out, folds=folds, loader=loader, device=device,
+                         batch_size=batch_size, image_size=image_size, threads=threads, progress=progress)
+
+
+def _evaluate(ckpt_path: Path, *, shards: Path, text: Path, out: Path | None, folds: int, loader: str, device: str,
+              batch_size: int, image_size: int | None, threads: int, progress: bool) -> dict:
     ckpt = Checkpoint.load(ckpt_path)
     shard_set = open_shards(Path(shards))
     check_folds(folds, shard_set.n_images)  # before the images are scored, not after

@@ -45,7 +45,7 @@ from clip.negatives import ExtraNegatives
 from pipeline.errors import UserError
 from pipeline.files import write_atomic
 from pipeline.loaders import Loader, make_loader
-from pipeline.runtime import Runtime, barrier, distributed, gather_objects
+from pipeline.runtime import Runtime, barrier, distributed, gather_objects, main_locked
 from pipeline.shard_reader import ShardSet, open_shards
 from pipeline.text_cache import TextCache
 
@@ -515,7 +515,8 @@ def train(cfg: Config, *, out: Path, overwrite: bool = False, progress: bool = T
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file: pass a folder for the run (it holds config.yaml, metrics.jsonl and "
                         "checkpoints/)")
-    with distributed(cfg.train.device) as env:
+    # Locked first: what find_resume reads must not change under it (another train into the same --out).
+    with main_locked(out, "clipcoco train"), distributed(cfg.train.device) as env:
         inputs = open_inputs(cfg)
         resume = find_resume(out, cfg, inputs, env.world_size, overwrite=overwrite)
         # Built first: a model or loader that cannot be made (no network for the ImageNet weights, say) stops the

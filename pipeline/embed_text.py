@@ -30,7 +30,7 @@ from pipeline import __version__
 from pipeline.errors import UserError
 from pipeline.files import replacing, sha256_file
 from pipeline.progress import rate_bar
-from pipeline.runtime import Runtime, barrier, distributed, resolve_device
+from pipeline.runtime import Runtime, barrier, distributed, main_locked, resolve_device
 from pipeline.shard_reader import read_captions, read_json
 from pipeline.text_cache import cache_rows, cache_schema, default_cache_path, write_cache
 
@@ -264,7 +264,7 @@ def embed_text(shards_dir: Path, *, model: str = "distilbert-base-uncased", pool
                         f"{out / default_cache_path(shards_dir, model, pooling).name}")
     out.parent.mkdir(parents=True, exist_ok=True)  # a read-only or impossible place fails here, before the model loads
 
-    with distributed(device) as rt:
+    with main_locked(out.parent, "clipcoco embed-text"), distributed(device) as rt:
         return _embed(table, captions_path, out, rt, model=model, pooling=pooling, max_length=max_length,
                       batch_size=batch_size, dtype=dtype, progress=progress, chunk_size=chunk_size)
 

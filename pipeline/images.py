@@ -6,13 +6,17 @@ processes of pipeline/shards.py; nothing here writes a file.
 """
 
 import io
+import os
 import re
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from PIL import Image, ImageOps
 
 EXIF_ORIENTATION = 0x0112
+ROTATED = (2, 3, 4, 5, 6, 7, 8)  # EXIF orientations other than "as stored" (1)
 
 
 @dataclass(frozen=True)
@@ -25,7 +29,7 @@ class Prepared:
 
 @dataclass(frozen=True)
 class Rejected:
-    reason: str  # a short category: missing | unreadable | empty | undecodable | no_caption
+    reason: str  # a short category: missing | not_a_file | unreadable | empty | undecodable | no_caption | bad_id
     detail: str  # a fixed-format message (no paths, no addresses: it goes into failures.jsonl)
 
 
@@ -56,26 +60,84 @@ def jpeg_frame_type(data: bytes) -> int | None:
     return None
 
 
-def prepare_image(path: Path, *, resize_shorter: int = 0, quality: int = 95) -> Prepared | Rejected:
-    """Read and decode one image completely; keep its bytes when DALI can decode them as they are.
-
-    The width and height returned are those of the image as DALI decodes it (EXIF orientation applied).
-
-    A plain RGB or grayscale JPEG (Huffman-coded baseline or progressive) is kept byte for byte unless it must
-    be shrunk; anything else PIL can decode (PNG named .jpg, CMYK, arithmetic-coded, ...) is re-encoded as a
-    JPEG at `quality`.
-    """
+def _read_regular(path: Path) -> bytes | Rejected:
+    """The bytes of `path` when it is a regular file; a FIFO, device or folder is never read (nor waited on)."""
     try:
-        data = path.read_bytes()
+        # O_NONBLOCK: opening a FIFO that has no writer returns at once instead of waiting for one.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except FileNotFoundError:
         return Rejected("missing", "listed in the annotations but not on disk")
     except OSError as err:
         return Rejected("unreadable", f"{type(err).__name__}: {err.strerror}")
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = ("a folder" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else
+                    "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a socket")
+            return Rejected("not_a_file", f"{kind}, not a regular file")
+        with os.fdopen(os.dup(fd), "rb") as f:
+            return f.read()
+    except OSError as err:
+        return Rejected("unreadable", f"{type(err).__name__}: {err.strerror}")
+    finally:
+        os.close(fd)
+
+
+def integer_white(image: Image.Image) -> int:
+    """The sample value that means white in an integer image (mode I or I;16) as opened: its sample type's maximum."""
+    if image.mode.startswith("I;16"):
+        return 65535
+    bits = 16  # mode I without a TIFF's word on it: a 16-bit PNG or PGM as older Pillows open them
+    if image.format == "TIFF":
+        stored = image.tag_v2.get(258, 32)  # BitsPerSample
+        bits = stored[0] if isinstance(stored, tuple) else stored
+    return 2 ** min(bits, 31) - 1  # mode I holds signed 32-bit samples
+
+
+def to_8bit(image: Image.Image, white: int) -> Image.Image:
+    """An RGB or L image with 8 bits per channel, with the tones of `image` (PIL's convert("RGB") saturates).
+
+    Integer samples (16- and 32-bit) are scaled from 0..`white` (`integer_white` of the file as opened: 0..65535 ->
+    0..255; negative samples are black); float samples from [0, 1] when they lie there, else from their own
+    [min, max]; transparency (LA, RGBA, P or L with a transparent colour) is laid over white; anything else (CMYK,
+    YCbCr, 1, P) is converted by PIL.
+    """
+    if image.mode in ("RGB", "L") and "transparency" not in image.info:
+        return image
+    if image.mode in ("F", "I") or image.mode.startswith("I;16"):
+        values = np.asarray(image, dtype=np.float64)
+        values = np.where(np.isfinite(values), values, 0.0)
+        if image.mode == "F":
+            low, high = (0.0, 1.0) if values.min() >= 0 and values.max() <= 1 else (values.min(), values.max())
+        else:
+            low, high = 0.0, float(white)
+        scaled = (values - low) * (255.0 / max(high - low, 1e-12))
+        return Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8), "L")
+    if "A" in image.mode or "a" in image.mode or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def prepare_image(path: Path, *, resize_shorter: int = 0, quality: int = 95) -> Prepared | Rejected:
+    """Read and decode one image completely; keep its bytes when DALI can decode them as they are.
+
+    A plain RGB or grayscale JPEG (Huffman-coded baseline or progressive) without an EXIF rotation is kept byte
+    for byte unless it must be shrunk; anything else PIL can decode (PNG named .jpg, 16-bit PNG, TIFF, CMYK,
+    arithmetic-coded, EXIF-rotated, ...) is turned upright, brought to 8 bits (`to_8bit`) and re-encoded as a
+    JPEG at `quality` without EXIF, so every decoder shows the same upright pixels.
+    """
+    data = _read_regular(path)
+    if isinstance(data, Rejected):
+        return data
     if not data:
         return Rejected("empty", "zero-length file")
     try:
         with Image.open(io.BytesIO(data)) as image:
-            plain = image.format == "JPEG" and image.mode in ("RGB", "L") and jpeg_frame_type(data) in PLAIN_FRAMES
+            upright = image.getexif().get(EXIF_ORIENTATION, 1) not in ROTATED
+            plain = (image.format == "JPEG" and image.mode in ("RGB", "L") and upright
+                     and jpeg_frame_type(data) in PLAIN_FRAMES)
             width, height = image.size
             scale = resize_shorter / min(width, height) if resize_shorter else 1.0
             if plain and scale >= 1.0:
@@ -83,14 +145,12 @@ def prepare_image(path: Path, *, resize_shorter: int = 0, quality: int = 95) -> 
                 # byte of the stream (a truncated or corrupt one raises in load) but skips most of the IDCT.
                 image.draft(image.mode, (max(1, width // 8), max(1, height // 8)))
                 image.load()
-                if image.getexif().get(EXIF_ORIENTATION) in (5, 6, 7, 8):  # DALI shows these turned by 90 degrees
-                    width, height = height, width
                 return Prepared(data, width, height, reencoded=False)
             image.load()  # decodes every pixel; a truncated or corrupt stream raises here
-            # EXIF is dropped by re-encoding, so apply its orientation now, as DALI would have.
-            image = ImageOps.exif_transpose(image)
-            if image.mode not in ("RGB", "L"):
-                image = image.convert("RGB")
+            # Stored upright: DALI applies an EXIF orientation, torchvision's decode_jpeg does not, and the
+            # re-encoded JPEG carries no EXIF. The white level first: the upright copy forgets the file's TIFF tags.
+            white = integer_white(image)
+            image = to_8bit(ImageOps.exif_transpose(image), white)
             if scale < 1.0:
                 width, height = image.size
                 size = (max(1, round(width * scale)), max(1, round(height * scale)))

@@ -123,9 +123,17 @@ class Loader:
                             f"over {world_size} rank(s): lower --batch-size")
         self.index = SampleIndex.load(shards.indexes, tars=shards.tars)
         self.index.require("jpg", "json", "id")
-        if len(self.index) != n:
-            raise UserError(f"the .idx files of {shards.root} list {len(self.index)} samples but the "
-                            f"manifest says {n}: rebuild with `clipcoco shards --overwrite`")
+        # What either loader reads is what the .idx files list: they must list what the manifest counts, or an
+        # epoch would quietly be short (an index written by a second `clipcoco shards` into the same folder, say).
+        listed = np.bincount(self.index.tar_of, minlength=len(shards.tars)).tolist()
+        counted = [e["count"] for e in shards.manifest["shards"]]
+        if len(self.index) != n or listed != counted:
+            wrong = [f"{t.name}: {a} in its .idx, {b} in the manifest"
+                     for t, a, b in zip(shards.tars, listed, counted, strict=True) if a != b]
+            raise UserError(f"the .idx files of {shards.root} list {len(self.index)} samples but its manifest counts "
+                            f"{n}" + (f" ({'; '.join(wrong[:3])})" if wrong else "") + ": check the folder with "
+                            f"`clipcoco shards --verify "
+                            f"{shards.root}` and rebuild it with `clipcoco shards ... --overwrite`")
         self.crops = Crops(train=train, seed=seed, scale_min=crop_scale_min)
         self.epoch = 0  # epochs finished
         self.batch = 0  # batches yielded in the current epoch
@@ -234,7 +242,7 @@ class _DaliSource:
         for row in rows.tolist():
             meta = json.loads(index.read(row, "json"))  # the size as DALI decodes it (EXIF orientation applied)
             top, left, h, w = self.loader.crops.box(self.epoch, row, meta["height"], meta["width"])
-            self.ids[row] = meta["image_id"]
+            self.ids[row] = index.image_id(row)
             jpegs.append(np.frombuffer(index.read(row, "jpg"), dtype=np.uint8))
             anchors.append(np.array([top, left], dtype=np.int32))
             shapes.append(np.array([h, w], dtype=np.int32))
@@ -271,8 +279,11 @@ class TorchLoader(Loader):
                 self._samples, batch_sampler=_Sampler(weakref.WeakMethod(self._remaining_batches)),
                 num_workers=self.threads,
                 persistent_workers=True, pin_memory=self.device.type == "cuda")
-        for images, ids in self._loader:
+        # The ids are read here, not in the workers, so a damaged id member stops the run with the shard's name in
+        # one line (an error raised in a worker comes back wrapped in its traceback).
+        for rows, images in zip(self.remaining_batches(), self._loader, strict=True):
             self.batch += 1
+            ids = torch.tensor([self.index.image_id(row) for row in rows.tolist()], dtype=torch.int64)
             yield Batch(images=normalize(images.to(self.device, non_blocking=True)), image_ids=ids)
         self.epoch, self.batch = self.epoch + 1, 0
 
@@ -348,7 +359,7 @@ def normalize(images: torch.Tensor) -> torch.Tensor:
 
 
 class _TarSamples(torch.utils.data.Dataset):
-    """dataset[(epoch, row)] -> (uint8 [3, S, S] image, image id), cropped by the loader's `Crops`."""
+    """dataset[(epoch, row)] -> uint8 [3, S, S] image, cropped by the loader's `Crops`."""
 
     def __init__(self, index: SampleIndex, *, crops: Crops, image_size: int) -> None:
         self.index, self.crops, self.image_size = index, crops, image_size
@@ -356,9 +367,8 @@ class _TarSamples(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.index)
 
-    def __getitem__(self, item: tuple[int, int]) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, item: tuple[int, int]) -> torch.Tensor:
         epoch, row = item
-        image_id = self.index.image_id(row)
         data = torch.frombuffer(bytearray(self.index.read(row, "jpg")), dtype=torch.uint8)
         image = decode_jpeg(data, mode=ImageReadMode.RGB)
-        return crop_resize(image, self.crops.box(epoch, row, *image.shape[1:]), self.image_size), image_id
+        return crop_resize(image, self.crops.box(epoch, row, *image.shape[1:]), self.image_size)

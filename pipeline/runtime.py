@@ -7,18 +7,22 @@ accept the same values: `auto` (a GPU when one is visible, else the CPU), `cpu`,
     with distributed("auto") as rt:       # joins torchrun's group when WORLD_SIZE > 1, leaves it at the end
         ...rt.device, rt.rank, rt.world_size...
         rows = gather_rows(local_rows)    # every rank's rows, in rank order
+
+Commands that write a folder hold its lock in the writing process only (`main_locked`).
 """
 
 import os
 import re
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 from pipeline.errors import UserError
+from pipeline.files import locked
 
 DEVICE_CHOICES = "auto, cpu, cuda or cuda:N"
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
@@ -31,6 +35,13 @@ def is_device_name(device: str) -> bool:
 
 def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def main_locked(folder: Path, what: str) -> AbstractContextManager:
+    """`files.locked(folder, what)` in the process that writes `folder` (rank 0 under torchrun), nothing elsewhere:
+    the other ranks' own locks would conflict with rank 0's. Taken before the process group is joined, from torchrun's
+    RANK: a refused rank 0 exits with its message, and torchrun then stops the other ranks."""
+    return locked(folder, what) if int(os.environ.get("RANK", "0")) == 0 else nullcontext()
 
 
 def resolve_device(device: str = "auto") -> torch.device:

@@ -53,6 +53,9 @@ def encode_id(image_id: int) -> bytes:
 
 
 def decode_id(data: bytes) -> int:
+    """The image id an `id` member holds; ValueError unless it is 12 ASCII digits."""
+    if len(data) != ID_DIGITS or not data.isdigit():
+        raise ValueError(f"an id member holds {ID_DIGITS} ASCII digits, not {bytes(data[:16])!r}")
     return int(data)
 
 
@@ -238,7 +241,15 @@ class SampleIndex:
         return os.pread(self._fds[tar], size, offset)
 
     def image_id(self, row: int) -> int:
-        return decode_id(self.read(row, "id"))
+        """The image id of sample `row` (its `id` member, which must be its key's digits: a damaged shard is named
+        as such, never taken for an image the text cache lacks)."""
+        data = self.read(row, "id")
+        if data != self.keys[row].encode("ascii", "replace") or not data.isdigit():
+            tar = Path(self.tars[self.tar_of[row]])
+            raise UserError(f"sample {self.keys[row]} in {tar} has a damaged id member ({bytes(data[:16])!r}, not its "
+                            f"key): check the folder with `clipcoco shards --verify {tar.parent}` and rebuild it "
+                            "with `clipcoco shards ... --overwrite`")
+        return decode_id(data)
 
     def sample(self, image_id: int) -> dict:
         """{"json": the sample's metadata, "jpg": its JPEG bytes} of one image."""

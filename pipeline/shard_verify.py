@@ -2,7 +2,8 @@
 
 Input: a shard directory written by `clipcoco shards`. Output: a small report (shards, images, fingerprint), or a
 `UserError` listing every problem: a tar cut short or altered, a sidecar or manifest that disagrees, a stale
-.idx, a sample lacking a member or whose id disagrees with its key, captions.parquet out of step.
+.idx, a sample lacking a member or whose id disagrees with its key, captions.parquet out of step, totals that do not
+add up (every listed image packed or in failures.jsonl, once).
 """
 
 import json
@@ -11,12 +12,13 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 
 from pipeline.errors import UserError
 from pipeline.files import sha256_file
 from pipeline.progress import rate_bar
 from pipeline.shard_reader import MEMBERS, SampleIndex, decode_id, load_manifest, read_json, shard_set
-from pipeline.shards import write_index
+from pipeline.shards import totals_problems, write_index
 
 
 def _sample_problems(tar: Path, index: SampleIndex) -> list[str]:
@@ -27,8 +29,37 @@ def _sample_problems(tar: Path, index: SampleIndex) -> list[str]:
         members = sorted(ext for ext in index.members if index.has(ext)[row])
         if tuple(members) != MEMBERS:
             problems.append(f"{tar.name}: sample {key} has members {members}, expected {list(MEMBERS)}")
-        elif {decode_id(index.read(row, "id")), json.loads(index.read(row, "json"))["image_id"]} != {int(key)}:
+        elif not _ids_agree(key, index.read(row, "id"), index.read(row, "json")):
             problems.append(f"{tar.name}: sample {key} has an id or json image_id that disagrees with its key")
+    return problems
+
+
+def _ids_agree(key: str, id_member: bytes, json_member: bytes) -> bool:
+    try:
+        return decode_id(id_member) == json.loads(json_member)["image_id"] == int(key)
+    except (ValueError, KeyError, TypeError):  # not digits, not JSON, no image_id
+        return False
+
+
+def _totals_problems(root: Path, manifest: dict, packed_ids: list[int]) -> list[str]:
+    """The manifest's totals add up, and match failures.jsonl and the samples read."""
+    totals = manifest["totals"]
+    problems = [f"manifest.json totals do not add up: {p}" for p in totals_problems(totals)]
+    try:
+        failures = [json.loads(line) for line in (root / "failures.jsonl").read_text(encoding="utf-8").splitlines()]
+        left_out = [int(f["image_id"]) for f in failures]
+    except (OSError, ValueError, KeyError, TypeError):
+        return [*problems, "failures.jsonl is missing or unreadable: rebuild with --overwrite"]
+    if len(left_out) != totals["images_left_out"]:
+        problems.append(f"failures.jsonl lists {len(left_out)} images, the manifest says {totals['images_left_out']} "
+                        "were left out")
+    if len(packed_ids) != totals["images_packed"]:
+        problems.append(f"the shards hold {len(packed_ids)} images, the manifest says {totals['images_packed']}")
+    if len(set(packed_ids) | set(left_out)) != len(packed_ids) + len(left_out):
+        problems.append("an image is packed twice, left out twice, or both packed and left out")
+    rows = pq.read_metadata(root / "captions.parquet").num_rows
+    if rows != totals["captions_packed"]:
+        problems.append(f"captions.parquet holds {rows} captions, the manifest says {totals['captions_packed']}")
     return problems
 
 
@@ -81,6 +112,7 @@ def verify_shards(shards_dir: Path, *, progress: bool = True) -> dict:
     else:
         if not np.array_equal(parquet_ids, np.unique(np.array(checked_ids, np.int64))):
             problems.append("captions.parquet image ids differ from the images in the shards")
+    problems += _totals_problems(root, shards.manifest, checked_ids)
     if problems:
         raise UserError(f"{len(problems)} problem(s) in {shards.root}:\n  " + "\n  ".join(problems))
     report = {"shards": len(shards.tars), "images": len(checked_ids), "fingerprint": shards.fingerprint, "ok": True}

@@ -23,6 +23,7 @@ import re
 import tarfile
 import threading
 import time
+import unicodedata
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from datetime import datetime, timezone
@@ -33,9 +34,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline import __version__
-from pipeline.coco import ImageRecord, read_coco_captions, read_karpathy
+from pipeline.coco import Annotations, ImageRecord, read_coco_captions, read_karpathy
 from pipeline.errors import UserError
-from pipeline.files import commit, replacing, sha256_file, temporary_name, write_atomic
+from pipeline.files import commit, locked, replacing, sha256_file, temporary_name, write_atomic
 from pipeline.images import Prepared, Rejected, prepare_image
 from pipeline.progress import rate_bar
 from pipeline.shard_reader import (
@@ -96,9 +97,19 @@ def bounded_imap(pool, func: Callable, tasks: Iterable, *, window: int, chunksiz
         stop.set()
 
 
+# Characters that show nothing: controls, format characters (zero-width spaces and joiners, the BOM, direction
+# marks) and separators; a caption made only of these (or of whitespace) says nothing.
+INVISIBLE = frozenset({"Cc", "Cf", "Zs", "Zl", "Zp"})
+
+
+def is_blank(caption: str) -> bool:
+    return all(ch.isspace() or unicodedata.category(ch) in INVISIBLE for ch in caption)
+
+
 def usable_captions(record: ImageRecord) -> tuple[tuple[str, ...], tuple[int, ...]]:
-    """The captions worth packing: whitespace-only ones are dropped, the rest kept byte-exact."""
-    kept = [(c, i) for c, i in zip(record.captions, record.caption_ids, strict=True) if c.strip()]
+    """The captions worth packing: blank ones (only whitespace or invisible characters) are dropped, the rest kept
+    byte-exact."""
+    kept = [(c, i) for c, i in zip(record.captions, record.caption_ids, strict=True) if not is_blank(c)]
     return tuple(c for c, _ in kept), tuple(i for _, i in kept)
 
 
@@ -247,10 +258,33 @@ def complete_prefix(out: Path, build_id: str, samples_per_shard: int) -> list[di
         done.append(sidecar)
         if sidecar["count"] < samples_per_shard:  # only the last shard is short
             break
+    _remove_shards_from(out, len(done))
+    return done
+
+
+def _remove_shards_from(out: Path, index: int) -> None:
+    """Remove shard `index` and every later one, and every temporary shard file."""
     for path in _shard_files(out):
         match = SHARD_RE.match(path.name)
-        if match.group(3) or int(match.group(1)) >= len(done):
+        if match.group(3) or int(match.group(1)) >= index:
             path.unlink()
+
+
+def still_left_out(out: Path, done: list[dict[str, Any]], records: dict[int, ImageRecord],
+                   prepare: Callable[[ImageRecord], Prepared | Rejected]) -> list[dict[str, Any]]:
+    """The kept shards up to the first one whose left-out images now come out otherwise; removes the rest.
+
+    So "fix the inputs and rerun" packs a repaired or restored image: the shard it belongs in (the one whose sidecar
+    lists it) and every later one are rebuilt, and the result is what a fresh build of the fixed inputs gives.
+    """
+    for index, sidecar in enumerate(done):
+        for failure in sidecar["left_out"]:
+            record = records[failure["image_id"]]
+            if next(checked([(record, prepare(record))])) != failure:
+                for name in ("manifest.json", "sizes.json"):  # first: never a manifest naming shards that are gone
+                    (out / name).unlink(missing_ok=True)
+                _remove_shards_from(out, index)
+                return done[:index]
     return done
 
 
@@ -312,7 +346,7 @@ def checked(results: Iterable[tuple[ImageRecord, Prepared | Rejected]]) -> Itera
         if not 0 <= record.image_id <= MAX_IMAGE_ID:
             result = Rejected("bad_id", f"image id outside 0..{MAX_IMAGE_ID}: a sample key holds 12 digits")
         elif isinstance(result, Prepared) and not captions:
-            result = Rejected("no_caption", "every caption is empty or whitespace")
+            result = Rejected("no_caption", "every caption is blank (empty, whitespace or invisible characters)")
         if isinstance(result, Rejected):
             yield _failure(record, result)
         else:
@@ -345,15 +379,46 @@ def write_shards(items: Iterable[tuple[dict, bool] | dict], *, out: Path, build_
     return sidecars, failures
 
 
+def totals_problems(totals: dict[str, Any]) -> list[str]:
+    """What does not add up in a manifest's totals: every listed image is packed or left out, every listed caption
+    packed or counted under one reason (the caption counts are checked where the manifest records them)."""
+    problems = []
+    images = totals["images_packed"] + totals["images_left_out"]
+    if totals["images_listed"] != images:
+        problems.append(f"{totals['images_listed']} images listed but {totals['images_packed']} packed + "
+                        f"{totals['images_left_out']} left out = {images}")
+    if sum(totals["left_out_by_reason"].values()) != totals["images_left_out"]:
+        problems.append(f"left_out_by_reason adds up to {sum(totals['left_out_by_reason'].values())}, not "
+                        f"images_left_out {totals['images_left_out']}")
+    if "captions_listed" in totals:  # recorded since clipcoco 0.2.1; the shard format is the same
+        parts = ("captions_packed", "captions_dropped", "captions_left_out", "captions_without_image")
+        if totals["captions_listed"] != sum(totals[k] for k in parts):
+            problems.append(f"{totals['captions_listed']} captions listed but " + " + ".join(
+                f"{totals[k]} {k.removeprefix('captions_')}" for k in parts) + f" = {sum(totals[k] for k in parts)}")
+    return problems
+
+
+def _check_accounted(records: list[ImageRecord], packed_ids: list[int], failures: list[dict], totals: dict) -> None:
+    """Refuse to write a manifest in which an image vanished or appears twice: a bug here, not a user's mistake."""
+    accounted = sorted(packed_ids + [f["image_id"] for f in failures])
+    problems = totals_problems(totals)
+    if accounted != [r.image_id for r in records]:
+        missing = sorted({r.image_id for r in records} - set(accounted))[:5]
+        problems.append(f"packed and left-out images are not the listed ones (e.g. unaccounted: {missing})")
+    if problems:
+        raise RuntimeError("internal error, manifest.json not written: " + "; ".join(problems))
+
+
 def build_shards(*, out: Path, images: Path, annotations: Path | None = None, karpathy: Path | None = None,
                  split: str | None = None, resize_shorter: int = 0, quality: int = 95,
                  samples_per_shard: int = 1000, workers: int = 0, max_failure_rate: float = 0.01,
-                 overwrite: bool = False, progress: bool = True) -> dict:
+                 overwrite: bool = False, allow_outside_images: bool = False, progress: bool = True) -> dict:
     """Pack the listed images into shards under `out`; returns the manifest.
 
     Rerunning the same command after a crash keeps the complete shards and redoes the rest; the
-    result is byte-identical to an uninterrupted run. Raises `UserError` after writing everything
-    when more than `max_failure_rate` of the listed images had to be left out.
+    result is byte-identical to an uninterrupted run. A rerun also retries the images left out, and rebuilds from
+    the first shard where one of them now packs (or fails otherwise). Raises `UserError` after writing everything
+    when more than `max_failure_rate` of the listed images had to be left out. `out` is locked while it is written.
     """
     started = time.perf_counter()
     out, images = Path(out), Path(images)
@@ -361,21 +426,54 @@ def build_shards(*, out: Path, images: Path, annotations: Path | None = None, ka
                    resize_shorter=resize_shorter, quality=quality, samples_per_shard=samples_per_shard,
                    workers=workers, max_failure_rate=max_failure_rate)
     source = Path(annotations if annotations is not None else karpathy)
-    records = read_coco_captions(source, images) if annotations is not None else read_karpathy(source, images, split)
-    if not records:
+    listing = (read_coco_captions(source, images, allow_outside_images=allow_outside_images)
+               if annotations is not None else
+               read_karpathy(source, images, split, allow_outside_images=allow_outside_images))
+    if not listing.records:
         raise UserError(f"{source} lists no images" + (f" in split {split!r}" if split else ""))
 
     # Everything that determines the bytes, and nothing else (not --workers, not paths).
     identity = {"source": "coco" if annotations is not None else "karpathy", "source_sha256": sha256_file(source),
                 "split": split, "resize_shorter": resize_shorter, "quality": quality,
                 "samples_per_shard": samples_per_shard, "version": __version__, "format_version": FORMAT_VERSION}
+    with locked(out, "clipcoco shards"):
+        manifest = _write_directory(out, images, source, listing, identity, workers=workers,
+                                    max_failure_rate=max_failure_rate, overwrite=overwrite, progress=progress,
+                                    started=started)
+    totals = manifest["totals"]
+    if progress:
+        from rich.console import Console
+
+        Console().print(f"packed {totals['images_packed']:,} images ({totals['images_left_out']:,} left out) into "
+                        f"{totals['shards']} shards, {totals['bytes'] / 1e6:,.1f} MB, {manifest['seconds']:.1f} s "
+                        f"-> {out}")
+    reasons = Counter(totals["left_out_by_reason"])
+    if not totals["images_packed"]:
+        raise UserError(f"no image could be packed ({_top_reasons(reasons)}); see {out / 'failures.jsonl'}, fix "
+                        "the inputs and rerun the same command")
+    if totals["images_left_out"] > max_failure_rate * totals["images_listed"]:
+        raise UserError(
+            f"{totals['images_left_out']:,} of {totals['images_listed']:,} listed images "
+            f"({totals['images_left_out'] / totals['images_listed']:.1%}) were left out ({_top_reasons(reasons)}), "
+            f"more than --max-failure-rate {max_failure_rate}. Everything was written; see {out / 'failures.jsonl'}: "
+            "fix the inputs and rerun the same command (it retries them), or rerun with a higher --max-failure-rate")
+    return manifest
+
+
+def _write_directory(out: Path, images: Path, source: Path, listing: Annotations, identity: dict[str, Any], *,
+                     workers: int, max_failure_rate: float, overwrite: bool, progress: bool, started: float) -> dict:
+    """The shards, captions.parquet, failures.jsonl, sizes.json and (last) manifest.json of `out`, which is locked."""
+    records = listing.records
+    resize_shorter, quality, samples_per_shard = (identity[k] for k in ("resize_shorter", "quality",
+                                                                        "samples_per_shard"))
     build_id = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
-    out.mkdir(parents=True, exist_ok=True)
     if overwrite:
         _clear(out)
     else:
         _check_same_build(out, build_id, identity)
-    done = complete_prefix(out, build_id, samples_per_shard)
+    by_id = {r.image_id: r for r in records}
+    done = still_left_out(out, complete_prefix(out, build_id, samples_per_shard), by_id,
+                          lambda r: _prepare_task((str(r.path), resize_shorter, quality)))
     # Records are in id order and each sidecar carries the failures met before it: resume after the last key.
     todo = [r for r in records if r.image_id > int(done[-1]["keys"][-1])] if done else records
 
@@ -399,25 +497,31 @@ def build_shards(*, out: Path, images: Path, annotations: Path | None = None, ka
     sidecars = done + new
 
     failures = [f for s in sidecars for f in s["left_out"]] + trailing
+    packed_ids = [int(k) for s in sidecars for k in s["keys"]]
+    packed = set(packed_ids)
+    reasons = Counter(f["reason"] for f in failures)
+    totals = {"images_listed": len(records), "images_packed": len(packed_ids), "images_left_out": len(failures),
+              "left_out_by_reason": dict(sorted(reasons.items())),
+              "images_reencoded": sum(s["reencoded"] for s in sidecars),
+              "captions_listed": listing.captions_listed,
+              "captions_packed": sum(len(usable_captions(by_id[i])[0]) for i in packed_ids),
+              "captions_dropped": sum(len(r.captions) - len(usable_captions(r)[0]) for r in records),
+              "captions_left_out": sum(len(usable_captions(r)[0]) for r in records if r.image_id not in packed),
+              "captions_without_image": listing.captions_without_image,
+              "bytes": sum(s["bytes"] for s in sidecars), "shards": len(sidecars)}
+    _check_accounted(records, packed_ids, failures, totals)
     write_atomic(out / "failures.jsonl", "".join(json.dumps(f, ensure_ascii=False) + "\n"
                                                   for f in failures).encode("utf-8"))
-    packed_ids = [int(k) for s in sidecars for k in s["keys"]]
-    captions_packed = _write_captions(out, {r.image_id: r for r in records}, packed_ids)
-    reasons = Counter(f["reason"] for f in failures)
+    if _write_captions(out, by_id, packed_ids) != totals["captions_packed"]:
+        raise RuntimeError("internal error, manifest.json not written: captions.parquet disagrees with the totals")
+    options = {k: identity[k] for k in ("resize_shorter", "quality", "samples_per_shard")}
     manifest = {
         "tool": "clipcoco shards", "version": __version__, "format_version": FORMAT_VERSION,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "inputs": {identity["source"]: {"path": str(source.resolve()), "sha256": identity["source_sha256"]},
-                   "images": str(images.resolve()), "split": split},
-        "options": {"resize_shorter": resize_shorter, "quality": quality, "samples_per_shard": samples_per_shard,
-                    "workers": workers, "max_failure_rate": max_failure_rate},
-        "identity": identity, "build_id": build_id,
-        "totals": {"images_listed": len(records), "images_packed": len(packed_ids),
-                   "images_left_out": len(failures), "left_out_by_reason": dict(sorted(reasons.items())),
-                   "images_reencoded": sum(s["reencoded"] for s in sidecars),
-                   "captions_packed": captions_packed,
-                   "captions_dropped": sum(len(r.captions) - len(usable_captions(r)[0]) for r in records),
-                   "bytes": sum(s["bytes"] for s in sidecars), "shards": len(sidecars)},
+                   "images": str(images.resolve()), "split": identity["split"]},
+        "options": {**options, "workers": workers, "max_failure_rate": max_failure_rate},
+        "identity": identity, "build_id": build_id, "totals": totals,
         "shards": [{"tar": s["shard"], "idx": s["shard"][:-4] + ".idx", "count": s["count"], "bytes": s["bytes"],
                     "sha256": s["sha256"], "first_key": s["keys"][0], "last_key": s["keys"][-1]} for s in sidecars],
         "fingerprint": fingerprint_of(s["sha256"] for s in sidecars),
@@ -426,19 +530,6 @@ def build_shards(*, out: Path, images: Path, annotations: Path | None = None, ka
     # open_clip's dataset-size file, so `--train-data 'DIR/shard-{000000..N}.tar'` needs no --train-num-samples.
     write_atomic(out / "sizes.json", _json_bytes({s["shard"]: s["count"] for s in sidecars}))
     write_atomic(out / "manifest.json", _json_bytes(manifest))  # last: it marks the directory complete
-
-    if progress:
-        from rich.console import Console
-
-        Console().print(f"packed {len(packed_ids):,} images ({len(failures):,} left out) into {len(sidecars)} "
-                        f"shards, {manifest['totals']['bytes'] / 1e6:,.1f} MB, {manifest['seconds']:.1f} s -> {out}")
-    if not packed_ids:
-        raise UserError(f"no image could be packed ({_top_reasons(reasons)}); see {out / 'failures.jsonl'}")
-    if len(failures) > max_failure_rate * len(records):
-        raise UserError(
-            f"{len(failures):,} of {len(records):,} listed images ({len(failures) / len(records):.1%}) were left "
-            f"out ({_top_reasons(reasons)}), more than --max-failure-rate {max_failure_rate}. Everything was "
-            f"written; see {out / 'failures.jsonl'}, fix the inputs, or rerun with a higher --max-failure-rate")
     return manifest
 
 

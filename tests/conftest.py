@@ -149,3 +149,36 @@ def torchrun(script: Path, *args: str, nproc: int = 2, timeout: int = 240) -> tu
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     return proc.returncode, stderr
+
+
+_HOLD = """
+import os, sys, time
+from pathlib import Path
+from pipeline.files import locked
+with locked(Path(sys.argv[1]), sys.argv[2]):
+    child = os.fork() if sys.argv[3] == "fork" else 0  # a worker that outlives its parent, as after a kill -9
+    if child == 0 and sys.argv[3] == "fork":
+        time.sleep(120)
+        os._exit(0)
+    print(child, flush=True)
+    time.sleep(120)
+"""
+
+
+@contextlib.contextmanager
+def holding_lock(folder: Path, what: str, *, fork: bool = False):
+    """Another process holding `folder`'s lock (as `what`) for the block: yields (its Popen, its forked child's pid
+    or 0); both are killed at the end."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.Popen([sys.executable, "-c", _HOLD, str(folder), what, "fork" if fork else "-"],
+                            stdout=subprocess.PIPE, text=True, env=env)
+    child = 0
+    try:
+        child = int(proc.stdout.readline())  # printed once the lock is held
+        yield proc, child
+    finally:
+        for pid in (proc.pid, child):
+            if pid:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        proc.wait()

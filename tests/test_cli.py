@@ -193,3 +193,37 @@ def test_a_shadowing_clip_package_is_named_not_an_attribute_error(tmp_path):
         assert proc.stdout == "" and len(proc.stderr.splitlines()) == 1, proc.stderr
         assert f"`import clip` finds {tmp_path / 'other' / 'clip' / '__init__.py'}, not clipcoco's own" in proc.stderr
         assert "pip uninstall openai-clip" in proc.stderr and "separate venv" in proc.stderr
+
+
+def test_every_writing_command_stops_while_another_holds_its_folder(tmp_path):
+    """shards (--out), embed-text (the folder of its --out), train (--out) and eval (the run) take the folder's
+    lock before any work: a second command gets one line naming the holder, exit 2, and writes nothing."""
+    from conftest import holding_lock, write_coco
+
+    from pipeline.errors import UserError
+    from pipeline.shards import build_shards
+
+    ann, images = write_coco(tmp_path / "coco", 2, captions_per_image=1)
+    shards = tmp_path / "shards"
+    build_shards(out=shards, images=images, annotations=ann, workers=1, progress=False)
+    checkpoint = tmp_path / "run" / "checkpoints" / "step_00000001.pt"
+    checkpoint.parent.mkdir(parents=True)
+    checkpoint.write_bytes(b"not read: the lock comes first")
+    commands = {
+        shards: ["shards", "--annotations", str(ann), "--images", str(images), "--out", str(shards)],
+        tmp_path / "text": ["embed-text", str(shards), "--out", str(tmp_path / "text" / "t.parquet"), "--model",
+                            str(tmp_path / "no-model")],
+        tmp_path / "train": ["train", "--shards", str(shards), "--text", str(tmp_path / "t.parquet"), "--out",
+                             str(tmp_path / "train"), "--device", "cpu"],
+        tmp_path / "run": ["eval", str(checkpoint), "--shards", str(shards), "--text", str(tmp_path / "t")],
+    }
+    for folder, args in commands.items():
+        before = sorted(p.name for p in folder.iterdir()) if folder.exists() else None
+        with holding_lock(folder, "clipcoco demo") as (holder, _):
+            error = CliRunner().invoke(app, args).exception  # main() prints it in one line and exits 2
+            assert isinstance(error, UserError) and f"in use by pid {holder.pid}" in str(error), (args, error)
+            assert len(str(error).splitlines()) == 1 and "clipcoco demo, since" in str(error)
+            after = sorted(p.name for p in folder.iterdir() if p.name != ".lock")
+        assert after == [n for n in before or [] if n != ".lock"], args
+    # The holders were killed (SIGKILL): their locks went with them, and the same command now runs.
+    assert CliRunner().invoke(app, [*commands[shards], "--no-progress"]).exit_code == 0

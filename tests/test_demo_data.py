@@ -45,14 +45,15 @@ def test_same_arguments_give_the_same_bytes(demo, tmp_path):
 
 def test_loads_as_coco_captions(demo):
     for split, n in (("train", 120), ("test", 30)):
-        records = read_coco_captions(demo.annotations[split], demo.images[split])
+        records = read_coco_captions(demo.annotations[split], demo.images[split]).records
         assert len(records) == n == demo.n_images[split]
         assert sum(len(r.captions) for r in records) == demo.n_captions[split]
         for r in records:
             assert r.path.is_file()
             with Image.open(r.path) as im:
                 assert im.format == "JPEG" and im.mode == "RGB" and im.size == (r.width, r.height) == (64, 64)
-    ids = {s: {r.image_id for r in read_coco_captions(demo.annotations[s], demo.images[s])} for s in ("train", "test")}
+    ids = {s: {r.image_id for r in read_coco_captions(demo.annotations[s], demo.images[s]).records}
+           for s in ("train", "test")}
     assert not ids["train"] & ids["test"]
     caption_ids = [a["id"] for s in ("train", "test") for a in _coco(demo, s)["annotations"]]
     assert len(caption_ids) == len(set(caption_ids))

@@ -46,3 +46,44 @@ def test_bytes_are_synced_before_the_rename(tmp_path, monkeypatch):
     monkeypatch.setattr(files.os, "replace", lambda a, b: (events.append("replace"), real_replace(a, b)))
     write_atomic(tmp_path / "y", b"data")
     assert events == ["fsync", "replace", "fsync"]  # the file, the rename, the directory entry
+
+
+def test_a_second_process_is_refused_naming_the_holder_and_a_kill_9_frees_the_lock(tmp_path):
+    import os
+    import signal
+
+    from conftest import holding_lock
+
+    from pipeline.errors import UserError
+    from pipeline.files import locked
+
+    folder = tmp_path / "out"
+    with holding_lock(folder, "clipcoco shards", fork=True) as (holder, child):
+        with pytest.raises(UserError) as err, locked(folder, "clipcoco train"):
+            pass
+        message = str(err.value)
+        assert len(message.splitlines()) == 1
+        assert f"{folder} is in use by pid {holder.pid} on " in message and "(clipcoco shards, since 20" in message
+        assert "choose another output folder" in message
+        os.kill(holder.pid, signal.SIGKILL)
+        holder.wait()
+        os.kill(child, 0)  # still running: it closed its copy of the lock at the fork, so it does not hold it
+        with locked(folder, "clipcoco train"):
+            assert b'"command": "clipcoco train"' in (folder / ".lock").read_bytes()
+
+
+def test_a_lock_leaves_nothing_behind(tmp_path):
+    from pipeline.errors import UserError
+    from pipeline.files import locked
+
+    with locked(tmp_path / "new" / "run", "clipcoco train"):
+        assert (tmp_path / "new" / "run" / ".lock").is_file()
+    assert not (tmp_path / "new" / "run").exists()  # made for the lock, nothing written: removed again
+    with locked(tmp_path / "kept", "clipcoco shards"):
+        (tmp_path / "kept" / "manifest.json").write_text("{}")
+        with pytest.raises(UserError, match="in use by pid"), locked(tmp_path / "kept", "clipcoco eval"):
+            pass  # the same process, another open file: refused too
+    assert (tmp_path / "kept" / ".lock").read_bytes() == b""  # names no finished command
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UserError, match="is a file, not a folder"), locked(tmp_path / "file", "clipcoco train"):
+        pass

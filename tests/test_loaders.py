@@ -21,6 +21,7 @@ from pipeline.loaders import (
     resolve_kind,
 )
 from pipeline.shard_reader import open_shards
+from pipeline.shard_verify import verify_shards
 from pipeline.shards import build_shards
 
 KINDS = ["dali", "torch"]
@@ -277,3 +278,64 @@ def test_auto_is_dali_on_cuda_and_torch_on_a_cpu():
     assert resolve_kind("torch", torch.device("cuda")) == "torch"
     with pytest.raises(UserError, match="use one of auto, dali, torch"):
         resolve_kind("pil", torch.device("cpu"))
+
+
+def _copy(shards, tmp_path):
+    import shutil
+
+    shutil.copytree(shards.root, tmp_path / "copy")
+    return tmp_path / "copy"
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_an_index_that_disagrees_with_the_manifest_is_refused(generated, kind, tmp_path):
+    """What a second `clipcoco shards` into the same folder used to leave: a .idx listing fewer samples than the
+    manifest counts, which DALI would have read as a shorter epoch."""
+    root = _copy(generated, tmp_path)
+    idx = root / "shard-000001.idx"
+    header, *samples = idx.read_text().splitlines()
+    idx.write_text("\n".join([f"v1.2 {len(samples) - 1}", *samples[:-1]]) + "\n")
+    with pytest.raises(UserError, match=r"list 22 samples but its manifest counts 23 \(shard-000001.tar: 4 in its "
+                                        r"\.idx, 5 in the manifest\): check the folder with `clipcoco shards --verify"):
+        loader(open_shards(root), kind, train=False)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_damaged_id_member_names_the_shard(generated, kind, tmp_path):
+    """Not "image N is not in the text cache": the id member disagrees with its key, and the shard is named."""
+    root = _copy(generated, tmp_path)
+    fields = (root / "shard-000002.idx").read_text().splitlines()[2].split()
+    offset = int(fields[fields.index("id") + 1])
+    with open(root / "shard-000002.tar", "r+b") as tar:  # a valid id, another image's: only the key can tell
+        tar.seek(offset)
+        tar.write(b"000000000999")
+    with pytest.raises(UserError, match=r"sample \d{12} in .*shard-000002.tar has a damaged id member "
+                                        r"\(b'000000000999', not its key\): check the folder with `clipcoco shards "
+                                        r"--verify .*copy`") as err:
+        list(loader(open_shards(root), kind, train=False))
+    assert len(str(err.value).splitlines()) == 1
+    # The traceback holds the stopped DALI pipeline; a DataLoader worker forked later would tear it down and hang.
+    del err
+    gc.collect()
+    with pytest.raises(UserError, match="shard-000002.tar: sample .* has an id or json image_id that disagrees"):
+        verify_shards(root, progress=False)
+
+
+def test_an_exif_rotated_jpeg_is_upright_in_both_loaders(tmp_path):
+    """A portrait photo stored landscape with EXIF orientation 6 (as cameras write them): packed upright, so
+    DALI (which applies EXIF) and torchvision (which does not) decode the same pixels."""
+    upright = np.zeros((64, 48, 3), np.uint8)  # 64 high, 48 wide: red top half, blue bottom half
+    upright[:32, :, 0] = 255
+    upright[32:, :, 2] = 255
+    annotations, images = write_coco(tmp_path, 1, captions_per_image=1)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to show": the stored pixels are the upright ones turned back
+    Image.fromarray(upright).transpose(Image.Transpose.ROTATE_90).save(images / "000000000001.jpg", exif=exif,
+                                                                       quality=95)
+    build_shards(out=tmp_path / "shards", images=images, annotations=annotations, progress=False)
+    shards = open_shards(tmp_path / "shards")
+    dali, torch_ = (unnormalise(list(loader(shards, kind, train=False, threads=1))[0].images)[0] for kind in KINDS)
+    assert (dali - torch_).abs().mean() < 2
+    for image in (dali, torch_):  # the eval crop: the center 48 x 48, red above blue
+        top, bottom = image[:, : SIZE // 3].mean(dim=(1, 2)), image[:, -SIZE // 3:].mean(dim=(1, 2))
+        assert top[0] > 200 and top[2] < 50 and bottom[2] > 200 and bottom[0] < 50, (top, bottom)

@@ -181,7 +181,7 @@ def bad_coco(tmp_path_factory):
     (images / "000000000009.jpg").write_bytes(_jpeg(rgb[..., 0]))  # grayscale: kept
     (images / "000000000010.jpg").write_bytes(_jpeg(rgb, progressive=True))  # progressive: kept
     exif = Image.Exif()
-    exif[0x0112] = 6  # rotated by 90 degrees: kept, its json gives the size DALI decodes to
+    exif[0x0112] = 6  # rotated by 90 degrees: re-encoded upright (64 high, 48 wide), without EXIF
     (images / "000000000014.jpg").write_bytes(_jpeg(rgb, exif=exif))
     # arithmetic-coded (made once with `jpegtran -arithmetic`, 64x48): decodable, but not by the GPU decoders
     shutil.copy(ASSETS / "arithmetic.jpg", images / "000000000015.jpg")
@@ -212,14 +212,15 @@ def test_bad_inputs_left_out_or_reencoded(bad_coco, tmp_path):
     assert totals["left_out_by_reason"] == {"empty": 1, "missing": 1, "no_caption": 1, "undecodable": 3}
     # image 11: all 5 dropped; image 12: caption ids 1055..1059, the 3 odd ones dropped
     assert totals["captions_dropped"] == 5 + 3 and totals["captions_packed"] == 9 * 5 - 3
-    assert totals["images_reencoded"] == 3
+    assert totals["images_reencoded"] == 4
     expected = {i: [c for c in caps if c.strip()] for i, caps in _captions_of(ann).items() if i not in BAD_REASONS}
     samples = _check_against_json(open_shards(tmp_path / "s"), expected)
-    for image_id in (7, 8, 15):  # re-encoded as plain RGB JPEGs
+    for image_id in (7, 8, 14, 15):  # re-encoded as plain RGB JPEGs without EXIF (14: turned upright)
         assert jpeg_frame_type(samples[image_id]["jpg"]) == 0xC0
         with Image.open(io.BytesIO(samples[image_id]["jpg"])) as im:
-            assert (im.format, im.mode, im.size) == ("JPEG", "RGB", (64, 48))
-    for image_id in (9, 10, 14):
+            size = (48, 64) if image_id == 14 else (64, 48)
+            assert (im.format, im.mode, im.size, dict(im.getexif())) == ("JPEG", "RGB", size, {})
+    for image_id in (9, 10):
         assert samples[image_id]["jpg"] == (images / f"{image_id:012d}.jpg").read_bytes()
     meta = json.loads(samples[14]["json"])
     assert (meta["width"], meta["height"]) == (48, 64)
@@ -477,3 +478,164 @@ def test_a_write_error_stops_the_workers_and_a_rerun_recovers(tiny_coco, tmp_pat
     _build(ann, images, tmp_path / "s", samples_per_shard=5, workers=2)
     _build(ann, images, tmp_path / "ref", samples_per_shard=5)
     assert _files(tmp_path / "s") == _files(tmp_path / "ref")
+
+
+def _reason_of(out: Path) -> dict[int, str]:
+    return {f["image_id"]: f["reason"] for f in map(json.loads, (out / "failures.jsonl").read_text().splitlines())}
+
+
+def test_every_listed_image_is_packed_or_left_out_and_every_count_adds_up(tmp_path):
+    ann, images = write_coco(tmp_path / "coco", 8, captions_per_image=2)
+    coco = json.loads(ann.read_text())
+    for image, new_id in zip(coco["images"][:3], (-1, 2**63, 10**12), strict=True):  # ids no 12-digit key holds
+        for a in coco["annotations"]:
+            a["image_id"] = new_id if a["image_id"] == image["id"] else a["image_id"]
+        image["id"] = new_id
+    invisible = "\u200b\u2060 \ufeff\u200e"  # zero-width space, word joiner, BOM, left-to-right mark
+    coco["annotations"][-1]["caption"] = invisible  # one of image 8's two captions: dropped, counted
+    coco["annotations"][-4]["caption"] = coco["annotations"][-3]["caption"] = invisible  # all of image 7's
+    coco["annotations"].append({"id": 5000, "image_id": 777, "caption": "an image nobody listed"})
+    ann.write_text(json.dumps(coco))
+    out = tmp_path / "s"
+    totals = _build(ann, images, out, samples_per_shard=2, max_failure_rate=1.0)["totals"]
+    assert _reason_of(out) == {-1: "bad_id", 2**63: "bad_id", 10**12: "bad_id", 7: "no_caption"}
+    assert (totals["images_listed"], totals["images_packed"], totals["images_left_out"]) == (8, 4, 4)
+    assert totals["captions_listed"] == 17 and totals["captions_without_image"] == 1
+    assert (totals["captions_packed"], totals["captions_dropped"], totals["captions_left_out"]) == (7, 3, 6)
+    assert verify_shards(out, progress=False)["images"] == 4
+    assert _build(ann, images, out, samples_per_shard=2, max_failure_rate=1.0)["totals"] == totals  # resumed
+
+    # A manifest whose totals do not add up is refused by --verify ...
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["totals"]["images_listed"] += 1
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    (out / "failures.jsonl").write_text("".join((out / "failures.jsonl").read_text().splitlines(True)[1:]))
+    with pytest.raises(UserError, match=r"totals do not add up: 9 images listed but 4 packed \+ 4 left out = 8"
+                                        r"(.|\n)*failures.jsonl lists 3 images, the manifest says 4"):
+        verify_shards(out, progress=False)
+
+
+def test_a_manifest_that_loses_an_image_is_never_written(tiny_coco, tmp_path, monkeypatch):
+    import pipeline.shards as shards_module
+
+    real = shards_module.checked
+    monkeypatch.setattr(shards_module, "checked", lambda results: (item for i, item in enumerate(real(results))
+                                                                    if i != 3))  # a bug that drops one image
+    with pytest.raises(RuntimeError, match=r"internal error, manifest.json not written: 12 images listed but 11 "
+                                           r"packed \+ 0 left out = 11; .*unaccounted: \[4\]"):
+        _build(ann := tiny_coco[0], tiny_coco[1], tmp_path / "s")
+    assert not (tmp_path / "s" / "manifest.json").exists() and ann.is_file()
+
+
+def test_a_caption_that_is_not_unicode_writes_nothing(tiny_coco, tmp_path):
+    ann, images = tiny_coco
+    ann.write_text(ann.read_text().replace('"image 3 caption 1"', r'"image 3 \udc80 caption 1"'))
+    with pytest.raises(UserError, match=r"annotations\[11\] has a 'caption' that is not valid Unicode"):
+        _build(ann, images, tmp_path / "s")
+    assert not (tmp_path / "s").exists()  # no folder, so no stale .tar.tmp either
+
+
+def test_file_names_outside_images_are_refused_unless_allowed(tiny_coco, tmp_path):
+    ann, images = tiny_coco
+    coco = json.loads(ann.read_text())
+    shutil.copy(images / "000000000001.jpg", images.parent / "outside.jpg")
+    coco["images"][0]["file_name"] = "../outside.jpg"
+    ann.write_text(json.dumps(coco))
+    result = CliRunner().invoke(app, ["shards", "--annotations", str(ann), "--images", str(images), "--out",
+                                      str(tmp_path / "s"), "--no-progress"])
+    assert isinstance(result.exception, UserError) and "--allow-outside-images" in str(result.exception)
+    result = CliRunner().invoke(app, ["shards", "--annotations", str(ann), "--images", str(images), "--out",
+                                      str(tmp_path / "s"), "--no-progress", "--allow-outside-images"])
+    assert result.exit_code == 0, result.output
+    assert open_shards(tmp_path / "s").n_images == 12
+
+
+def test_a_fifo_a_device_and_a_folder_are_left_out_without_being_read(tiny_coco, tmp_path):
+    ann, images = tiny_coco
+    coco = json.loads(ann.read_text())
+    (images / "000000000002.jpg").unlink()
+    os.mkfifo(images / "000000000002.jpg")  # opening it for reading would wait for a writer forever
+    coco["images"][2]["file_name"] = "/dev/zero"  # reading it would never end
+    (images / "000000000004.jpg").unlink()
+    (images / "000000000004.jpg").mkdir()
+    ann.write_text(json.dumps(coco))
+
+    def hung(*_):
+        raise TimeoutError("shards waited on a non-regular file")
+
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(30)
+    try:
+        _build(ann, images, tmp_path / "s", max_failure_rate=1.0, allow_outside_images=True)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    failures = [json.loads(line) for line in (tmp_path / "s" / "failures.jsonl").read_text().splitlines()]
+    assert [(f["image_id"], f["reason"], f["detail"]) for f in failures] == [
+        (2, "not_a_file", "a FIFO, not a regular file"), (3, "not_a_file", "a device, not a regular file"),
+        (4, "not_a_file", "a folder, not a regular file")]
+
+
+def test_a_rerun_packs_an_image_repaired_after_it_was_left_out(tiny_coco, tmp_path):
+    ann, images = tiny_coco
+    good = (images / "000000000007.jpg").read_bytes()
+    (images / "000000000007.jpg").write_bytes(good[:300])  # truncated: left out of shard 1 (images 6..10)
+    out = tmp_path / "s"
+    with pytest.raises(UserError, match=r"fix the inputs and rerun the same command \(it retries them\)"):
+        _build(ann, images, out, samples_per_shard=5)
+    assert _reason_of(out) == {7: "undecodable"}
+    inodes = {p.name: p.stat().st_ino for p in out.glob("shard-*.tar")}
+    with pytest.raises(UserError, match="were left out"):  # still broken: nothing rebuilt
+        _build(ann, images, out, samples_per_shard=5)
+    assert {p.name: p.stat().st_ino for p in out.glob("shard-*.tar")} == inodes
+    (images / "000000000007.jpg").write_bytes(good)  # fixed
+    manifest = _build(ann, images, out, samples_per_shard=5)
+    assert manifest["totals"]["images_packed"] == 12 and _reason_of(out) == {}
+    assert (out / "shard-000000.tar").stat().st_ino == inodes["shard-000000.tar"]  # before the repaired image: kept
+    _build(ann, images, tmp_path / "ref", samples_per_shard=5)
+    assert _files(out) == _files(tmp_path / "ref")  # what a fresh build of the fixed inputs gives
+
+
+def _gradient_png16() -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.tile(np.linspace(0, 65535, 256).round().astype(np.uint16), (8, 1))).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _tiff(values: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.tile(values, (8, 1))).save(buf, format="TIFF")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("make", [
+    _gradient_png16,
+    lambda: _tiff(np.linspace(0, 2**31 - 1, 256).astype(np.int32)),
+    lambda: _tiff(np.linspace(0, 1, 256).astype(np.float32)),
+], ids=["png-16-bit", "tiff-int32", "tiff-float32"])
+def test_deep_images_keep_their_tones(make, tmp_path):
+    from pipeline.images import Prepared, prepare_image
+
+    (tmp_path / "deep.jpg").write_bytes(make())
+    prepared = prepare_image(tmp_path / "deep.jpg")
+    assert isinstance(prepared, Prepared) and prepared.reencoded
+    with Image.open(io.BytesIO(prepared.jpeg)) as im:
+        columns = np.asarray(im.convert("L"), dtype=np.float64).mean(axis=0)
+    assert np.abs(columns - np.linspace(0, 255, 256)).max() < 8  # a gradient, not 99 % white
+    assert abs(columns.mean() - 127.5) < 2 and (np.diff(columns[::8]) > 0).all()
+
+
+def test_transparent_images_are_laid_over_white(tmp_path):
+    from pipeline.images import prepare_image
+
+    la = np.zeros((16, 32, 2), np.uint8)
+    la[:, 16:, 1] = 255  # black, transparent on the left half, opaque on the right
+    Image.fromarray(la, "LA").save(tmp_path / "la.png")
+    palette = Image.new("P", (32, 16), 0)
+    palette.putpalette([0, 0, 0, 0, 0, 0])  # two blacks; index 0 (the left half) is transparent
+    palette.paste(1, (16, 0, 32, 16))
+    palette.save(tmp_path / "p.png", transparency=0)
+    for name in ("la.png", "p.png"):
+        with Image.open(io.BytesIO(prepare_image(tmp_path / name).jpeg)) as im:
+            pixels = np.asarray(im.convert("L"), dtype=np.float64)
+        assert pixels[:, :14].mean() > 250 and pixels[:, 18:].mean() < 5, name

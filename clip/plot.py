@@ -15,7 +15,7 @@ import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from pipeline.errors import UserError
+from pipeline.errors import UserError, require_extra
 
 TRAIN_PANELS = (  # (metrics.jsonl key, panel title, y axis from 0: a noisy rate must not look like a collapse)
     ("loss", "loss", False),
@@ -29,10 +29,9 @@ EVAL_CURVES = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "me
 
 def figure_class():
     """matplotlib's Figure (drawn without pyplot, so no GUI backend or global state); UserError if missing."""
-    try:
-        from matplotlib.figure import Figure
-    except ImportError:
-        raise UserError("matplotlib is not installed: `pip install 'clipcoco[plot]'` (or `make install`)") from None
+    require_extra("matplotlib", "plot", "drawing a PNG (plot, search, zeroshot)")
+    from matplotlib.figure import Figure
+
     return Figure
 
 
@@ -63,13 +62,13 @@ def series(records: Iterable[dict], kind: str, key: str) -> tuple[list[float], l
 def plot_run(run: Path, *, out: Path | None = None) -> Path:
     """Draw RUN/metrics.jsonl into one PNG (default RUN/curves.png); returns its path."""
     run = Path(run)
+    Figure = figure_class()
     metrics = run / "metrics.jsonl"
     if not metrics.is_file():
         raise UserError(f"no metrics.jsonl in {run}: pass a run directory written by `clipcoco train`")
     records = list(read_metrics(metrics.read_text().splitlines(), source=str(metrics)))
     if not any(r.get("kind") == "train" for r in records):
         raise UserError(f"{metrics} has no training records yet: plot again once the run has logged a step")
-    Figure = figure_class()
     fig = Figure(figsize=(15, 8.5), layout="constrained")
     axes = fig.subplots(2, 3, sharex=True).ravel()
     for ax, (key, title, from_zero) in zip(axes, TRAIN_PANELS, strict=False):

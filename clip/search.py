@@ -105,6 +105,7 @@ def search(query: str | None = None, *, run: Path, shards: Path, image_id: int |
     if k < 1:
         raise UserError(f"--k {k}: pass at least 1")
     resolve_device(device)  # checked before any file is read
+    figure_class()  # and the plot extra, which draws the grid
     run, shard_set = Path(run), open_shards(Path(shards))
     path = embeddings_path(run, shard_set.root)
     if not path.is_file():

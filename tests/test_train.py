@@ -345,3 +345,26 @@ def test_sigint_then_sigterm_checkpoint_the_step_and_resume_exactly(data, tmp_pa
     assert ours.step == theirs.step == stops[1]
     assert all(torch.equal(ours.model[k], theirs.model[k]) for k in theirs.model)
     assert [m["loss"] for m in metrics(run) if m["kind"] == "train"] == [loss for _, loss in calls]
+
+
+def test_cli_imagenet_weights_with_the_network_unreachable(data, tmp_path, monkeypatch, capsys):
+    """The default --image-weights imagenet, an empty TORCH_HOME and no network: one line, exit 2, no run folder."""
+    import socket
+
+    from cli.main import main
+
+    def unreachable(*args, **kwargs):
+        raise OSError(101, "Network is unreachable")
+
+    monkeypatch.setattr(socket, "getaddrinfo", unreachable)
+    monkeypatch.setattr(socket.socket, "connect", unreachable)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
+    args = [a for a in _train_args(data, tmp_path / "run") if a not in ("--image-weights", "none")]
+    monkeypatch.setattr(sys, "argv", ["clipcoco", *args, "--steps", "2"])
+    with pytest.raises(SystemExit) as stop:
+        main()
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "--image-weights none" in err and "--image-weights PATH" in err and "TORCH_HOME" in err
+    assert "resnet18-f37072fd.pth" in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()

@@ -120,7 +120,8 @@ def run_searches(annotations: Path, *, run: Path, shards: Path, out: Path) -> li
     results = []
     for n, (query, key) in enumerate(search_queries(annotations), 1):
         png = out / f"search-{n}.png"
-        hits = search(query, run=run, shards=shards, k=8, out=png, device="cpu")
+        hits = search(query, run=run, shards=shards, k=8, out=png, device="cpu",
+                      correct=[i for i, scene in scenes.items() if scene == key])
         results.append({"query": query, "scene": key, "png": str(png), "top1_is_scene": scenes[hits[0].image_id] == key,
                         "hits": [h.image_id for h in hits]})
     return results
@@ -204,11 +205,8 @@ def run_demo(out: Path = Path("demo-out"), *, text_model: str | None = None, siz
             stages.run(f"shards ({split})", lambda s=split: build_shards(
                 out=shards_dir / s, images=data.images[s], annotations=data.annotations[s], overwrite=True,
                 progress=progress))
-        # The package's folder is called "model": name the default caches after the model instead.
-        cache = None if text_model is not None else "text-all-MiniLM-L6-v2-mean.parquet"
         text = {split: stages.run(f"embed-text ({split})", lambda s=split: embed_text(
-            shards_dir / s, model=model, device="cpu", progress=progress,
-            out=shards_dir / s / cache if cache else None)) for split in ("train", "test")}
+            shards_dir / s, model=model, device="cpu", progress=progress)) for split in ("train", "test")}
         cfg = load_config(config, {
             **demo_size.overrides, "train.seed": seed,
             "data.shards": str(shards_dir / "train"), "data.text": str(text["train"]),

@@ -322,6 +322,7 @@ def save(run: Run) -> Path | None:
         optimizer=run.optimizer.state_dict(), scheduler=run.scheduler.state_dict(),
         rng={"torch": torch.get_rng_state(), "captions": torch.stack(caption_states)}, loader=loader_states,
         epoch=run.step // run.loader.steps_per_epoch, samples_seen=run.step * run.images_per_step,
+        text_model_path=run.inputs.text.model_path,
     ).save(run.out, keep_last=run.cfg.train.keep_last)
 
 

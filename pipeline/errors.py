@@ -5,7 +5,7 @@ The CLI prints a `UserError`'s message without a traceback and exits 2 (`--debug
 `Interrupted`'s message and exits 130; any other exception is an internal error and keeps its traceback.
 """
 
-import importlib
+import sys
 from types import ModuleType
 
 
@@ -21,8 +21,9 @@ def require_extra(module: str, extra: str, needed_for: str, *, otherwise: str = 
     """Import `module`, which clipcoco's `extra` installs; a `UserError` naming that extra when it is missing or
     does not import. `otherwise` adds another way out (", or use `--loader torch`")."""
     try:
-        return importlib.import_module(module)
+        __import__(module)  # the import statement's own hook, not importlib's: what an `import` would find
     except ImportError as err:
         state = "is not installed" if isinstance(err, ModuleNotFoundError) else f"does not import ({err})"
         raise UserError(f"{needed_for} needs {module}, which {state}: pip install 'clipcoco[{extra}]' "
                         f"(or `make install`){otherwise}") from err
+    return sys.modules[module]

@@ -8,6 +8,7 @@ outright leaves it, under a name no reader looks for (the next run of the stage 
 
 import hashlib
 import os
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -58,3 +59,15 @@ def replacing(path: Path) -> Iterator[Path]:
 def write_atomic(path: Path, data: bytes) -> None:
     with replacing(path) as tmp:
         tmp.write_bytes(data)
+
+
+def link_atomic(target: Path, path: Path) -> None:
+    """Make `path` a second name of the finished file `target` (a hard link: no second copy of its bytes; a copy
+    where the filesystem has no hard links), replacing what `path` was in one rename."""
+    tmp = temporary_name(Path(path))
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(target, tmp)
+    except OSError:
+        shutil.copyfile(target, tmp)
+    commit(tmp, Path(path))

@@ -119,6 +119,12 @@ def test_eval_of_a_file_that_is_no_checkpoint_is_one_line(tmp_path, monkeypatch,
     assert "is not a clipcoco checkpoint or run" in err and "weights_only" not in err and "Traceback" not in err
 
 
+def test_a_missing_karpathy_file_says_where_it_comes_from(tmp_path, monkeypatch, capsys):
+    code, err = run_main(monkeypatch, capsys, "shards", "--karpathy", str(tmp_path / "dataset_coco.json"), "--split",
+                         "test", "--images", str(tmp_path), "--out", str(tmp_path / "s"))
+    assert code == 2 and "no such file" in err and "caption_datasets.zip" in err and "annotations/" not in err
+
+
 def test_search_on_cuda_without_a_gpu_is_an_error_not_a_fallback(tmp_path, monkeypatch, capsys):
     import torch
 
@@ -128,14 +134,18 @@ def test_search_on_cuda_without_a_gpu_is_an_error_not_a_fallback(tmp_path, monke
     assert code == 2 and "--device cuda but torch sees no CUDA GPU: pass --device cpu (or auto)" in err
 
 
-@pytest.mark.parametrize("text_model", ["distilbert-base-uncased", "sentence-transformers/all-MiniLM-L6-v2", "local"])
+@pytest.mark.parametrize("text_model", ["distilbert-base-uncased", "sentence-transformers/all-MiniLM-L6-v2", "local",
+                                        "local/model"])
 def test_make_recipe_reads_the_caches_embed_text_writes(tmp_path, text_model):
-    """`make -n`: train and eval read exactly the files embed-text was told to write, for hub names and folders."""
+    """`make -n`: train and eval read exactly the files embed-text was told to write, for hub names and folders,
+    named by model_slug, the one rule."""
+    from pipeline.text_cache import model_slug
+
     if shutil.which("make") is None:
         pytest.skip("no make")
-    if text_model == "local":
-        text_model = str(tmp_path / "my-bert")
-        Path(text_model).mkdir()
+    if text_model.startswith("local"):
+        text_model = str(tmp_path / text_model.replace("local", "my-bert"))
+        Path(text_model).mkdir(parents=True)
         (Path(text_model) / "config.json").write_text("{}")
     repo = Path(__file__).resolve().parents[1]
     lines = subprocess.run(["make", "-n", "-o", "install", "embed-text", "train", "eval", f"TEXT_MODEL={text_model}"],
@@ -143,7 +153,8 @@ def test_make_recipe_reads_the_caches_embed_text_writes(tmp_path, text_model):
     written = set(re.findall(r"embed-text \S+ .*--out (\S+)", lines))
     read = set(re.findall(r"--text (\S+)", lines))
     assert len(written) == 2 and read == written, lines
-    if text_model.endswith("my-bert"):
+    assert all(p.endswith(f"/text-{model_slug(text_model)}-mean.parquet") for p in written), written
+    if text_model.startswith(str(tmp_path)):
         assert all(p.endswith("/text-my-bert-mean.parquet") for p in written)
 
 

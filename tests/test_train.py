@@ -119,7 +119,8 @@ def test_exact_resume_after_a_kill(data, tmp_path, record_steps, loader):
     assert ckpt.step == 6 and ckpt.samples_seen == 24 and ckpt.loader[0]["epoch"] == 1
     assert sorted(ckpt.to_dict()) == sorted(["model", "optimizer", "scheduler", "step", "epoch", "samples_seen", "rng",
                                    "loader", "config", "text_fingerprint", "text_dim", "shards_fingerprint",
-                                   "train_image_ids"])
+                                   "train_image_ids", "text_model_path"])
+    assert ckpt.text_model_path == "tiny-random"  # the cache's model_path, here its (older) model field
 
 
 def test_run_directory_metrics_and_eval(data, tmp_path):

@@ -11,9 +11,11 @@ TRAIN     ?= $(DATA)/karpathy-trainval
 EVAL      ?= $(DATA)/karpathy-test
 TEXT_MODEL ?= distilbert-base-uncased
 POOLING   ?= mean
-# The cache's name (a hub name with / -> --, a local model folder -> its name); embed-text is given it with
-# --out, so train and eval always find the file embed-text wrote.
-TEXT_SLUG ?= $(if $(wildcard $(TEXT_MODEL)/config.json),$(notdir $(abspath $(TEXT_MODEL))),$(subst /,--,$(TEXT_MODEL)))-$(POOLING)
+# The cache's name, by pipeline/text_cache.py's model_slug rule (a hub name with / -> --, a local model folder -> its
+# name, or its parent's when it is called "model"); embed-text is given it with --out, so train and eval always find
+# the file embed-text wrote.
+TEXT_DIR  := $(abspath $(TEXT_MODEL))
+TEXT_SLUG ?= $(if $(wildcard $(TEXT_MODEL)/config.json),$(notdir $(if $(filter model,$(notdir $(TEXT_DIR))),$(patsubst %/,%,$(dir $(TEXT_DIR))),$(TEXT_DIR))),$(subst /,--,$(TEXT_MODEL)))-$(POOLING)
 CONFIG    ?= configs/coco-karpathy.yaml
 RUN       ?= runs/coco-karpathy
 DEMO_OUT  ?= demo-out

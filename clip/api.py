@@ -86,11 +86,12 @@ class CLIPModel:
     """A trained CLIP ready to embed images and texts. Make one with `clip.load`."""
 
     def __init__(self, module: CLIP, *, image_size: int, embed_dim: int, text_fingerprint: dict, device: torch.device,
-                 batch_size: int | None, checkpoint: Path, step: int) -> None:
+                 batch_size: int | None, checkpoint: Path, step: int, text_model_path: str | None = None) -> None:
         self.module = module  # in eval mode on `device`
         self.image_size = image_size  # the run's image size: the eval transform's S
         self.embed_dim = embed_dim  # E, the width of every embedding
         self.text_fingerprint = text_fingerprint  # names the frozen text encoder and how it pooled
+        self.text_model_path = text_model_path  # where it was found (None: the fingerprint's model names it)
         self.device = device
         self.batch_size = batch_size or BATCH_SIZE[device.type]  # images or texts per forward pass
         self.checkpoint = checkpoint
@@ -149,7 +150,7 @@ class CLIPModel:
         if not texts:
             return torch.zeros(0, self.embed_dim)
         if self._encoder is None:
-            self._encoder = query_encoder(self.text_fingerprint, device=self.device)
+            self._encoder = query_encoder(self.text_fingerprint, device=self.device, location=self.text_model_path)
         raw = encode_queries(texts, self.text_fingerprint, encoder=self._encoder,
                              batch_size=self._batch_size(batch_size))
         return self.module.encode_text(raw.to(self.device)).float().cpu()
@@ -174,5 +175,6 @@ def load(run_or_checkpoint: str | Path, *, device: str = "auto", batch_size: int
     module = ckpt.build_model().to(torch_device).to(memory_format=torch.channels_last)
     cfg = ckpt.cfg
     return CLIPModel(module, image_size=cfg.data.image_size, embed_dim=cfg.model.embed_dim,
-                     text_fingerprint=dict(ckpt.text_fingerprint), device=torch_device, batch_size=batch_size,
+                     text_fingerprint=dict(ckpt.text_fingerprint), text_model_path=ckpt.text_model_path or None,
+                     device=torch_device, batch_size=batch_size,
                      checkpoint=path, step=int(ckpt.step))

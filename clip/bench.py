@@ -24,7 +24,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from clip.config import config_from_flat
 from clip.model import build_model
 from clip.train import make_optimizer, make_scheduler, train_step
-from pipeline.errors import UserError
+from pipeline.errors import UserError, require_extra
 from pipeline.loaders import (
     ASPECT_RATIO,
     CROP_ATTEMPTS,
@@ -228,6 +228,7 @@ def _dali_stage(tars: list[Path], indexes: list[Path], *, stage: str, size: int,
     fused into it (DALI's own random crop here; the loader passes its box to `image_slice`, the same ROI decode),
     then resize and normalise. `resize_noaa` is the same resize without antialiasing: not what the loader does, it
     shows what DALI's CPU resampler costs alone."""
+    require_extra("nvidia.dali", "dali", "bench decode-cost's DALI stages")
     from nvidia.dali import fn, pipeline_def, types
 
     @pipeline_def(batch_size=batch, num_threads=1, device_id=None, seed=0)

@@ -22,7 +22,7 @@ from multiprocessing import get_context
 from pathlib import Path
 
 from pipeline.coco import read_coco_captions
-from pipeline.errors import UserError
+from pipeline.errors import UserError, require_extra
 
 SHARD_PEERS = ("tar", "pil")
 EMBED_PEERS = ("sentence-transformers",)
@@ -109,11 +109,8 @@ def _sentence_transformers(captions: Path, model: str, device: str, out: Path, p
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    try:
-        from sentence_transformers import SentenceTransformer
-    except ImportError:
-        raise UserError("--peer sentence-transformers needs it installed: pip install sentence-transformers "
-                        "(part of the dev extra)") from None
+    SentenceTransformer = require_extra("sentence_transformers", "dev", "--peer sentence-transformers",
+                                        otherwise=" (or pip install sentence-transformers)").SentenceTransformer
     table = pq.read_table(captions).sort_by([("image_id", "ascending"), ("caption_id", "ascending")])
     encoder = SentenceTransformer(model, device=device)
     vectors = encoder.encode(table.column("caption").to_pylist(), show_progress_bar=progress).astype("float16")

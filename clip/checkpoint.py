@@ -45,6 +45,9 @@ class Checkpoint:
     negatives: list[dict] | None = None  # each rank's ExtraNegatives.state_dict() (runs with --extra-negatives)
     epoch: int = 0
     samples_seen: int = 0
+    # Where the training cache's text model was found (TextCache.model_path; not in the fingerprint, so a run moved
+    # elsewhere still matches its caches): `clip.load` loads it from there to embed queries. "" in older checkpoints.
+    text_model_path: str = ""
 
     @property
     def cfg(self) -> Config:

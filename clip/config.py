@@ -23,8 +23,6 @@ import yaml
 from clip.loss import LOSSES
 from clip.presets import read_config
 from pipeline.errors import UserError
-from pipeline.loaders import KINDS as LOADER_KINDS
-from pipeline.runtime import DEVICE_CHOICES, is_device_name
 
 RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101")
 
@@ -68,6 +66,8 @@ class DataConfig:
     image_features: str = ""  # pooled trunk features from `clipcoco embed-images`: train the heads on caches alone
 
     def __post_init__(self) -> None:
+        from pipeline.loaders import KINDS as LOADER_KINDS  # here: reading the defaults (--help) needs no torch
+
         _check(self.image_size >= 16, "data.image_size must be >= 16")
         _check(0 < self.crop_scale_min <= 1, "data.crop_scale_min must be in (0, 1]")
         _check(self.loader in LOADER_KINDS, f"data.loader must be one of {', '.join(LOADER_KINDS)}")
@@ -114,6 +114,8 @@ class TrainConfig:
     log_every: int = 10  # metrics.jsonl period in steps
 
     def __post_init__(self) -> None:
+        from pipeline.runtime import DEVICE_CHOICES, is_device_name  # here: as in DataConfig
+
         _check(self.batch_size >= 2, "train.batch_size must be >= 2 (contrastive loss needs negatives)")
         _check(self.epochs >= 0 and self.steps >= 0, "train.epochs and train.steps must be >= 0")
         _check(self.epochs > 0 or self.steps > 0, "set train.epochs or train.steps")
@@ -149,6 +151,11 @@ SECTIONS: dict[str, type] = {f.name: f.type for f in dataclasses.fields(Config)}
 def valid_keys() -> list[str]:
     """Every settable key as `section.key`."""
     return [f"{s}.{f.name}" for s, cls in SECTIONS.items() for f in dataclasses.fields(cls)]
+
+
+def defaults() -> dict[str, Any]:
+    """Every key's default, {"section.key": value}, read off the dataclasses (no Config is built)."""
+    return {f"{s}.{f.name}": f.default for s, cls in SECTIONS.items() for f in dataclasses.fields(cls)}
 
 
 def _coerce(value: Any, kind: type, key: str) -> Any:

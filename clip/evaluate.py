@@ -2,9 +2,11 @@
 
 Inputs: a run directory (its `latest` checkpoint) or a checkpoint file, the eval shards
 (`clipcoco shards`) and the eval text cache (`clipcoco embed-text`, same text model as the run).
-Outputs: `RUN_DIR/eval-<split>.json` (recalls as fractions 0-1, ranks, counts, fingerprints, the
-train/eval overlap), a table in % on the terminal, and `RUN_DIR/embeddings-<split>.parquet` (every
-image and caption embedding, clip/embeddings.py; read by `clipcoco search`).
+Outputs: `RUN_DIR/eval-<split>-stepNNNNNNNN.json` (recalls as fractions 0-1, ranks, counts, fingerprints,
+the train/eval overlap), a table in % on the terminal, and `RUN_DIR/embeddings-<split>-stepNNNNNNNN.parquet`
+(every image and caption embedding, clip/embeddings.py), one of each per evaluated checkpoint;
+`eval-<split>.json` and `embeddings-<split>.parquet` (which `clipcoco search` reads) are second names (hard
+links) of the latest evaluated.
 
     clipcoco eval runs/coco-karpathy --shards data/shards/karpathy-test \\
         --text data/shards/karpathy-test/text-distilbert-base-uncased-mean.parquet --folds 5
@@ -23,7 +25,7 @@ from clip.embeddings import embed_split, save_embeddings
 from clip.retrieval import RECALL_AT, check_folds, retrieval_metrics
 from pipeline import __version__
 from pipeline.errors import UserError
-from pipeline.files import sha256_file, write_atomic
+from pipeline.files import link_atomic, sha256_file, write_atomic
 from pipeline.loaders import check_kind, resolve_kind
 from pipeline.runtime import distributed, main_locked
 from pipeline.shard_reader import open_shards
@@ -71,9 +73,10 @@ def evaluate(run_or_ckpt: Path, *, shards: Path, text: Path, out: Path | None = 
              threads: int = 2, progress: bool = True) -> dict:
     """Score a run (its latest checkpoint) or a checkpoint on `shards` with the captions of `text`.
 
-    Writes the report JSON (default RUN_DIR/eval-<split>.json, eval-<split>-folds<N>.json with folds > 1)
-    and RUN_DIR/embeddings-<split>.parquet; returns the report. Under torchrun, rank 0 writes and prints.
-    The run directory stays locked until both are written.
+    Writes the report JSON (default RUN_DIR/eval-<split>[-folds<N>]-step<NNNNNNNN>.json, linked as
+    eval-<split>[-folds<N>].json) and RUN_DIR/embeddings-<split>-step<NNNNNNNN>.parquet (linked as
+    embeddings-<split>.parquet); returns the report. Under torchrun, rank 0 writes and prints. The run directory
+    stays locked until both are written.
     """
     check_kind(loader)
     ckpt_path = resolve_checkpoint(Path(run_or_ckpt))
@@ -126,11 +129,16 @@ def _evaluate(ckpt_path: Path, *, shards: Path, text: Path, out: Path | None, fo
         console.print(f"[bold yellow]warning:[/] {overlap:,} of the {len(emb.image_ids):,} eval images in "
                       f"{shard_set.root} were in this run's training set: these recalls overstate the model "
                       "(train on shards that leave the eval images out, e.g. Karpathy trainval vs test)")
-    suffix = f"-folds{folds}" if folds > 1 else ""
-    out = Path(out) if out is not None else run_dir / f"eval-{split}{suffix}.json"
+    # One report and one embeddings file per checkpoint (by step), so scoring another checkpoint keeps this one's;
+    # the plain names are second names of the latest evaluated, which search and the README read.
+    suffix, at_step = f"-folds{folds}" if folds > 1 else "", f"-step{int(ckpt.step):08d}"
+    latest = run_dir / f"eval-{split}{suffix}.json" if out is None else None
+    out = Path(out) if out is not None else run_dir / f"eval-{split}{suffix}{at_step}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(out, (json.dumps(report, indent=2) + "\n").encode())
-    embeddings = save_embeddings(run_dir / f"embeddings-{split}.parquet", emb, {
+    if latest is not None:
+        link_atomic(out, latest)
+    embeddings = save_embeddings(run_dir / f"embeddings-{split}{at_step}.parquet", emb, {
         "clipcoco_version": __version__,
         # relative to the run when inside it, so a moved or copied run still finds its text head
         "checkpoint": str(_relative_to(ckpt_path.resolve(), run_dir.resolve())),
@@ -138,6 +146,7 @@ def _evaluate(ckpt_path: Path, *, shards: Path, text: Path, out: Path | None, fo
         "shards_fingerprint": shard_set.fingerprint,
         "text_metadata": json.dumps(cache.metadata),  # the text cache the caption rows came from
     })
+    link_atomic(embeddings, run_dir / f"embeddings-{split}.parquet")
     print_report(report, console)
     console.print(f"report: {out}\nembeddings: {embeddings}")
     return report

@@ -15,24 +15,24 @@ import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from pipeline.errors import UserError
+from pipeline.errors import UserError, require_extra
 
-TRAIN_PANELS = (  # (metrics.jsonl key, panel title, y axis from 0: a noisy rate must not look like a collapse)
-    ("loss", "loss", False),
-    ("lr", "learning rate", True),
-    ("temperature", "temperature (1 / logit scale)", False),
-    ("images_per_s", "images/s", True),
-    ("data_wait", "data wait", True),
+TRAIN_PANELS = (  # (metrics.jsonl key, panel title, y-axis label with its unit, y axis from 0: a noisy rate must
+    # not look like a collapse)
+    ("loss", "loss", "symmetric InfoNCE loss (nats)", False),
+    ("lr", "learning rate", "AdamW learning rate", True),
+    ("temperature", "temperature (1 / logit scale)", "softmax temperature (no unit)", False),
+    ("images_per_s", "throughput", "images / s (all ranks)", True),
+    ("data_wait", "data wait", "fraction of wall time waiting for data (0-1)", True),
 )
 EVAL_CURVES = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "mean_recall")
 
 
 def figure_class():
     """matplotlib's Figure (drawn without pyplot, so no GUI backend or global state); UserError if missing."""
-    try:
-        from matplotlib.figure import Figure
-    except ImportError:
-        raise UserError("matplotlib is not installed: `pip install 'clipcoco[plot]'` (or `make install`)") from None
+    require_extra("matplotlib", "plot", "drawing a PNG (plot, search, zeroshot)")
+    from matplotlib.figure import Figure
+
     return Figure
 
 
@@ -63,24 +63,34 @@ def series(records: Iterable[dict], kind: str, key: str) -> tuple[list[float], l
 def plot_run(run: Path, *, out: Path | None = None) -> Path:
     """Draw RUN/metrics.jsonl into one PNG (default RUN/curves.png); returns its path."""
     run = Path(run)
+    Figure = figure_class()
     metrics = run / "metrics.jsonl"
     if not metrics.is_file():
         raise UserError(f"no metrics.jsonl in {run}: pass a run directory written by `clipcoco train`")
     records = list(read_metrics(metrics.read_text().splitlines(), source=str(metrics)))
     if not any(r.get("kind") == "train" for r in records):
         raise UserError(f"{metrics} has no training records yet: plot again once the run has logged a step")
-    Figure = figure_class()
+    out = Path(out) if out is not None else run / "curves.png"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    curves_figure(records, Figure, title=run.resolve().name).savefig(out, dpi=110)
+    return out
+
+
+def curves_figure(records: list[dict], Figure, *, title: str):
+    """The curves of metrics.jsonl `records` as a matplotlib Figure: one panel per TRAIN_PANELS entry, then recall."""
     fig = Figure(figsize=(15, 8.5), layout="constrained")
     axes = fig.subplots(2, 3, sharex=True).ravel()
-    for ax, (key, title, from_zero) in zip(axes, TRAIN_PANELS, strict=False):
+    for ax, (key, panel, ylabel, from_zero) in zip(axes, TRAIN_PANELS, strict=False):
         steps, values = series(records, "train", key)
         ax.plot(steps, values, color="tab:blue", linewidth=1.2)
-        ax.set_title(title)
+        ax.set_title(panel)
+        ax.set_ylabel(ylabel)
         if from_zero:
             ax.set_ylim(bottom=0, top=max(values) * 1.1 if values and max(values) > 0 else None)
         ax.grid(alpha=0.3)
     ax = axes[len(TRAIN_PANELS)]
-    ax.set_title("eval recall (%)")
+    ax.set_title("eval recall")
+    ax.set_ylabel("recall (%)")
     ax.grid(alpha=0.3)
     drawn = False
     for key in EVAL_CURVES:
@@ -98,8 +108,5 @@ def plot_run(run: Path, *, out: Path | None = None) -> Path:
     for ax in axes[3:]:  # the x axis is shared: label the bottom row only
         ax.set_xlabel("step")
     last = max(r["step"] for r in records if r.get("kind") == "train")
-    fig.suptitle(f"{run.resolve().name} (step {last})", fontsize=13)
-    out = Path(out) if out is not None else run / "curves.png"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    return out
+    fig.suptitle(f"{title} (step {last})", fontsize=13)
+    return fig

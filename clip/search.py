@@ -5,7 +5,8 @@ directory of that split (for the pictures and captions), and a query: a sentence
 same frozen text model the run's text cache was made with, loaded here and never in training, then
 through the run's text head) or `--image-id N` (that image's embedding).
 Outputs: the top-k images (id, file name, score, a caption) printed as a table, and a PNG grid of them
-with their scores (default RUN_DIR/search-<split>.png).
+with their scores and wrapped captions (default RUN_DIR/search-<split>.png); a known correct answer (the
+image the query is a caption of, or ids the caller names) is framed in green and its rank printed.
 
     clipcoco search "a dog on a couch" --run runs/coco-karpathy --shards data/shards/karpathy-test --k 8
     clipcoco search --image-id 139 --run runs/coco-karpathy --shards data/shards/karpathy-test
@@ -13,10 +14,12 @@ with their scores (default RUN_DIR/search-<split>.png).
 
 import io
 import textwrap
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import torch
 from PIL import Image
 from rich.console import Console
@@ -38,6 +41,7 @@ class Hit:
     file_name: str
     caption: str  # the image's first caption
     jpeg: bytes
+    correct: bool = False  # a known answer: one of its captions is the query, or the caller named it
 
 
 def embeddings_path(run: Path, shards: Path) -> Path:
@@ -54,6 +58,14 @@ def text_query(query: str, *, run: Path, metadata: dict[str, str], device: str) 
     return load(checkpoint, device=device).encode_texts([query])[0]
 
 
+def rank_of(feats: torch.Tensor, query: torch.Tensor, rows: np.ndarray, *, exclude: int | None = None) -> list[int]:
+    """The 1-based rank of each of `rows` among all images (ties counted against them), `exclude` left out."""
+    scores = feats @ query
+    if exclude is not None:
+        scores[exclude] = -torch.inf
+    return [int((scores >= scores[r]).sum()) for r in rows.tolist()]
+
+
 def rank_images(feats: torch.Tensor, query: torch.Tensor, *, k: int, exclude: int | None = None) -> list[int]:
     """Rows of the k images most similar to `query` (best first), leaving out row `exclude`."""
     scores = feats @ query
@@ -63,23 +75,47 @@ def rank_images(feats: torch.Tensor, query: torch.Tensor, *, k: int, exclude: in
     return torch.topk(scores, k).indices.tolist()
 
 
-def write_grid(hits: list[Hit], *, title: str, out: Path) -> Path:
-    """A PNG grid of the hits' images, each titled with its rank, id and score."""
+def images_captioned(shards: Path, query: str) -> set[int]:
+    """The images one of whose captions is `query` (case, spacing and a final period aside): its known answers."""
+    def normal(text: str) -> str:
+        return " ".join(text.casefold().split()).rstrip(".")
+
+    table = pq.read_table(Path(shards) / "captions.parquet", columns=["image_id", "caption"])
+    wanted = normal(query)
+    return {i for i, c in zip(table.column("image_id").to_pylist(), table.column("caption").to_pylist(), strict=True)
+            if normal(c) == wanted}
+
+
+def grid_figure(hits: list[Hit], *, title: str):
+    """The hits' images in a grid, each titled with its rank, id, score and its caption wrapped (not cut); a known
+    correct answer framed in green."""
     Figure = figure_class()
     cols = min(4, len(hits))
     rows = -(-len(hits) // cols)
-    fig = Figure(figsize=(4 * cols, 3.6 * rows + 0.6), layout="constrained")
+    fig = Figure(figsize=(4 * cols, 4.2 * rows + 0.6), layout="constrained")
     axes = np.atleast_1d(fig.subplots(rows, cols)).ravel()
-    for ax in axes:
+    for ax in axes[len(hits):]:
         ax.axis("off")
     for ax, hit in zip(axes, hits, strict=False):
         with Image.open(io.BytesIO(hit.jpeg)) as image:
             ax.imshow(np.asarray(image.convert("RGB")))
-        ax.set_title(f"#{hit.rank}  id {hit.image_id}  score {hit.score:.3f}\n"
-                     + textwrap.shorten(hit.caption, 48, placeholder="..."), fontsize=9)
-    fig.suptitle(textwrap.shorten(title, 100, placeholder="..."), fontsize=13)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        for spine in ax.spines.values():  # a frame only around a correct answer
+            spine.set_visible(hit.correct)
+            spine.set(edgecolor="tab:green", linewidth=5)
+        mark = "  correct" if hit.correct else ""
+        ax.set_title(f"#{hit.rank}  id {hit.image_id}  score {hit.score:.3f}{mark}\n"
+                     + textwrap.fill(hit.caption, 44, max_lines=5, placeholder=" ..."), fontsize=9,
+                     color="tab:green" if hit.correct else "black")
+    fig.suptitle(textwrap.fill(title, 110), fontsize=13)
+    return fig
+
+
+def write_grid(hits: list[Hit], *, title: str, out: Path) -> Path:
+    """`grid_figure` as a PNG."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=90)
+    grid_figure(hits, title=title).savefig(out, dpi=90)
     return out
 
 
@@ -95,16 +131,19 @@ def print_hits(hits: list[Hit], title: str, console: Console) -> None:
 
 
 def search(query: str | None = None, *, run: Path, shards: Path, image_id: int | None = None, k: int = 8,
-           out: Path | None = None, device: str = "auto") -> list[Hit]:
+           out: Path | None = None, device: str = "auto", correct: Iterable[int] | None = None) -> list[Hit]:
     """The k images of `shards` nearest to a text query or to image `image_id`, best first.
 
-    Prints them, writes the grid PNG (default RUN/search-<split>.png), returns them.
+    `correct`: the image ids known to answer the query (default: for a text query, the images it is a caption
+    of); they are marked, and the best one's rank is printed. Prints the hits, writes the grid PNG (default
+    RUN/search-<split>.png), returns them.
     """
     if (query is None) == (image_id is None):
         raise UserError('pass either a text query ("a dog on a couch") or --image-id N, not both or neither')
     if k < 1:
         raise UserError(f"--k {k}: pass at least 1")
     resolve_device(device)  # checked before any file is read
+    figure_class()  # and the plot extra, which draws the grid
     run, shard_set = Path(run), open_shards(Path(shards))
     path = embeddings_path(run, shard_set.root)
     if not path.is_file():
@@ -129,14 +168,18 @@ def search(query: str | None = None, *, run: Path, shards: Path, image_id: int |
         samples = {int(ids[r]): index.sample(int(ids[r])) for r in [*rows, *([] if exclude is None else [exclude])]}
     if exclude is not None:  # name the query image by its caption too
         title += f': "{samples[image_id]["json"]["captions"][0]}"'
+    known = set(correct) if correct is not None else images_captioned(shard_set.root, query) if query else set()
     hits = []
     for rank, row in enumerate(rows, 1):
         sample = samples[int(ids[row])]
         hits.append(Hit(rank=rank, image_id=int(ids[row]), score=float(feats[row] @ vector),
                         file_name=sample["json"]["file_name"], caption=sample["json"]["captions"][0],
-                        jpeg=sample["jpg"]))
+                        jpeg=sample["jpg"], correct=int(ids[row]) in known))
     console = Console()
     print_hits(hits, title, console)
+    if known:
+        best = min(rank_of(feats, vector, np.flatnonzero(np.isin(ids, list(known))), exclude=exclude))
+        console.print(f"the correct image ({', '.join(map(str, sorted(known)))}) ranks #{best}")
     out = Path(out) if out is not None else run / f"search-{shard_set.root.resolve().name}.png"
     console.print(f"grid: {write_grid(hits, title=title, out=out)}")
     return hits

@@ -24,8 +24,12 @@ NaN/Inf loss or weight stops the run before it is logged or saved.
 
 import json
 import math
+import os
 import resource
 import shutil
+import signal
+import sys
+import threading
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -36,16 +40,16 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
-from clip.checkpoint import CHECKPOINT_DIR, LATEST, Checkpoint, list_checkpoints
+from clip.checkpoint import CHECKPOINT_DIR, LATEST, Checkpoint, list_checkpoints, resolve_checkpoint
 from clip.config import Config, OptimConfig
 from clip.image_features import FeatureLoader, ImageFeatures
 from clip.loss import clip_loss
 from clip.model import CLIP, build_model, trunk_sha256
 from clip.negatives import ExtraNegatives
-from pipeline.errors import UserError
+from pipeline.errors import Interrupted, UserError
 from pipeline.files import write_atomic
 from pipeline.loaders import Loader, make_loader
-from pipeline.runtime import Runtime, barrier, distributed, gather_objects, main_locked
+from pipeline.runtime import Runtime, any_rank, barrier, distributed, gather_objects, main_locked
 from pipeline.shard_reader import ShardSet, open_shards
 from pipeline.text_cache import TextCache
 
@@ -433,6 +437,7 @@ def save(run: Run) -> Path | None:
         rng={"torch": torch.get_rng_state(), "captions": torch.stack(caption_states)}, loader=loader_states,
         epoch=run.step // run.loader.steps_per_epoch, samples_seen=run.step * run.images_per_step,
         negatives=negative_states,
+        text_model_path=run.inputs.text.model_path,
     ).save(run.out, keep_last=run.cfg.train.keep_last)
 
 
@@ -472,6 +477,46 @@ def stop_if_diverged(run: Run, meter: Meter, *, weights: bool) -> None:
     raise UserError(f"{what} ({last}); stopped without saving it: {resume} and a lower --lr (now {optim.lr:g}), a "
                     f"longer --warmup-steps (now {optim.warmup_steps}), --precision fp32 or --set optim.grad_clip "
                     f"(now {optim.grad_clip:g}) (the text cache holds only finite vectors)")
+class StopSignals:
+    """SIGINT (Ctrl-C) and SIGTERM while training: noted by the handler, acted on between steps (finish the step,
+    checkpoint, stop), so no step is lost. Later signals are noted only: under torchrun a Ctrl-C reaches each
+    rank, then torchrun forwards a SIGTERM, and both mean the same stop. Outside the main thread (where Python
+    cannot set handlers) signals keep their default action."""
+
+    def __init__(self, announce: bool) -> None:
+        self.received: str | None = None
+        self.announce, self._saved = announce, {}
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            self._saved = {sig: signal.signal(sig, self._note) for sig in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._saved.items():
+            signal.signal(sig, handler)
+
+    def _note(self, signum: int, frame) -> None:
+        if self.received is None:
+            self.received = signal.Signals(signum).name
+            if self.announce:
+                sys.stderr.write(f"\n{self.received}: finishing this step, then saving a checkpoint\n")
+
+
+def resume_command(out: Path, world_size: int) -> str:
+    """The command that continues the run in `out` exactly: its resolved config.yaml holds every setting."""
+    command = f"train --config {out / 'config.yaml'} --out {out}"
+    if world_size == 1:
+        return f"clipcoco {command}"
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    nodes = f"--nnodes {world_size // per_node} " if world_size > per_node else ""
+    return f"torchrun {nodes}--nproc_per_node {per_node} $(which clipcoco) {command}"
+
+
+def _stopped(run: Run, stop: StopSignals, saved: Path) -> str:
+    signal_name = stop.received or "a stop signal on another rank"
+    return (f"stopped by {signal_name} after step {run.step} of {run.total}: saved {saved}; to continue exactly "
+            f"where it stopped, run: {resume_command(run.out, run.env.world_size)}")
 
 
 def _due(step: int, every: int, total: int) -> bool:
@@ -479,9 +524,11 @@ def _due(step: int, every: int, total: int) -> bool:
 
 
 def fit(run: Run, log: RunLog, *, progress: bool) -> dict:
-    """The loop: sample captions, step, then log / eval / checkpoint when due, until the target step."""
+    """The loop: sample captions, step, then log / eval / checkpoint when due, until the target step (or a stop
+    signal: then checkpoint and raise `Interrupted`)."""
     cfg, meter, window, scores, saved = run.cfg.train, Meter(), {}, None, None
-    with _progress(progress and run.env.rank == 0) as bar:
+    stop = StopSignals(announce=run.env.main)
+    with stop, _progress(progress and run.env.rank == 0) as bar:
         task = bar.add_task("train", total=run.total, completed=run.step, stats="")
         while run.step < run.total:  # one pass per epoch; a resumed loader starts mid-epoch
             for batch in meter.timed(run.loader):
@@ -500,13 +547,26 @@ def fit(run: Run, log: RunLog, *, progress: bool) -> dict:
                 if run.inputs.eval_shards is not None and _due(run.step, cfg.eval_every, run.total):
                     stop_if_diverged(run, meter, weights=True)
                     scores = periodic_eval(run, log)
-                if _due(run.step, cfg.save_every, run.total):
+                stopping = any_rank(stop.received is not None, run.env)  # every rank stops after the same step
+                if stopping or _due(run.step, cfg.save_every, run.total):
                     stop_if_diverged(run, meter, weights=True)
                     saved = save(run)
+                if stopping and run.step < run.total:
+                    raise Interrupted(_stopped(run, stop, saved) if run.env.main else "")
                 if run.step >= run.total:
                     break
     return {"run": str(run.out), "step": run.step, "epoch": run.step // run.loader.steps_per_epoch,
             "checkpoint": str(saved) if saved else None, **window, "eval": scores}
+
+
+def already_done(run: Run) -> dict:
+    """A resumed run at (or past) its target: say so, point at its checkpoint, train nothing."""
+    if run.env.main:
+        where = "its target step" if run.step == run.total else f"step {run.step}, past its target"
+        sys.stderr.write(f"{run.out} is already at {where} {run.total}; nothing to do (pass a larger --steps to "
+                         "continue)\n")
+    return {"run": str(run.out), "step": run.step, "epoch": run.step // run.loader.steps_per_epoch,
+            "checkpoint": str(resolve_checkpoint(run.out)), "eval": None}
 
 
 def train(cfg: Config, *, out: Path, overwrite: bool = False, progress: bool = True) -> dict:
@@ -522,6 +582,11 @@ def train(cfg: Config, *, out: Path, overwrite: bool = False, progress: bool = T
         # Built first: a model or loader that cannot be made (no network for the ImageNet weights, say) stops the
         # command before it writes anything into the run directory.
         run = build_run(cfg, out, env, inputs, resume)
+        if run.step >= run.total:  # a finished run rerun: nothing to train, nothing rewritten
+            return already_done(run)
+        if env.main and cfg.optim.warmup_steps >= run.total:
+            sys.stderr.write(f"warning: optim.warmup_steps {cfg.optim.warmup_steps} >= the run's {run.total} steps: "
+                             f"the learning rate never leaves warmup; pass --warmup-steps below {run.total}\n")
         if env.main:
             prepare_run_dir(out, cfg, resume, overwrite=overwrite)
         barrier()  # the run directory is ready before any rank writes into it

@@ -208,6 +208,7 @@ def zeroshot(run_or_ckpt: Path, *, images: Path, out: Path | None = None, classe
     Writes the report JSON and the confusion PNG next to it, prints a table, returns the report.
     """
     resolve_device(device)  # checked before any file is read
+    figure_class()  # and the plot extra, which draws the confusion matrix
     folder = find_images(Path(images))
     names = class_names(folder.folders, classes)
     prompts = read_templates(templates)

@@ -46,7 +46,10 @@ class Annotations:
 
 def _load_json(path: Path, flag: str) -> Any:
     if not path.is_file():
-        raise UserError(f"{flag} {path}: no such file; check the path (COCO captions live in annotations/)")
+        where = ("Karpathy's dataset_coco.json comes in caption_datasets.zip (cs.stanford.edu/people/karpathy/"
+                 "deepimagesent)" if flag == "--karpathy" else "COCO's captions files live in annotations/ of "
+                 "annotations_trainval2017.zip")
+        raise UserError(f"{flag} {path}: no such file; check the path ({where})")
     try:
         with path.open("rb") as f:
             return json.load(f)

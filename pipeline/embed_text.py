@@ -32,7 +32,7 @@ from pipeline.files import replacing, sha256_file
 from pipeline.progress import rate_bar
 from pipeline.runtime import Runtime, barrier, distributed, main_locked, resolve_device
 from pipeline.shard_reader import read_captions, read_json
-from pipeline.text_cache import cache_rows, cache_schema, default_cache_path, write_cache
+from pipeline.text_cache import LOCATION_KEY, cache_rows, cache_schema, default_cache_path, model_slug, write_cache
 
 POOLINGS = ("mean", "cls")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -54,7 +54,8 @@ class Encoder:
         self.device = device if isinstance(device, torch.device) else resolve_device(device)
         self.dtype = _resolve_dtype(dtype, self.device)
         self.tokenizer, self.model, folder = _load(model)
-        self.name = str(folder) if Path(model).is_dir() else model
+        # A portable name (the fingerprint holds it, with the sha256s) and where the model was found.
+        self.name, self.path = (model_slug(model), str(folder)) if Path(model).is_dir() else (model, model)
         self.weights_sha256 = _weights_sha256(folder, model)
         self.tokenizer_sha256 = _tokenizer_sha256(self.tokenizer)
         self.max_positions = getattr(self.model.config, "max_position_embeddings", None)
@@ -278,7 +279,8 @@ def _embed(table: pa.Table, captions_path: Path, out: Path, rt: Runtime, *, mode
         raise UserError(f"--max-length {max_length} exceeds what --model {model} can read "
                         f"({encoder.max_positions} positions): pass --max-length {encoder.max_positions} or less")
     metadata = {
-        "model": encoder.name, "weights_sha256": encoder.weights_sha256, "tokenizer_sha256": encoder.tokenizer_sha256,
+        "model": encoder.name, LOCATION_KEY: encoder.path, "weights_sha256": encoder.weights_sha256,
+        "tokenizer_sha256": encoder.tokenizer_sha256,
         "pooling": pooling, "max_length": str(max_length),
         "normalization": "none",  # raw pooled vectors: normalising is the consumer's choice
         "dim": str(encoder.dim), "dtype": str(encoder.dtype).removeprefix("torch."),
@@ -316,13 +318,15 @@ def _embed(table: pa.Table, captions_path: Path, out: Path, rt: Runtime, *, mode
     return out
 
 
-def query_encoder(metadata: dict, *, device: "str | torch.device" = "auto") -> Encoder:
+def query_encoder(metadata: dict, *, device: "str | torch.device" = "auto", location: str | None = None) -> Encoder:
     """The frozen encoder a cache with this `metadata` (or a run's text fingerprint) was made with, loaded once
-    to embed any number of queries; stops when the model found under that name is not that one."""
-    encoder = Encoder(metadata["model"], device=device)
+    to embed any number of queries from `location` (default: where the cache says embed-text found it); stops
+    when the model found there is not that one."""
+    location = location or metadata.get(LOCATION_KEY) or metadata["model"]
+    encoder = Encoder(location, device=device)
     if encoder.weights_sha256 != metadata["weights_sha256"] or encoder.tokenizer_sha256 != metadata["tokenizer_sha256"]:
-        raise UserError(f"the model at {metadata['model']} is not the one this text cache was made with (weights or "
-                        f"tokenizer differ): restore that model or rerun `clipcoco embed-text`")
+        raise UserError(f"the model at {location} is not {metadata['model']}, the one this text cache was made with "
+                        "(weights or tokenizer differ): restore that model or rerun `clipcoco embed-text`")
     return encoder
 
 

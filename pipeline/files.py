@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import shlex
+import shutil
 import socket
 import sys
 from collections.abc import Iterator
@@ -152,3 +153,13 @@ def locked(folder: Path, what: str) -> Iterator[None]:
             os.ftruncate(fd, 0)
         _held.discard(fd)
         os.close(fd)  # lets go of the lock
+def link_atomic(target: Path, path: Path) -> None:
+    """Make `path` a second name of the finished file `target` (a hard link: no second copy of its bytes; a copy
+    where the filesystem has no hard links), replacing what `path` was in one rename."""
+    tmp = temporary_name(Path(path))
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(target, tmp)
+    except OSError:
+        shutil.copyfile(target, tmp)
+    commit(tmp, Path(path))

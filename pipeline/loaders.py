@@ -28,6 +28,7 @@ file order, every image exactly once across ranks, the last batch partial.
 
 import json
 import math
+import signal
 import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -37,7 +38,7 @@ import torch
 import torchvision.transforms.v2.functional as F
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from pipeline.errors import UserError
+from pipeline.errors import UserError, require_extra
 from pipeline.shard_reader import SampleIndex, ShardSet
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -181,11 +182,8 @@ class DaliLoader(Loader):
     kind = "dali"
 
     def __init__(self, shards: ShardSet, **options) -> None:
-        try:
-            import nvidia.dali  # noqa: F401
-        except ImportError as e:
-            raise UserError("--loader dali needs NVIDIA DALI: `pip install 'clipcoco[dali]'` "
-                            "(nvidia-dali-cuda120 on CUDA 12), or use `--loader torch`") from e
+        require_extra("nvidia.dali", "dali", "--loader dali",
+                      otherwise=" (on a CUDA 12 driver: nvidia-dali-cuda120), or use `--loader torch`")
         super().__init__(shards, **options)
 
     def _build(self, source: "_DaliSource"):
@@ -277,7 +275,7 @@ class TorchLoader(Loader):
             # position at every pass, so one DataLoader serves every epoch and every resume.
             self._loader = torch.utils.data.DataLoader(
                 self._samples, batch_sampler=_Sampler(weakref.WeakMethod(self._remaining_batches)),
-                num_workers=self.threads,
+                num_workers=self.threads, worker_init_fn=_ignore_stop_signals,
                 persistent_workers=True, pin_memory=self.device.type == "cuda")
         # The ids are read here, not in the workers, so a damaged id member stops the run with the shard's name in
         # one line (an error raised in a worker comes back wrapped in its traceback).
@@ -286,6 +284,13 @@ class TorchLoader(Loader):
             ids = torch.tensor([self.index.image_id(row) for row in rows.tolist()], dtype=torch.int64)
             yield Batch(images=normalize(images.to(self.device, non_blocking=True)), image_ids=ids)
         self.epoch, self.batch = self.epoch + 1, 0
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    """A DataLoader worker leaves Ctrl-C (sent to the whole process group) and SIGTERM to the main process, which
+    finishes its step and checkpoints (clip/train.py); the workers end with the loader, or with the main process."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 class _Sampler:

@@ -19,7 +19,14 @@ class _Rate(ProgressColumn):
         self.unit = unit
 
     def render(self, task) -> Text:
-        return Text(f"{task.speed or 0:,.0f} {self.unit}/s")
+        # rich estimates a speed only from two updates within its window (a one-batch eval has one), and stops
+        # at the end: until then, and after it, the mean over the elapsed time.
+        speed = task.finished_speed or task.speed
+        if speed is None and task.completed and task.elapsed:
+            speed = task.completed / task.elapsed
+        if speed is None:
+            return Text(f"- {self.unit}/s")
+        return Text(f"{speed:,.0f} {self.unit}/s" if speed >= 10 else f"{speed:.1f} {self.unit}/s")
 
 
 def rate_bar(label: str, unit: str, *, enabled: bool = True) -> Progress:

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -69,6 +70,7 @@ class Runtime:
     device: torch.device
     rank: int
     world_size: int
+    host_group: Any = None  # a gloo group for host-side flags (`any_rank`) when the default group is NCCL
 
     @property
     def main(self) -> bool:
@@ -90,7 +92,9 @@ def distributed(device: str = "auto") -> Iterator[Runtime]:
         dist.init_process_group("nccl" if resolved.type == "cuda" else "gloo")
     try:
         if dist.is_initialized():
-            yield Runtime(resolved, dist.get_rank(), dist.get_world_size())
+            # A flag all-reduced through NCCL would make the host wait for the GPU every step; gloo does not.
+            host = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else None
+            yield Runtime(resolved, dist.get_rank(), dist.get_world_size(), host)
         else:
             yield Runtime(resolved, 0, 1)
     finally:
@@ -125,3 +129,13 @@ def gather_rows(local: torch.Tensor) -> torch.Tensor:
     parts = [torch.empty_like(padded) for _ in sizes]
     dist.all_gather(parts, padded)  # all_gather needs equal shapes, hence the padding, trimmed here
     return torch.cat([p[: int(n.item())] for p, n in zip(parts, sizes, strict=True)])
+
+
+def any_rank(flag: bool, env: Runtime) -> bool:
+    """Whether `flag` holds on any rank (one all-reduce on the host; the flag itself in a single process), so that
+    every rank takes the same branch: a signal may reach one rank only."""
+    if env.world_size == 1:
+        return flag
+    value = torch.tensor([int(flag)])
+    dist.all_reduce(value, op=dist.ReduceOp.MAX, group=env.host_group)
+    return bool(value.item())

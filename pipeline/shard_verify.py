@@ -88,7 +88,7 @@ def verify_shards(shards_dir: Path, *, progress: bool = True) -> dict:
             fresh = Path(tmp) / idx.name
             try:
                 write_index(tar, fresh)
-            except (ValueError, OSError, tarfile.TarError) as err:  # wds2idx refuses an empty or unreadable tar
+            except (ValueError, OSError, tarfile.TarError) as err:  # an empty or unreadable tar has no index
                 problems.append(f"{tar.name}: cannot be indexed ({err})")
                 keys: list[str] = []
             else:

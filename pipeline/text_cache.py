@@ -28,6 +28,10 @@ from pipeline.shard_reader import ShardSet
 METADATA_KEYS = ("model", "weights_sha256", "tokenizer_sha256", "pooling", "max_length", "normalization", "dim",
                  "dtype", "captions_sha256", "clipcoco_version")
 FINGERPRINT_KEYS = ("model", "weights_sha256", "tokenizer_sha256", "pooling", "max_length", "normalization", "dim")
+# Where embed-text found the model (a local folder or the hub name): where `clip.load` loads it again to embed
+# queries. Not part of the fingerprint, so a cache or run moved to another machine or venv still matches. Older caches
+# lack it: their `model` is that location.
+LOCATION_KEY = "model_path"
 _INT_KEYS = ("max_length", "dim")
 _CHECK_ROWS = 32768  # vectors checked for NaN/Inf at a time: a bool mask of one piece, not of the whole cache
 
@@ -104,14 +108,16 @@ def read_vectors(table: pa.Table, dim: int, path: Path, *, rerun: str) -> torch.
 
 
 def model_slug(model: str) -> str:
-    """A file-name-safe name for a model: hub names with "/" -> "--", a local folder -> its name, a folder of
-    the Hugging Face cache (models--org--name/snapshots/<revision>) -> "org--name", not the revision hash."""
+    """A file-name-safe, portable name for a model, the one rule for it (the Makefile's TEXT_SLUG mirrors it,
+    tests/test_cli.py checks): hub names with "/" -> "--"; a local folder -> its name, or its parent's name when
+    it is called "model" (as a package or `save_pretrained("model")` ships one); a folder of the Hugging Face
+    cache (models--org--name/snapshots/<revision>) -> "org--name", not the revision hash."""
     path = Path(model)
     if path.is_dir():
         path = path.resolve()
         if path.parent.name == "snapshots" and path.parent.parent.name.startswith("models--"):
             return path.parent.parent.name.removeprefix("models--")
-        return path.name
+        return path.parent.name if path.name == "model" and path.parent.name else path.name
     return model.replace("/", "--")
 
 
@@ -128,6 +134,7 @@ class TextCache:
         self.embeddings = embeddings  # [N, D] float16
         self.dim = int(embeddings.shape[1])
         self.fingerprint = {k: int(metadata[k]) if k in _INT_KEYS else metadata[k] for k in FINGERPRINT_KEYS}
+        self.model_path = metadata.get(LOCATION_KEY, metadata["model"])
         # Each image's captions are one contiguous run of rows: its start and length make `sample` one gather.
         unique, starts, counts = np.unique(image_ids, return_index=True, return_counts=True)
         self._unique_ids = torch.from_numpy(unique)

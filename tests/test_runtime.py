@@ -81,3 +81,4 @@ def test_two_ranks_join_gather_and_leave(tmp_path):
         assert got["joined"] and got["left"]
         assert got["rows"] == [[0.0, 0.0], [1.0, 1.0], [1.0, 1.0]]  # rank 0's one row, then rank 1's two
         assert got["objects"] == [{"rank": 0}, {"rank": 1}]
+        assert got["stops"] == [True, False]  # any_rank: one rank's flag is every rank's

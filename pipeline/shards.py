@@ -406,7 +406,7 @@ def totals_problems(totals: dict[str, Any]) -> list[str]:
     if sum(totals["left_out_by_reason"].values()) != totals["images_left_out"]:
         problems.append(f"left_out_by_reason adds up to {sum(totals['left_out_by_reason'].values())}, not "
                         f"images_left_out {totals['images_left_out']}")
-    if "captions_listed" in totals:  # recorded since clipcoco 0.2.1; the shard format is the same
+    if "captions_listed" in totals:  # recorded after clipcoco 0.2.0, in the same shard format
         parts = ("captions_packed", "captions_dropped", "captions_left_out", "captions_without_image")
         if totals["captions_listed"] != sum(totals[k] for k in parts):
             problems.append(f"{totals['captions_listed']} captions listed but " + " + ".join(

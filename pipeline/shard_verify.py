@@ -41,8 +41,9 @@ def _ids_agree(key: str, id_member: bytes, json_member: bytes) -> bool:
         return False
 
 
-def _totals_problems(root: Path, manifest: dict, packed_ids: list[int]) -> list[str]:
-    """The manifest's totals add up, and match failures.jsonl and the samples read."""
+def _totals_problems(root: Path, manifest: dict, packed_ids: list[int], caption_rows: int | None) -> list[str]:
+    """The manifest's totals add up, and match failures.jsonl, the samples read and captions.parquet's rows (None:
+    it could not be read, already a problem of its own)."""
     totals = manifest["totals"]
     problems = [f"manifest.json totals do not add up: {p}" for p in totals_problems(totals)]
     try:
@@ -57,9 +58,9 @@ def _totals_problems(root: Path, manifest: dict, packed_ids: list[int]) -> list[
         problems.append(f"the shards hold {len(packed_ids)} images, the manifest says {totals['images_packed']}")
     if len(set(packed_ids) | set(left_out)) != len(packed_ids) + len(left_out):
         problems.append("an image is packed twice, left out twice, or both packed and left out")
-    rows = pq.read_metadata(root / "captions.parquet").num_rows
-    if rows != totals["captions_packed"]:
-        problems.append(f"captions.parquet holds {rows} captions, the manifest says {totals['captions_packed']}")
+    if caption_rows is not None and caption_rows != totals["captions_packed"]:
+        problems.append(f"captions.parquet holds {caption_rows} captions, the manifest says "
+                        f"{totals['captions_packed']}")
     return problems
 
 
@@ -105,14 +106,16 @@ def verify_shards(shards_dir: Path, *, progress: bool = True) -> dict:
     if read_json(root / "sizes.json") != {tar.name: e["count"] for tar, e in zip(shards.tars, shards.manifest["shards"],
                                                                                  strict=True)}:
         problems.append("sizes.json is missing or disagrees with manifest.json: rebuild with --overwrite")
+    caption_rows = None
     try:
         parquet_ids = np.unique(shards.image_ids())
     except UserError as err:  # cut short or damaged: one problem among the others, not a stop
         problems.append(str(err))
     else:
+        caption_rows = pq.read_metadata(root / "captions.parquet").num_rows
         if not np.array_equal(parquet_ids, np.unique(np.array(checked_ids, np.int64))):
             problems.append("captions.parquet image ids differ from the images in the shards")
-    problems += _totals_problems(root, shards.manifest, checked_ids)
+    problems += _totals_problems(root, shards.manifest, checked_ids, caption_rows)
     if problems:
         raise UserError(f"{len(problems)} problem(s) in {shards.root}:\n  " + "\n  ".join(problems))
     report = {"shards": len(shards.tars), "images": len(checked_ids), "fingerprint": shards.fingerprint, "ok": True}

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.distributed.nn.functional import all_gather
 
-LOSSES = ("infonce", "sigmoid")
+from clip.config import LOSSES
 
 
 def _world() -> int:

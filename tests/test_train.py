@@ -365,7 +365,7 @@ def test_a_cache_of_edited_captions_is_refused_in_one_line(tmp_path):
 def train_args(shards: Path, text: Path, out: Path, *extra: str) -> list[str]:
     return ["train", "--shards", str(shards), "--text", str(text), "--out", str(out), "--image-model", "resnet18",
             "--image-weights", "none", "--image-size", "32", "--embed-dim", "16", "--batch-size", "4", "--loader",
-            "torch", "--device", "cpu", "--warmup-steps", "1", "--steps", "1", "--set", "data.threads=1",
+            "torch", "--device", "cpu", "--warmup-steps", "0", "--steps", "1", "--set", "data.threads=1",
             "--no-progress", *extra]
 
 

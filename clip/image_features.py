@@ -17,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 
 from clip.config import Config, ModelConfig
@@ -28,7 +27,7 @@ from pipeline.errors import UserError
 from pipeline.loaders import Batch, Loader
 from pipeline.runtime import distributed
 from pipeline.shard_reader import ShardSet, open_shards
-from pipeline.text_cache import read_vectors, schema_metadata, write_cache
+from pipeline.text_cache import read_cache, read_vectors, write_cache
 
 TRANSFORM = "center square, resized to image_size, ImageNet-normalised"
 METADATA_KEYS = ("image_model", "image_weights", "trunk_sha256", "image_size", "transform", "shards_fingerprint",
@@ -82,17 +81,8 @@ class ImageFeatures:
     @classmethod
     def load(cls, path: Path) -> "ImageFeatures":
         path, rerun = Path(path), "clipcoco embed-images SHARDS_DIR --out FILE"
-        if not path.is_file():
-            raise UserError(f"no image-feature cache at {path}: make it with `{rerun}`")
-        try:
-            table = pq.read_table(path)
-        except (pa.ArrowInvalid, OSError) as err:
-            raise UserError(f"cannot read the image-feature cache {path} ({err}): rerun `{rerun}`") from None
-        metadata = schema_metadata(table.schema)
-        missing = [k for k in METADATA_KEYS if k not in metadata]
-        if missing or "image_id" not in table.column_names or "embedding" not in table.column_names:
-            raise UserError(f"{path} is not a clipcoco image-feature cache (missing {missing or 'columns'}): "
-                            f"make one with `{rerun}`")
+        table, metadata = read_cache(path, "image-feature cache", keys=METADATA_KEYS, columns=("image_id", "embedding"),
+                                     hint=f"make it with `{rerun}`", rerun=rerun)
         ids = np.array(table.column("image_id").to_numpy(), dtype=np.int64)
         if not (np.diff(ids) > 0).all():
             raise UserError(f"{path}: rows are not sorted by image_id: rerun `{rerun}`")

@@ -28,6 +28,7 @@ from torch import Tensor
 from torch.distributed.nn.functional import all_gather
 
 from clip.config import LOSSES
+from pipeline.runtime import gather_equal
 
 
 def _world() -> int:
@@ -40,13 +41,6 @@ def _gather(feats: Tensor) -> Tensor:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         return torch.cat(all_gather(feats), dim=0)
-
-
-def _gather_plain(values: Tensor) -> Tensor:
-    """Concatenation of every rank's `values` (same shape on each), without gradients (masks and ids)."""
-    parts = [torch.empty_like(values) for _ in range(_world())]
-    dist.all_gather(parts, values.contiguous())
-    return torch.cat(parts, dim=0)
 
 
 def clip_loss(image_feats: Tensor, text_feats: Tensor, logit_scale: Tensor, *, valid: Tensor | None = None,
@@ -70,9 +64,9 @@ def clip_loss(image_feats: Tensor, text_feats: Tensor, logit_scale: Tensor, *, v
         image_ids, extra_ids = image_ids.to(device), extra_ids.to(device)
     if _world() > 1:  # [B, E] -> [B x world, E], and the same for every other input
         image_feats, text_feats = _gather(image_feats), _gather(text_feats)
-        valid = _gather_plain(valid.to(torch.uint8)).bool()
+        valid = gather_equal(valid.to(torch.uint8)).bool()
         if extra is not None:
-            extra, image_ids, extra_ids = _gather(extra), _gather_plain(image_ids), _gather_plain(extra_ids)
+            extra, image_ids, extra_ids = _gather(extra), gather_equal(image_ids), gather_equal(extra_ids)
     n, k = valid.shape
     img = image_feats.float()
     logits = logit_scale * img @ text_feats.float().T  # [N, N x K]: column i x K + k is caption k of image i

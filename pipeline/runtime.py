@@ -124,11 +124,22 @@ def gather_rows(local: torch.Tensor) -> torch.Tensor:
     sizes = [torch.zeros(1, dtype=torch.long, device=local.device) for _ in range(dist.get_world_size())]
     dist.all_gather(sizes, torch.tensor([local.shape[0]], device=local.device))
     longest = int(max(s.item() for s in sizes))
+    if longest == 0:
+        return local
     padded = torch.zeros((longest, *local.shape[1:]), dtype=local.dtype, device=local.device)
     padded[: local.shape[0]] = local
-    parts = [torch.empty_like(padded) for _ in sizes]
-    dist.all_gather(parts, padded)  # all_gather needs equal shapes, hence the padding, trimmed here
+    parts = gather_equal(padded).split(longest)  # all_gather needs equal shapes, hence the padding, trimmed here
     return torch.cat([p[: int(n.item())] for p, n in zip(parts, sizes, strict=True)])
+
+
+def gather_equal(local: torch.Tensor) -> torch.Tensor:
+    """Every rank's `local` (the same shape on each) concatenated in rank order, without gradients: one all_gather,
+    no size exchange (the loss calls it every step); `local` in a single process."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return local
+    parts = [torch.empty_like(local) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, local.contiguous())
+    return torch.cat(parts)
 
 
 def any_rank(flag: bool, env: Runtime) -> bool:

@@ -94,6 +94,24 @@ def schema_metadata(schema: pa.Schema) -> dict[str, str]:
     return {k.decode(): v.decode() for k, v in (schema.metadata or {}).items() if not k.startswith(b"ARROW:")}
 
 
+def read_cache(path: Path, what: str, *, keys: Iterable[str], columns: Iterable[str], hint: str,
+               rerun: str) -> tuple[pa.Table, dict[str, str]]:
+    """(table, metadata) of a cache file (`what`: "text cache", "image-feature cache"), after checking it exists,
+    reads, and has every metadata key and column; each failure a one-line UserError."""
+    if not path.is_file():
+        raise UserError(f"no {what} at {path}: {hint}")
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowInvalid, OSError) as err:
+        raise UserError(f"cannot read the {what} {path} ({err}): rerun `{rerun}`") from err
+    metadata = schema_metadata(table.schema)
+    missing = [k for k in keys if k not in metadata]
+    if missing or any(c not in table.column_names for c in columns):
+        raise UserError(f"{path} is not a clipcoco {what} (missing metadata {missing or 'none'}, columns "
+                        f"{table.column_names}): {hint}")
+    return table, metadata
+
+
 def read_vectors(table: pa.Table, dim: int, path: Path, *, rerun: str) -> torch.Tensor:
     """The `embedding` column (fixed_size_list<float16>[dim]) of a cache as one [N, dim] float16 tensor."""
     embedding = table.column("embedding").combine_chunks()
@@ -144,19 +162,9 @@ class TextCache:
     @classmethod
     def load(cls, path: Path) -> "TextCache":
         path = Path(path)
-        hint = "did you run `clipcoco embed-text`?"
-        if not path.is_file():
-            raise UserError(f"no text cache at {path}: {hint}")
-        try:
-            table = pq.read_table(path)
-        except (pa.ArrowInvalid, OSError) as err:
-            raise UserError(f"cannot read the text cache {path} ({err}): rerun `clipcoco embed-text`") from err
-        metadata = schema_metadata(table.schema)
-        missing = [k for k in METADATA_KEYS if k not in metadata]
-        columns = ("image_id", "caption_id", "caption", "embedding")
-        if missing or any(c not in table.column_names for c in columns):
-            raise UserError(f"{path} is not a clipcoco text cache (missing metadata {missing or 'none'}, columns "
-                            f"{table.column_names}): {hint}")
+        table, metadata = read_cache(path, "text cache", keys=METADATA_KEYS,
+                                     columns=("image_id", "caption_id", "caption", "embedding"),
+                                     hint="did you run `clipcoco embed-text`?", rerun="clipcoco embed-text")
         embeddings = read_vectors(table, int(metadata["dim"]), path, rerun="clipcoco embed-text")
         # Own, writable copies (a few MB): callers may hand them to torch.from_numpy.
         image_ids = np.array(table.column("image_id").to_numpy(), dtype=np.int64)

@@ -276,7 +276,7 @@ def test_train_help_shows_each_config_default():
         text = (flag if value else "--no-" + name.replace("_", "-")) if isinstance(value, bool) else str(value)
         assert option.help.endswith(f" Default: {text}."), (name, option.help)
         shown += 1
-    assert shown == 18
+    assert shown == 22  # 27 named flags less the five paths (shards, text, eval-shards, eval-text, image-features)
     result = CliRunner().invoke(app, ["train", "--help"], terminal_width=200)
     text = " ".join(re.sub(r"[│╭╮╰╯─]", " ", result.output).split())
     assert "Linear warmup steps before the cosine decay. Default: 500." in text

@@ -45,10 +45,10 @@ def embed_images(encode: Callable[[torch.Tensor], torch.Tensor], dim: int, *, sh
                  label: str = "scoring images") -> tuple[np.ndarray, torch.Tensor]:
     """(sorted image ids [I], `encode`(images) [I, dim] float32 on the CPU) of every image of `shards` once, with the
     eval crop; under torchrun each rank encodes a share and every rank gets all back."""
-    batches = make_loader(shards, kind=loader, batch_size=batch_size, image_size=image_size, train=False,
-                          device=device, rank=rank, world_size=world, threads=threads)
     ids, feats = [], []
-    with rate_bar(label, "images", enabled=progress and rank == 0) as bar:
+    with make_loader(shards, kind=loader, batch_size=batch_size, image_size=image_size, train=False, device=device,
+                     rank=rank, world_size=world, threads=threads) as batches, \
+            rate_bar(label, "images", enabled=progress and rank == 0) as bar:
         task = bar.add_task("images", total=shards.n_images)
         for batch in batches:
             feats.append(encode(batch.images).float())

@@ -12,6 +12,7 @@ links) of the latest evaluated.
         --text data/shards/karpathy-test/text-distilbert-base-uncased-mean.parquet --folds 5
 """
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -80,7 +81,10 @@ def evaluate(run_or_ckpt: Path, *, shards: Path, text: Path, out: Path | None = 
     """
     check_kind(loader)
     ckpt_path = resolve_checkpoint(Path(run_or_ckpt))
-    with main_locked(run_dir_of(ckpt_path), "clipcoco eval"):
+    with contextlib.ExitStack() as held:
+        # The run folder (embeddings) and, for --out elsewhere, the report's folder, as embed-text locks its --out's.
+        for folder in dict.fromkeys([run_dir_of(ckpt_path).resolve(), *([Path(out).parent.resolve()] if out else [])]):
+            held.enter_context(main_locked(folder, "clipcoco eval"))
         return _evaluate(ckpt_path, shards=shards, text=text, out=out, folds=folds, loader=loader, device=device,
                          batch_size=batch_size, image_size=image_size, threads=threads, progress=progress)
 

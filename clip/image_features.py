@@ -25,7 +25,7 @@ from clip.model import build_model, trunk_sha256
 from pipeline import __version__
 from pipeline.errors import UserError
 from pipeline.loaders import Batch, Loader
-from pipeline.runtime import distributed
+from pipeline.runtime import distributed, main_locked
 from pipeline.shard_reader import ShardSet, open_shards
 from pipeline.text_cache import read_cache, read_vectors, write_cache
 
@@ -48,7 +48,15 @@ def embed_shards(shards_dir: Path, *, out: Path, image_model: str = "resnet50", 
     out = Path(out)
     if out.is_dir():
         raise UserError(f"--out {out} is a directory: pass the Parquet file to write, e.g. {out}/features.parquet")
-    shards = open_shards(Path(shards_dir))
+    # The folder's lock comes before any work and is held until the file is written.
+    with main_locked(out.parent, "clipcoco embed-images"):
+        return _embed_shards(open_shards(Path(shards_dir)), out=out, image_model=image_model,
+                             image_weights=image_weights, image_size=image_size, device=device, loader=loader,
+                             batch_size=batch_size, threads=threads, progress=progress)
+
+
+def _embed_shards(shards: ShardSet, *, out: Path, image_model: str, image_weights: str, image_size: int,
+                  device: str, loader: str, batch_size: int, threads: int, progress: bool) -> dict:
     model = build_model(ModelConfig(image_model=image_model, image_weights=image_weights, lock_image=True), 1)
     with distributed(device) as env:
         model = model.to(env.device, memory_format=torch.channels_last).eval()
@@ -56,17 +64,17 @@ def embed_shards(shards_dir: Path, *, out: Path, image_model: str = "resnet50", 
                                   loader=loader, batch_size=batch_size, image_size=image_size, threads=threads,
                                   rank=env.rank, world=env.world_size, progress=progress, label="embedding images")
         check_every_image_once(ids, shards)
-        if not env.main:
-            return {"out": str(out), "rows": len(ids), "dim": model.feature_dim}
-    metadata = {"image_model": image_model, "image_weights": image_weights, "trunk_sha256": trunk_sha256(model),
-                "image_size": str(image_size), "transform": TRANSFORM, "shards_fingerprint": shards.fingerprint,
-                "dim": str(model.feature_dim), "clipcoco_version": __version__}
-    schema = feature_schema(model.feature_dim, metadata)
-    values = pa.array(feats.numpy().astype(np.float16).reshape(-1), type=pa.float16())
-    table = pa.table({"image_id": pa.array(ids, pa.int64()),
-                      "embedding": pa.FixedSizeListArray.from_arrays(values, model.feature_dim)}).cast(schema)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_cache(out, [table], schema)
+        if env.main:
+            metadata = {"image_model": image_model, "image_weights": image_weights,
+                        "trunk_sha256": trunk_sha256(model), "image_size": str(image_size), "transform": TRANSFORM,
+                        "shards_fingerprint": shards.fingerprint, "dim": str(model.feature_dim),
+                        "clipcoco_version": __version__}
+            schema = feature_schema(model.feature_dim, metadata)
+            values = pa.array(feats.numpy().astype(np.float16).reshape(-1), type=pa.float16())
+            table = pa.table({"image_id": pa.array(ids, pa.int64()),
+                              "embedding": pa.FixedSizeListArray.from_arrays(values, model.feature_dim)}
+                             ).cast(schema)
+            write_cache(out, [table], schema)
     return {"out": str(out), "rows": len(ids), "dim": model.feature_dim}
 
 

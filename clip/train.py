@@ -479,13 +479,16 @@ def stop_if_diverged(run: Run, meter: Meter, *, weights: bool) -> None:
                     f"(now {optim.grad_clip:g}) (the text cache holds only finite vectors)")
 class StopSignals:
     """SIGINT (Ctrl-C) and SIGTERM while training: noted by the handler, acted on between steps (finish the step,
-    checkpoint, stop), so no step is lost. Later signals are noted only: under torchrun a Ctrl-C reaches each
-    rank, then torchrun forwards a SIGTERM, and both mean the same stop. Outside the main thread (where Python
-    cannot set handlers) signals keep their default action."""
+    checkpoint, stop), so no step is lost. In a single process a second Ctrl-C stops at once (KeyboardInterrupt:
+    the steps since the last checkpoint are lost), for a run held up in a long eval or a stalled loader. Under
+    torchrun later signals are noted only: a Ctrl-C reaches each rank and torchrun then forwards the same signal,
+    which means the same stop (torchrun kills ranks that are not done 30 s later). Outside the main thread (where
+    Python cannot set handlers) signals keep their default action."""
 
     def __init__(self, announce: bool) -> None:
         self.received: str | None = None
         self.announce, self._saved = announce, {}
+        self.second_aborts = "TORCHELASTIC_RUN_ID" not in os.environ  # set by torchrun in every rank
 
     def __enter__(self) -> "StopSignals":
         if threading.current_thread() is threading.main_thread():
@@ -500,7 +503,10 @@ class StopSignals:
         if self.received is None:
             self.received = signal.Signals(signum).name
             if self.announce:
-                sys.stderr.write(f"\n{self.received}: finishing this step, then saving a checkpoint\n")
+                again = " (Ctrl-C again stops at once, without it)" if self.second_aborts else ""
+                sys.stderr.write(f"\n{self.received}: finishing this step, then saving a checkpoint{again}\n")
+        elif signum == signal.SIGINT and self.second_aborts:
+            raise KeyboardInterrupt
 
 
 def resume_command(out: Path, world_size: int) -> str:
@@ -601,3 +607,4 @@ def train(cfg: Config, *, out: Path, overwrite: bool = False, progress: bool = T
             return fit(run, log, progress=progress)
         finally:
             log.close()
+            run.loader.close()  # its workers end with the run, however it ends

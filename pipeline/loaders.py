@@ -28,7 +28,7 @@ file order, every image exactly once across ranks, the last batch partial.
 
 import json
 import math
-import signal
+import os
 import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -162,6 +162,16 @@ class Loader:
     def state_dict(self) -> dict:
         return {"signature": self._signature(), "epoch": self.epoch, "batch": self.batch}
 
+    def close(self) -> None:
+        """Let go of what the loader holds beyond its position (the torch loader's worker processes); it can be
+        iterated again afterwards. `with loader:` calls it however the block ends."""
+
+    def __enter__(self) -> "Loader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def load_state_dict(self, state: dict) -> None:
         if "dali" in state:
             raise UserError("this loader position was saved by the DALI reader of clipcoco before 0.2 (a shuffle "
@@ -275,7 +285,7 @@ class TorchLoader(Loader):
             # position at every pass, so one DataLoader serves every epoch and every resume.
             self._loader = torch.utils.data.DataLoader(
                 self._samples, batch_sampler=_Sampler(weakref.WeakMethod(self._remaining_batches)),
-                num_workers=self.threads, worker_init_fn=_ignore_stop_signals,
+                num_workers=self.threads, worker_init_fn=_own_process_group,
                 persistent_workers=True, pin_memory=self.device.type == "cuda")
         # The ids are read here, not in the workers, so a damaged id member stops the run with the shard's name in
         # one line (an error raised in a worker comes back wrapped in its traceback).
@@ -285,12 +295,21 @@ class TorchLoader(Loader):
             yield Batch(images=normalize(images.to(self.device, non_blocking=True)), image_ids=ids)
         self.epoch, self.batch = self.epoch + 1, 0
 
+    def close(self) -> None:
+        # Persistent workers live as long as the DataLoader's iterator: shut them down now rather than whenever the
+        # loader is collected (a traceback that holds the loader would keep them until the interpreter exits).
+        loader, self._loader = self._loader, None
+        iterator = getattr(loader, "_iterator", None)
+        if iterator is not None:
+            iterator._shutdown_workers()
 
-def _ignore_stop_signals(worker_id: int) -> None:
-    """A DataLoader worker leaves Ctrl-C (sent to the whole process group) and SIGTERM to the main process, which
-    finishes its step and checkpoints (clip/train.py); the workers end with the loader, or with the main process."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+def _own_process_group(worker_id: int) -> None:
+    """A DataLoader worker leaves the main process's group, so Ctrl-C (the terminal signals the whole foreground
+    group) and a SIGTERM to the group reach the main process alone, which finishes its step and checkpoints
+    (clip/train.py); the workers end with the loader. Their own signals keep their default action, so the SIGTERM
+    with which Python's exit ends the workers of a loader still alive always works (ignoring it hangs the exit)."""
+    os.setpgid(0, 0)
 
 
 class _Sampler:

@@ -302,8 +302,9 @@ def test_a_shadowing_clip_package_is_named_not_an_attribute_error(tmp_path):
 
 
 def test_every_writing_command_stops_while_another_holds_its_folder(tmp_path):
-    """shards (--out), embed-text (the folder of its --out), train (--out) and eval (the run) take the folder's
-    lock before any work: a second command gets one line naming the holder, exit 2, and writes nothing."""
+    """shards (--out), embed-text and embed-images (the folder of their --out), train (--out) and eval (the run,
+    and the folder of its --out) take the folder's lock before any work: a second command gets one line naming the
+    holder, exit 2, and writes nothing."""
     from conftest import holding_lock, write_coco
 
     from pipeline.errors import UserError
@@ -322,6 +323,10 @@ def test_every_writing_command_stops_while_another_holds_its_folder(tmp_path):
         tmp_path / "train": ["train", "--shards", str(shards), "--text", str(tmp_path / "t.parquet"), "--out",
                              str(tmp_path / "train"), "--device", "cpu"],
         tmp_path / "run": ["eval", str(checkpoint), "--shards", str(shards), "--text", str(tmp_path / "t")],
+        tmp_path / "reports": ["eval", str(checkpoint), "--shards", str(shards), "--text", str(tmp_path / "t"),
+                               "--out", str(tmp_path / "reports" / "eval.json")],
+        tmp_path / "features": ["embed-images", str(shards), "--out", str(tmp_path / "features" / "f.parquet"),
+                                "--image-weights", str(tmp_path / "no-weights.pt")],
     }
     for folder, args in commands.items():
         before = sorted(p.name for p in folder.iterdir()) if folder.exists() else None

@@ -317,3 +317,29 @@ def test_out_that_is_a_folder_is_refused_before_the_model_loads(tmp_path, monkey
     with pytest.raises(UserError, match=r"--out .*shards is a folder: pass the cache's file name, e\.g\. "
                                         r".*shards/text-tiny-mean.parquet"):
         embed_text(tmp_path / "shards", model="tiny", out=tmp_path / "shards", progress=False)
+
+
+
+@pytest.mark.parametrize("name, advice", [
+    ("ENOSPC", "No space left on device: free space on that disk or write somewhere else (another --out)"),
+    ("EROFS", "Read-only file system: that file system is read-only: write somewhere else (another --out)")])
+def test_a_full_or_read_only_disk_is_one_line(tmp_path, tiny_model, monkeypatch, capsys, name, advice):
+    """The disk refuses the cache's first write: one line naming the file and what to do, exit 2, through the real
+    entry point; no cache is left behind."""
+    import errno
+    import os
+
+    from test_cli import run_main
+
+    write_captions(tmp_path / "shards", n_images=3)
+    out = tmp_path / "shards" / "t.parquet"
+
+    def refuse(self, where, *args, **kwargs):
+        raise OSError(getattr(errno, name), os.strerror(getattr(errno, name)), str(where))
+
+    monkeypatch.setattr(pq.ParquetWriter, "__init__", refuse)
+    status, err = run_main(monkeypatch, capsys, "embed-text", str(tmp_path / "shards"), "--model", str(tiny_model),
+                           "--device", "cpu", "--out", str(out), "--no-progress")
+    assert status == 2 and len(err.splitlines()) == 1, err
+    assert err.startswith(f"error: {tmp_path / 'shards'}") and err.endswith(f": {advice}\n"), err
+    assert not out.exists()

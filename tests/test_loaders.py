@@ -201,6 +201,59 @@ def test_center_square_box():
     assert center_square_box(65, 40) == (12, 0, 40, 40)
 
 
+def test_close_ends_the_workers_and_the_loader_goes_on(generated):
+    """`with loader:` (what train uses) shuts the persistent workers down however the block ends, even while a
+    traceback still holds the loader; the loader can be iterated again, from where it was."""
+    import multiprocessing
+
+    ldr = loader(generated, "torch", train=True, threads=2)
+    with pytest.raises(ZeroDivisionError), ldr:
+        next(iter(ldr))
+        assert len(multiprocessing.active_children()) == 2
+        1 / 0  # noqa: B018
+    assert multiprocessing.active_children() == []
+    rest = list(ldr)
+    assert len(rest) == ldr.steps_per_epoch - 1 and len(multiprocessing.active_children()) == 2
+    ldr.close()
+    assert multiprocessing.active_children() == []
+
+
+_CTRL_C_THEN_EXIT = """
+import os, signal, sys, torch
+from pipeline.loaders import make_loader
+from pipeline.shard_reader import open_shards
+ldr = make_loader(open_shards(sys.argv[1]), kind="torch", batch_size=4, image_size=16, train=True,
+                  device=torch.device("cpu"), threads=2)
+batches = iter(ldr)
+next(batches)
+signal.signal(signal.SIGINT, lambda *_: print("noted", flush=True))  # as clipcoco train notes it
+os.killpg(0, signal.SIGINT)  # a terminal's Ctrl-C: the whole foreground process group
+print(len(list(batches)) + 1, flush=True)  # the epoch goes on: the workers were spared
+keep = (ldr, iter(ldr), next(iter(ldr)))  # alive at exit: Python's exit has to end the workers itself
+"""
+
+
+def test_ctrl_c_spares_the_workers_and_the_exit_still_ends_them(generated):
+    """The workers leave the main process's group, so a Ctrl-C reaches the main process only (which finishes its
+    step); they keep SIGTERM's default action, with which Python's exit ends the workers of a loader still alive
+    (ignoring it, as they once did, made that exit wait forever)."""
+    import os
+    import signal
+    import subprocess
+    from pathlib import Path
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.Popen([sys.executable, "-c", _CTRL_C_THEN_EXIT, str(generated.root)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    steps = loader(generated, "torch", train=True).steps_per_epoch
+    assert proc.returncode == 0 and out.split() == ["noted", str(steps)], (out, err)
+
+
 def test_torch_loader_workers_are_freed_without_the_garbage_collector(generated):
     """No reference cycle keeps the persistent workers: a cycle leaves them to gc, which waits 5 s per worker."""
     gc.disable()

@@ -1,6 +1,7 @@
 """`clipcoco shards`: round trip (tiny data and coco-mini, read back through DALI), determinism,
 every bad-input case, crash safety (kill -9 then rerun), refusal, the failure budget, --verify."""
 
+import errno
 import io
 import json
 import os
@@ -415,7 +416,9 @@ def test_verify_catches_a_shard_cut_at_a_member_boundary(tiny_coco, tmp_path):
         verify_shards(out, progress=False)
 
 
-def test_a_cut_captions_parquet_is_listed_by_verify_and_a_rerun_rewrites_it(tiny_coco, tmp_path):
+def test_a_cut_captions_parquet_is_listed_by_verify_and_a_rerun_rewrites_it(tiny_coco, tmp_path, monkeypatch, capsys):
+    from test_cli import run_main
+
     ann, images = tiny_coco
     out = tmp_path / "s"
     _build(ann, images, out, samples_per_shard=5)
@@ -424,6 +427,8 @@ def test_a_cut_captions_parquet_is_listed_by_verify_and_a_rerun_rewrites_it(tiny
     with pytest.raises(UserError, match=r"1 problem\(s\) in .*\n  .*captions.parquet cannot be read \(ArrowInvalid: "
                                         r".*rerun the `clipcoco shards` command that wrote"):
         verify_shards(out, progress=False)
+    code, err = run_main(monkeypatch, capsys, "shards", "--verify", str(out), "--no-progress")  # as a user sees it
+    assert code == 2 and err.startswith(f"error: 1 problem(s) in {out}") and "Traceback" not in err, err
     _build(ann, images, out, samples_per_shard=5)  # the same command again: the advice holds
     assert (out / "captions.parquet").read_bytes() == good
     assert verify_shards(out, progress=False)["ok"]
@@ -515,7 +520,9 @@ def test_bounded_imap_keeps_order_and_bounds_work_in_flight():
             next(bounded_imap(pool, _square, iter(range(10)), window=4, chunksize=8))
 
 
-def test_a_write_error_stops_the_workers_and_a_rerun_recovers(tiny_coco, tmp_path, monkeypatch):
+def test_a_write_error_stops_the_workers_and_a_rerun_recovers(tiny_coco, tmp_path, monkeypatch, capsys):
+    from test_cli import run_main
+
     from pipeline.shards import ShardWriter
 
     ann, images = tiny_coco
@@ -523,13 +530,18 @@ def test_a_write_error_stops_the_workers_and_a_rerun_recovers(tiny_coco, tmp_pat
 
     def add_then_fail(self, sample, reencoded):
         if sample["__key__"] == "000000000008":
-            raise OSError("No space left on device")
+            raise OSError(errno.ENOSPC, "No space left on device", str(self.tmp))
         real_add(self, sample, reencoded)
 
     monkeypatch.setattr(ShardWriter, "add", add_then_fail)
     with pytest.raises(OSError, match="No space left"):  # and no hang: the pool shuts down
         _build(ann, images, tmp_path / "s", samples_per_shard=5, workers=2)
     assert (tmp_path / "s" / "shard-000001.tar.tmp").exists()
+    # What the user sees: one line naming the shard being written and what to do, exit 2.
+    code, err = run_main(monkeypatch, capsys, "shards", "--annotations", str(ann), "--images", str(images), "--out",
+                         str(tmp_path / "s"), "--samples-per-shard", "5", "--workers", "1", "--no-progress")
+    assert code == 2 and err == (f"error: {tmp_path / 's' / 'shard-000001.tar.tmp'}: No space left on device: free "
+                                 "space on that disk or write somewhere else (another --out)\n"), err
     monkeypatch.setattr(ShardWriter, "add", real_add)
     _build(ann, images, tmp_path / "s", samples_per_shard=5, workers=2)
     _build(ann, images, tmp_path / "ref", samples_per_shard=5)

@@ -3,6 +3,7 @@
 import errno
 import json
 import math
+import multiprocessing
 import os
 import re
 import shutil
@@ -302,6 +303,7 @@ def test_a_non_finite_loss_or_weight_stops_without_saving_it(data, tmp_path, mon
     cfg = config(data, **{"train.save_every": 2, "train.log_every": 3})  # steps 1-3 logged, 4 due for a save
     with pytest.raises(UserError) as err:
         train_module.train(cfg, out=tmp_path / "run", progress=False)
+    assert multiprocessing.active_children() == []  # the loader's workers ended with the run, though `err` holds it
     what, last = (("the training loss became nan at step 4", 3) if poison == "loss"
                   else ("the weights became NaN/Inf by step 4", 4))  # step 4's loss was still finite
     assert str(err.value).startswith(f"{what} (last finite loss {calls[last - 1]:.4f} at step {last}); stopped "
@@ -491,3 +493,25 @@ def test_cli_imagenet_weights_with_the_network_unreachable(data, tmp_path, monke
     assert "--image-weights none" in err and "--image-weights PATH" in err and "TORCH_HOME" in err
     assert "resnet18-f37072fd.pth" in err and "Traceback" not in err
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("torchrun", [False, True])
+def test_a_second_ctrl_c_stops_at_once_outside_torchrun(monkeypatch, torchrun):
+    """The first SIGINT is noted (the loop saves and stops after the step); a second one aborts a single process at
+    once, while under torchrun, which forwards the same signal to every rank, it means the same stop."""
+    from clip.train import StopSignals
+
+    if torchrun:
+        monkeypatch.setenv("TORCHELASTIC_RUN_ID", "test")
+    else:
+        monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    with StopSignals(announce=False) as stop:
+        signal.raise_signal(signal.SIGTERM)
+        signal.raise_signal(signal.SIGTERM)  # never aborts: a scheduler's stop
+        assert stop.received == "SIGTERM"
+        if torchrun:
+            signal.raise_signal(signal.SIGINT)
+        else:
+            with pytest.raises(KeyboardInterrupt):
+                signal.raise_signal(signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored

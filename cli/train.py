@@ -47,8 +47,8 @@ def command(
                                     "mode, no grad); only the heads train. With --image-features no image is decoded."),
     image_features: Path = typer.Option(None, "--image-features", help="Pooled trunk features of --shards from "
                                         "`clipcoco embed-images` (needs --lock-image): an epoch takes seconds."),
-    captions: str = typer.Option(None, "--captions", help="one (a random caption of each image per step) or all "
-                                 "(every caption of each image, all positives, never each other's negatives)."),
+    captions: str = typer.Option(None, "--captions", help="all (every caption of each image in each step, all "
+                                 "positives, never each other's negatives) or one (one drawn at random)."),
     extra_negatives: int = typer.Option(None, "--extra-negatives", help="Captions of other images drawn from the "
                                         "training cache each step, through the current text head, as extra "
                                         "image->text negatives (a global count, split over the processes)."),

@@ -106,7 +106,7 @@ class TrainConfig:
     precision: str = "bf16"  # bf16 autocast on CUDA (fp32 on CPU) | fp32
     compile: bool = False  # torch.compile the image tower
     seed: int = 0  # seeds model init, shuffling, caption choice and extra negatives
-    captions: str = "one"  # one (a random caption of each image per step) | all (every caption of each image)
+    captions: str = "all"  # all (every caption of each image, each step: docs/recipes.md) | one (a random one)
     extra_negatives: int = 0  # captions of other images drawn from the training cache each step (global count)
     save_every: int = 1000  # checkpoint period in steps (a final checkpoint is always written)
     keep_last: int = 3  # checkpoints kept on disk

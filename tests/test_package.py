@@ -10,6 +10,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from test_demo import check_small_demo
 
 REPO = Path(__file__).resolve().parents[1]
 # What the build reads (pyproject.toml names README.md): copied, so building never writes build/ or an
@@ -82,6 +83,7 @@ def test_installed_wheel_runs_the_demo_from_another_folder(wheel, tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["paths"]["summary"] == str(out / "summary.json")
     assert "resnet18" in (out / "run" / "config.yaml").read_text()  # the demo preset, read from the install
+    check_small_demo(out, proc.stdout + proc.stderr)  # and every stage did its work
 
 
 def test_editable_install_reads_configs_through_the_link(tmp_path):

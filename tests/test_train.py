@@ -438,26 +438,47 @@ def _stop_after_two_steps(command: list[str], run: Path, sig: signal.Signals) ->
 
 
 @pytest.mark.slow
-def test_sigint_then_sigterm_checkpoint_the_step_and_resume_exactly(data, tmp_path, record_steps):
-    """Ctrl-C (SIGINT to the process group, DataLoader workers included) finishes the step, checkpoints it, prints
-    the command that continues, exits 130; the printed command, stopped by SIGTERM, does the same; and the
-    interrupted run holds the very weights and losses of one that was never interrupted."""
+def test_sigint_then_sigterm_checkpoint_the_step_and_resume_exactly(data, tmp_path, record_steps, monkeypatch,
+                                                                     capsys):
+    """Ctrl-C (SIGINT to the process group, as a terminal sends it) finishes the step, checkpoints it, prints the
+    command that continues, exits 130; the printed command, stopped by SIGTERM (here raised in this process during
+    a step, through the real entry point), does the same; and the interrupted run holds the very weights and losses
+    of one that was never interrupted."""
+    from test_cli import run_main
+
     run = tmp_path / "run"
-    stops = []
-    command = [*_train_args(data, run), "--warmup-steps", "2", "--steps", "400"]
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        code, stderr = _stop_after_two_steps(command, run, sig)
+    pattern = (r"stopped by {} after step (\d+) of 400: saved (\S+); to continue exactly where it stopped, run: "
+               r"clipcoco (train --config \S+ --out \S+)")
+
+    def stopped(sig: signal.Signals, code: int, stderr: str) -> list[str]:
         assert code == 130, stderr[-3000:]
-        found = re.search(rf"stopped by {sig.name} after step (\d+) of 400: saved (\S+); to continue exactly where it "
-                          r"stopped, run: clipcoco (train --config \S+ --out \S+)", stderr)
+        found = re.search(pattern.format(sig.name), stderr)
         assert found is not None and "Traceback" not in stderr, stderr[-3000:]
         step, saved = int(found.group(1)), Path(found.group(2))
         assert saved == run / "checkpoints" / f"step_{step:08d}.pt" and Checkpoint.load(run).step == step
         assert [m["step"] for m in metrics(run) if m["kind"] == "train"] == list(range(1, step + 1))
         stops.append(step)
-        command = found.group(3).split() + ["--no-progress"]
+        return found.group(3).split() + ["--no-progress"]
+
+    stops = []
+    command = stopped(signal.SIGINT, *_stop_after_two_steps([*_train_args(data, run), "--warmup-steps", "2",
+                                                             "--steps", "400"], run, signal.SIGINT))
     assert command[:4] == ["train", "--config", str(run / "config.yaml"), "--out"]
-    assert stops[0] + 2 <= stops[1]
+    calls, state = record_steps
+    real_step = train_module.train_step
+
+    def sigterm_in_second_step(*args, **kwargs):  # a scheduler's stop while the step runs
+        loss = real_step(*args, **kwargs)
+        if len(calls) == 2:
+            signal.raise_signal(signal.SIGTERM)
+        return loss
+
+    monkeypatch.setattr(train_module, "train_step", sigterm_in_second_step)
+    capsys.readouterr()
+    stopped(signal.SIGTERM, *run_main(monkeypatch, capsys, *command))
+    assert stops[1] == stops[0] + 2
+    monkeypatch.setattr(train_module, "train_step", real_step)
+    calls.clear()
 
     # The same run in this process, never interrupted (killed after the step the chain stopped at).
     calls, state = record_steps

@@ -22,10 +22,9 @@ from clip.negatives import ExtraNegatives
 from pipeline.errors import UserError
 from pipeline.text_cache import TextCache
 
-OPTIONS = {
-    "all captions, sigmoid": {"train.captions": "all", "model.loss": "sigmoid"},
-    "extra negatives": {"train.extra_negatives": 24},
-    "all captions, extra negatives": {"train.captions": "all", "train.extra_negatives": 8},
+OPTIONS = {  # the loader, caption and negative streams of each option, and each loss, resumed exactly
+    "one caption, sigmoid": {"train.captions": "one", "model.loss": "sigmoid"},
+    "all captions, extra negatives": {"train.captions": "all", "train.extra_negatives": 24},
 }
 
 

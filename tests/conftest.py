@@ -156,10 +156,14 @@ import os, sys, time
 from pathlib import Path
 from pipeline.files import locked
 with locked(Path(sys.argv[1]), sys.argv[2]):
+    ready, started = os.pipe()
     child = os.fork() if sys.argv[3] == "fork" else 0  # a worker that outlives its parent, as after a kill -9
     if child == 0 and sys.argv[3] == "fork":
+        os.write(started, b"1")  # past the fork hooks: what the child closed is closed
         time.sleep(120)
         os._exit(0)
+    if child:
+        os.read(ready, 1)
     print(child, flush=True)
     time.sleep(120)
 """

@@ -28,13 +28,14 @@ from pathlib import Path
 
 import torch
 
+ONE = {"train.captions": "one"}  # the baseline's caption rule, spelled out: all captions is the default since
 VARIANTS = {
-    "baseline": {},
+    "baseline": ONE,
     "captions all": {"train.captions": "all"},
-    "extra negatives": {"train.extra_negatives": "EXTRA"},
-    "sigmoid": {"model.loss": "sigmoid"},
+    "extra negatives": {**ONE, "train.extra_negatives": "EXTRA"},
+    "sigmoid": {**ONE, "model.loss": "sigmoid"},
     "all + extra": {"train.captions": "all", "train.extra_negatives": "EXTRA"},
-    "lock-image (features)": {"model.lock_image": True},
+    "lock-image (features)": {**ONE, "model.lock_image": True},
 }
 
 

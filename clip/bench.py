@@ -228,8 +228,7 @@ def _dali_stage(tars: list[Path], indexes: list[Path], *, stage: str, size: int,
     fused into it (DALI's own random crop here; the loader passes its box to `image_slice`, the same ROI decode),
     then resize and normalise. `resize_noaa` is the same resize without antialiasing: not what the loader does, it
     shows what DALI's CPU resampler costs alone."""
-    require_extra("nvidia.dali", "dali", "bench decode-cost's DALI stages")
-    from nvidia.dali import fn, pipeline_def, types
+    from nvidia.dali import fn, pipeline_def, types  # decode_cost checked that DALI is installed
 
     @pipeline_def(batch_size=batch, num_threads=1, device_id=None, seed=0)
     def pipe():
@@ -262,6 +261,7 @@ def decode_cost(shards_dir: Path, *, image_size: int = 224, images: int = 256, p
     from torchvision.io import ImageReadMode, decode_jpeg
 
     _check_positive(image_size=image_size, images=images)
+    require_extra("nvidia.dali", "dali", "bench decode-cost's DALI stages")  # before any work
     shards = open_shards(Path(shards_dir))
     batch = min(32, images)
     runs = max(1, images // batch)

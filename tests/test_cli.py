@@ -59,6 +59,7 @@ def test_help_needs_no_extra():
     ("plot", ["search", "a red circle", "--run", "RUN", "--shards", "RUN", "--device", "cpu"]),
     ("plot", ["zeroshot", "RUN", "--images", "RUN", "--device", "cpu"]),
     ("demo", ["demo", "--small", "--out", "RUN"]),
+    ("dali", ["bench", "decode-cost", "--shards", "RUN"]),
 ])
 def test_a_command_names_the_extra_it_lacks(extra, args, tmp_path, monkeypatch):
     """Without an extra's modules, the command that needs it stops first with one line naming that extra."""

@@ -68,7 +68,7 @@ test: install ## run the test suite (GPU tests skip cleanly without a GPU)
 	@$(BIN)/python -m pytest $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadfile) $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: treating that as a failure" >&2; fi; exit $$rc
 
-bench: install ## every stage against its peer (~8 min on 2 cores) into docs/benchmarks.md, on $(CLIPCOCO_COCO_MINI) or generated data
+bench: install ## every stage against its peer into docs/benchmarks.md, on $(CLIPCOCO_COCO_MINI) or generated data
 	$(BIN)/python scripts/bench.py $(BENCH_ARGS)
 
 lint: install ## ruff check

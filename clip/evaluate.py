@@ -81,17 +81,17 @@ def evaluate(run_or_ckpt: Path, *, shards: Path, text: Path, out: Path | None = 
     """
     check_kind(loader)
     ckpt_path = resolve_checkpoint(Path(run_or_ckpt))
+    ckpt = Checkpoint.load(ckpt_path)  # before the lock: a file that is no checkpoint leaves no .lock beside it
     with contextlib.ExitStack() as held:
         # The run folder (embeddings) and, for --out elsewhere, the report's folder, as embed-text locks its --out's.
         for folder in dict.fromkeys([run_dir_of(ckpt_path).resolve(), *([Path(out).parent.resolve()] if out else [])]):
             held.enter_context(main_locked(folder, "clipcoco eval"))
-        return _evaluate(ckpt_path, shards=shards, text=text, out=out, folds=folds, loader=loader, device=device,
+        return _evaluate(ckpt_path, ckpt, shards=shards, text=text, out=out, folds=folds, loader=loader, device=device,
                          batch_size=batch_size, image_size=image_size, threads=threads, progress=progress)
 
 
-def _evaluate(ckpt_path: Path, *, shards: Path, text: Path, out: Path | None, folds: int, loader: str, device: str,
-              batch_size: int, image_size: int | None, threads: int, progress: bool) -> dict:
-    ckpt = Checkpoint.load(ckpt_path)
+def _evaluate(ckpt_path: Path, ckpt: Checkpoint, *, shards: Path, text: Path, out: Path | None, folds: int,
+              loader: str, device: str, batch_size: int, image_size: int | None, threads: int, progress: bool) -> dict:
     shard_set = open_shards(Path(shards))
     check_folds(folds, shard_set.n_images)  # before the images are scored, not after
     cache = TextCache.load(Path(text))

@@ -480,15 +480,15 @@ def stop_if_diverged(run: Run, meter: Meter, *, weights: bool) -> None:
 class StopSignals:
     """SIGINT (Ctrl-C) and SIGTERM while training: noted by the handler, acted on between steps (finish the step,
     checkpoint, stop), so no step is lost. In a single process a second Ctrl-C stops at once (KeyboardInterrupt:
-    the steps since the last checkpoint are lost), for a run held up in a long eval or a stalled loader. Under
-    torchrun later signals are noted only: a Ctrl-C reaches each rank and torchrun then forwards the same signal,
-    which means the same stop (torchrun kills ranks that are not done 30 s later). Outside the main thread (where
-    Python cannot set handlers) signals keep their default action."""
+    the steps since the last checkpoint are lost), for a run held up in a long eval or a stalled loader. With
+    several processes later signals are noted only, since one rank aborting alone would leave the others waiting
+    in a collective (torchrun forwards a Ctrl-C to each rank and kills ranks not done 30 s later; Slurm signals
+    every process). Outside the main thread (where Python cannot set handlers) signals keep their default action."""
 
-    def __init__(self, announce: bool) -> None:
+    def __init__(self, announce: bool, *, world_size: int = 1) -> None:
         self.received: str | None = None
         self.announce, self._saved = announce, {}
-        self.second_aborts = "TORCHELASTIC_RUN_ID" not in os.environ  # set by torchrun in every rank
+        self.second_aborts = world_size == 1
 
     def __enter__(self) -> "StopSignals":
         if threading.current_thread() is threading.main_thread():
@@ -533,7 +533,7 @@ def fit(run: Run, log: RunLog, *, progress: bool) -> dict:
     """The loop: sample captions, step, then log / eval / checkpoint when due, until the target step (or a stop
     signal: then checkpoint and raise `Interrupted`)."""
     cfg, meter, window, scores, saved = run.cfg.train, Meter(), {}, None, None
-    stop = StopSignals(announce=run.env.main)
+    stop = StopSignals(announce=run.env.main, world_size=run.env.world_size)
     with stop, _progress(progress and run.env.rank == 0) as bar:
         task = bar.add_task("train", total=run.total, completed=run.step, stats="")
         while run.step < run.total:  # one pass per epoch; a resumed loader starts mid-epoch

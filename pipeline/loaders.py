@@ -26,9 +26,11 @@ shorter side) resized to S x S, which is resize-shorter-then-center-crop without
 file order, every image exactly once across ranks, the last batch partial.
 """
 
+import atexit
 import json
 import math
-import os
+import multiprocessing.util  # noqa: F401 (its exit handler is registered before ours: _close_at_exit)
+import signal
 import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -285,8 +287,9 @@ class TorchLoader(Loader):
             # position at every pass, so one DataLoader serves every epoch and every resume.
             self._loader = torch.utils.data.DataLoader(
                 self._samples, batch_sampler=_Sampler(weakref.WeakMethod(self._remaining_batches)),
-                num_workers=self.threads, worker_init_fn=_own_process_group,
+                num_workers=self.threads, worker_init_fn=_leave_stop_signals_to_the_main_process,
                 persistent_workers=True, pin_memory=self.device.type == "cuda")
+            _close_at_exit(self)
         # The ids are read here, not in the workers, so a damaged id member stops the run with the shard's name in
         # one line (an error raised in a worker comes back wrapped in its traceback).
         for rows, images in zip(self.remaining_batches(), self._loader, strict=True):
@@ -304,12 +307,34 @@ class TorchLoader(Loader):
             iterator._shutdown_workers()
 
 
-def _own_process_group(worker_id: int) -> None:
-    """A DataLoader worker leaves the main process's group, so Ctrl-C (the terminal signals the whole foreground
-    group) and a SIGTERM to the group reach the main process alone, which finishes its step and checkpoints
-    (clip/train.py); the workers end with the loader. Their own signals keep their default action, so the SIGTERM
-    with which Python's exit ends the workers of a loader still alive always works (ignoring it hangs the exit)."""
-    os.setpgid(0, 0)
+def _leave_stop_signals_to_the_main_process(worker_id: int) -> None:
+    """A DataLoader worker ignores SIGINT and SIGTERM: a terminal's Ctrl-C reaches the whole process group, and a
+    scheduler's stop (Slurm, systemd's control group) every process, while the main process is the one that acts
+    on them, finishing its step and checkpointing (clip/train.py). The workers end with the loader (`close`), or
+    on their own within seconds once the main process is gone (torch's worker watchdog)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+_LIVE: "weakref.WeakSet[TorchLoader]" = weakref.WeakSet()
+_exit_hook: list[bool] = []
+
+
+def _close_at_exit(loader: "TorchLoader") -> None:
+    """Close, when the interpreter exits, every torch loader still alive then (one a traceback holds, say), before
+    multiprocessing's own exit handler: that one ends the workers with a SIGTERM, which they ignore, and would wait
+    for them forever. atexit runs the last registered first, and this registers after torch's and multiprocessing's
+    handlers (multiprocessing.util, which registers its handler when imported, is imported by this module)."""
+    if not _exit_hook:
+        atexit.register(_close_live_loaders)
+        _exit_hook.append(True)
+    _LIVE.add(loader)
+
+
+def _close_live_loaders() -> None:
+    for loader in list(_LIVE):
+        loader.close()
+    _LIVE.clear()
 
 
 class _Sampler:

@@ -136,6 +136,7 @@ def test_eval_of_a_file_that_is_no_checkpoint_is_one_line(tmp_path, monkeypatch,
     code, err = run_main(monkeypatch, capsys, "eval", str(readme), "--shards", str(tmp_path), "--text", str(tmp_path))
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert "is not a clipcoco checkpoint or run" in err and "weights_only" not in err and "Traceback" not in err
+    assert not (readme.parent / ".lock").exists()  # refused before the folder beside it was locked
 
 
 def test_a_missing_karpathy_file_says_where_it_comes_from(tmp_path, monkeypatch, capsys):
@@ -314,9 +315,9 @@ def test_every_writing_command_stops_while_another_holds_its_folder(tmp_path):
     ann, images = write_coco(tmp_path / "coco", 2, captions_per_image=1)
     shards = tmp_path / "shards"
     build_shards(out=shards, images=images, annotations=ann, workers=1, progress=False)
-    checkpoint = tmp_path / "run" / "checkpoints" / "step_00000001.pt"
-    checkpoint.parent.mkdir(parents=True)
-    checkpoint.write_bytes(b"not read: the lock comes first")
+    from test_evaluate import make_run
+
+    checkpoint = make_run(tmp_path / "run", fingerprint={})  # a real one: eval reads it before taking the lock
     commands = {
         shards: ["shards", "--annotations", str(ann), "--images", str(images), "--out", str(shards)],
         tmp_path / "text": ["embed-text", str(shards), "--out", str(tmp_path / "text" / "t.parquet"), "--model",

@@ -218,40 +218,44 @@ def test_close_ends_the_workers_and_the_loader_goes_on(generated):
     assert multiprocessing.active_children() == []
 
 
-_CTRL_C_THEN_EXIT = """
-import os, signal, sys, torch
+_STOP_SIGNALS_THEN_EXIT = """
+import multiprocessing, os, signal, sys, torch
 from pipeline.loaders import make_loader
 from pipeline.shard_reader import open_shards
 ldr = make_loader(open_shards(sys.argv[1]), kind="torch", batch_size=4, image_size=16, train=True,
                   device=torch.device("cpu"), threads=2)
 batches = iter(ldr)
 next(batches)
-signal.signal(signal.SIGINT, lambda *_: print("noted", flush=True))  # as clipcoco train notes it
+for sig in (signal.SIGINT, signal.SIGTERM):  # noted, as clipcoco train notes them
+    signal.signal(sig, lambda signum, _: print(signal.Signals(signum).name, flush=True))
 os.killpg(0, signal.SIGINT)  # a terminal's Ctrl-C: the whole foreground process group
+for pid in [os.getpid(), *(p.pid for p in multiprocessing.active_children())]:
+    os.kill(pid, signal.SIGTERM)  # a scheduler's stop (Slurm, systemd): every process
 print(len(list(batches)) + 1, flush=True)  # the epoch goes on: the workers were spared
-keep = (ldr, iter(ldr), next(iter(ldr)))  # alive at exit: Python's exit has to end the workers itself
+keep = (ldr, iter(ldr), next(iter(ldr)))  # alive at exit: the exit must end the workers itself
 """
 
 
-def test_ctrl_c_spares_the_workers_and_the_exit_still_ends_them(generated):
-    """The workers leave the main process's group, so a Ctrl-C reaches the main process only (which finishes its
-    step); they keep SIGTERM's default action, with which Python's exit ends the workers of a loader still alive
-    (ignoring it, as they once did, made that exit wait forever)."""
+def test_stop_signals_spare_the_workers_and_the_exit_still_ends_them(generated):
+    """SIGINT to the process group and SIGTERM to every process reach the main process only in effect (the workers
+    ignore them, so the main process can finish its step); a process that exits with its loader's workers still
+    alive exits at once (it once waited forever: multiprocessing's exit handler ends workers with the SIGTERM they
+    ignore, so the loader closes them first)."""
     import os
     import signal
     import subprocess
     from pathlib import Path
 
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    proc = subprocess.Popen([sys.executable, "-c", _CTRL_C_THEN_EXIT, str(generated.root)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+    proc = subprocess.Popen([sys.executable, "-c", _STOP_SIGNALS_THEN_EXIT, str(generated.root)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
     try:
         out, err = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     steps = loader(generated, "torch", train=True).steps_per_epoch
-    assert proc.returncode == 0 and out.split() == ["noted", str(steps)], (out, err)
+    assert proc.returncode == 0 and out.split() == ["SIGINT", "SIGTERM", str(steps)], (out, err)
 
 
 def test_torch_loader_workers_are_freed_without_the_garbage_collector(generated):

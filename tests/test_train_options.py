@@ -23,8 +23,9 @@ from pipeline.errors import UserError
 from pipeline.text_cache import TextCache
 
 OPTIONS = {  # the loader, caption and negative streams of each option, and each loss, resumed exactly
-    "one caption, sigmoid": {"train.captions": "one", "model.loss": "sigmoid"},
-    "all captions, extra negatives": {"train.captions": "all", "train.extra_negatives": 24},
+    "all captions, sigmoid": {"train.captions": "all", "model.loss": "sigmoid"},
+    "one caption, extra negatives": {"train.captions": "one", "train.extra_negatives": 24},
+    "all captions, extra negatives": {"train.captions": "all", "train.extra_negatives": 8},
 }
 
 

@@ -29,7 +29,7 @@ file order, every image exactly once across ranks, the last batch partial.
 import atexit
 import json
 import math
-import multiprocessing.util  # noqa: F401 (its exit handler is registered before ours: _close_at_exit)
+import multiprocessing.util  # noqa: F401 (its exit handler is registered before ours: _close_live_loaders)
 import signal
 import weakref
 from collections.abc import Iterator
@@ -289,7 +289,7 @@ class TorchLoader(Loader):
                 self._samples, batch_sampler=_Sampler(weakref.WeakMethod(self._remaining_batches)),
                 num_workers=self.threads, worker_init_fn=_leave_stop_signals_to_the_main_process,
                 persistent_workers=True, pin_memory=self.device.type == "cuda")
-            _close_at_exit(self)
+            _LIVE.add(self)  # closed at exit if still alive then
         # The ids are read here, not in the workers, so a damaged id member stops the run with the shard's name in
         # one line (an error raised in a worker comes back wrapped in its traceback).
         for rows, images in zip(self.remaining_batches(), self._loader, strict=True):
@@ -316,25 +316,19 @@ def _leave_stop_signals_to_the_main_process(worker_id: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
-_LIVE: "weakref.WeakSet[TorchLoader]" = weakref.WeakSet()
-_exit_hook: list[bool] = []
-
-
-def _close_at_exit(loader: "TorchLoader") -> None:
-    """Close, when the interpreter exits, every torch loader still alive then (one a traceback holds, say), before
-    multiprocessing's own exit handler: that one ends the workers with a SIGTERM, which they ignore, and would wait
-    for them forever. atexit runs the last registered first, and this registers after torch's and multiprocessing's
-    handlers (multiprocessing.util, which registers its handler when imported, is imported by this module)."""
-    if not _exit_hook:
-        atexit.register(_close_live_loaders)
-        _exit_hook.append(True)
-    _LIVE.add(loader)
+_LIVE: "weakref.WeakSet[TorchLoader]" = weakref.WeakSet()  # torch loaders that have started workers
 
 
 def _close_live_loaders() -> None:
+    """At exit, close every torch loader still alive (one a traceback holds, say) before multiprocessing's own exit
+    handler, which ends the workers with the SIGTERM they ignore and would wait for them forever. atexit runs the
+    last registered first, and this registers after torch's and multiprocessing.util's handlers (both imported
+    above)."""
     for loader in list(_LIVE):
         loader.close()
-    _LIVE.clear()
+
+
+atexit.register(_close_live_loaders)
 
 
 class _Sampler:

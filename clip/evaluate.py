@@ -59,7 +59,9 @@ def print_report(report: dict, console: Console | None = None) -> None:
     console = console or Console()
     protocol = f"{report['n_images']:,} images, {report['n_captions']:,} captions"
     if report["folds"] > 1:
-        protocol = f"{report['folds']} folds of {report['fold_size']:,} images (mean)"
+        low, high = min(report["fold_sizes"]), max(report["fold_sizes"])
+        sizes = f"{low:,}" if low == high else f"{low:,}-{high:,}"
+        protocol = f"{report['folds']} folds of {sizes} images (mean over folds; all {report['n_images']:,} scored)"
     table = Table(title=f"retrieval on {report['split']} (step {report['step']}): {protocol}, recall in %",
                   caption=f"mean recall {100 * report['mean_recall']:.2f}%")
     for column in ("", "R@1", "R@5", "R@10", "median rank"):

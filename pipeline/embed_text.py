@@ -315,7 +315,7 @@ def _embed(table: pa.Table, captions_path: Path, out: Path, rt: Runtime, *, mode
         "tokenizer_sha256": encoder.tokenizer_sha256,
         "pooling": pooling, "max_length": str(max_length),
         "normalization": "none",  # raw pooled vectors: normalising is the consumer's choice
-        "dim": str(encoder.dim), "dtype": str(encoder.dtype).removeprefix("torch."),
+        "dim": str(encoder.dim), "compute_dtype": str(encoder.dtype).removeprefix("torch."),
         "captions_sha256": sha256_file(captions_path), "clipcoco_version": __version__,
     }
     schema = cache_schema(encoder.dim, metadata)

@@ -106,7 +106,7 @@ def test_schema_and_metadata(tmp_path, tiny_model):
     meta = TextCache.load(out).metadata
     assert meta["model"] == "tiny-distilbert" and meta["model_path"] == str(tiny_model.resolve())
     assert meta["pooling"] == "mean" and meta["max_length"] == "77" and meta["dim"] == "32"
-    assert meta["normalization"] == "none" and meta["dtype"] == "float32" and meta["clipcoco_version"]
+    assert meta["normalization"] == "none" and meta["compute_dtype"] == "float32" and meta["clipcoco_version"]
     weights = hashlib.sha256((tiny_model / "model.safetensors").read_bytes()).hexdigest()
     assert meta["weights_sha256"] == hashlib.sha256(f"model.safetensors {weights}\n".encode()).hexdigest()
     captions = (tmp_path / "shards" / "captions.parquet").read_bytes()

@@ -31,7 +31,7 @@ import torch
 from pipeline import __version__
 from pipeline.errors import UserError
 from pipeline.files import replacing, sha256_file
-from pipeline.progress import rate_bar
+from pipeline.progress import console, rate_bar
 from pipeline.runtime import Runtime, barrier, distributed, main_locked, resolve_device
 from pipeline.shard_reader import read_captions, read_json
 from pipeline.text_cache import LOCATION_KEY, cache_rows, cache_schema, default_cache_path, model_slug, write_cache
@@ -271,9 +271,7 @@ def _prepare_parts(parts: Path, plan: dict, rank: int) -> None:
 
 
 def _say(message: str) -> None:
-    from rich.console import Console
-
-    Console(stderr=True, highlight=False, soft_wrap=True).print(message)
+    console(stderr=True, highlight=False).print(message)
 
 
 # ---------------------------------------------------------------------------------------------

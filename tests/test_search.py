@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import write_coco
+from conftest import clipcoco, write_coco
 from PIL import Image
 from test_evaluate import TEXT_DIM, make_run
 from typer.testing import CliRunner
@@ -129,6 +129,15 @@ def test_errors_say_what_to_do(run, tmp_path):
     with pytest.raises(UserError, match="not both or neither"):
         search("a dog", image_id=500, run=run_dir, shards=shards)
     assert np.all(load_image_embeddings(run_dir / "embeddings-val.parquet")[0] == np.arange(500, 510))
+
+
+def test_an_empty_query_is_a_one_line_error(run, tmp_path):
+    run_dir, shards, _ = run
+    for query in ("", "  \t"):
+        code, stderr = clipcoco("search", query, "--run", str(run_dir), "--shards", str(shards), "--device", "cpu",
+                                "--out", str(tmp_path / "grid.png"))
+        assert code == 2 and "query is empty" in stderr and len(stderr.strip().splitlines()) == 1, stderr
+    assert not (tmp_path / "grid.png").exists()
 
 
 def test_a_caption_query_marks_its_image_and_the_grid_wraps_captions(run, tmp_path):

@@ -58,7 +58,7 @@ def read_image(path: str | Path) -> torch.Tensor:
                 return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
             return pil_to_tensor(image)
     except (OSError, ValueError, RuntimeError, SyntaxError) as err:  # PIL's or decode_jpeg's word on a bad file
-        raise UserError(f"{path} is not an image PIL can read ({err}): remove it or convert it to JPEG or "
+        raise UserError(f"{path} is not an image that decodes ({err}): remove it or convert it to JPEG or "
                         "PNG") from None
 
 

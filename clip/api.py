@@ -10,8 +10,10 @@ on the CPU, so `images @ texts.T` are cosine similarities. This interface is kep
     texts = model.encode_texts(["a dog on a couch", "a cat on a bed"])
     probs = (model.logit_scale * images @ texts.T).softmax(dim=-1)  # [2, 2]
 
-Images go through exactly the eval transform of `clipcoco eval` (`pipeline.loaders.eval_image`: the center
-square resized to the run's image size, ImageNet mean/std), so an eval image embeds as eval embedded it.
+Image files are read as `clipcoco shards` packs them (a plain JPEG decoded as the loaders decode it; any other
+file turned upright by its EXIF orientation and brought to 8 bits by `pipeline.images.upright_8bit`), then go
+through exactly the eval transform of `clipcoco eval` (`pipeline.loaders.eval_image`: the center square resized
+to the run's image size, ImageNet mean/std), so an eval image embeds as eval embedded it.
 Texts go through the frozen text encoder the run's text cache was made with (named with its weights' and
 tokenizer's sha256 in the checkpoint's text fingerprint, which holds everything `embed-text` pooled with:
 model, pooling, max_length), loaded on the first `encode_texts` only and kept, then the run's text head.
@@ -25,12 +27,13 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from torchvision.io import ImageReadMode, decode_image
+from torchvision.io import ImageReadMode, decode_jpeg
 
 from clip.checkpoint import Checkpoint, resolve_checkpoint
 from clip.model import CLIP
 from pipeline.embed_text import BATCH_SIZE, encode_queries, query_encoder
 from pipeline.errors import UserError
+from pipeline.images import kept_as_is, upright_8bit
 from pipeline.loaders import eval_image, normalize
 from pipeline.runtime import resolve_device
 
@@ -38,10 +41,11 @@ ImageLike = str | Path | Image.Image | torch.Tensor  # one item of what encode_i
 
 
 def read_image(path: str | Path) -> torch.Tensor:
-    """uint8 [3, H, W] RGB of an image file, decoded like the eval loader decodes a shard's JPEG.
+    """uint8 [3, H, W] RGB of an image file, with the pixels `clipcoco eval` sees once `clipcoco shards` packed it.
 
-    torchvision's decoder first (the loaders' own, so a JPEG gives the very pixels eval saw); PIL for the
-    formats torchvision does not read (BMP, TIFF, ...). No EXIF rotation: the loaders apply none either.
+    A JPEG the shards keep byte for byte (`kept_as_is`) is decoded by the loaders' decoder, so it gives the very
+    pixels eval saw; any other file PIL reads (EXIF-rotated, 16-bit, PNG, TIFF, CMYK, ...) is made upright and
+    8-bit by the shards' own conversion, only without their JPEG re-encoding at quality 95.
     """
     path = Path(path)
     try:
@@ -49,21 +53,19 @@ def read_image(path: str | Path) -> torch.Tensor:
     except OSError as err:
         raise UserError(f"cannot read image {path} ({err.strerror or err}): pass an existing image file") from None
     try:
-        image = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
-        return image[0] if image.ndim == 4 else image  # an animated GIF: its first frame, as PIL would give
-    except RuntimeError:
-        pass
-    try:
         with Image.open(io.BytesIO(data)) as image:
+            if kept_as_is(image, data):
+                return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
             return pil_to_tensor(image)
-    except (OSError, ValueError) as err:
-        raise UserError(f"{path} is not an image PIL or torchvision can read ({err}): remove it or convert it "
-                        "to JPEG or PNG") from None
+    except (OSError, ValueError, RuntimeError, SyntaxError) as err:  # PIL's or decode_jpeg's word on a bad file
+        raise UserError(f"{path} is not an image that decodes ({err}): remove it or convert it to JPEG or "
+                        "PNG") from None
 
 
 def pil_to_tensor(image: Image.Image) -> torch.Tensor:
-    """uint8 [3, H, W] RGB of a PIL image, in HWC memory like decode_jpeg's output."""
-    return torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)
+    """uint8 [3, H, W] RGB of a PIL image made upright and 8-bit as the shards make it, in HWC memory like
+    decode_jpeg's output."""
+    return torch.from_numpy(np.array(upright_8bit(image).convert("RGB"))).permute(2, 0, 1)
 
 
 def _as_tensors(item) -> Iterator[torch.Tensor]:

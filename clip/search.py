@@ -140,6 +140,8 @@ def search(query: str | None = None, *, run: Path, shards: Path, image_id: int |
     """
     if (query is None) == (image_id is None):
         raise UserError('pass either a text query ("a dog on a couch") or --image-id N, not both or neither')
+    if query is not None and not query.strip():  # it would rank every image, none for a reason
+        raise UserError('the query is empty: pass a sentence ("a dog on a couch") or --image-id N')
     if k < 1:
         raise UserError(f"--k {k}: pass at least 1")
     resolve_device(device)  # checked before any file is read

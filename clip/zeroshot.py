@@ -15,7 +15,8 @@ the confusion matrix as a PNG next to the report (same name, .png).
 
 Each class is the prompt ensemble of CLIP: every template filled with its name, embedded by the run's frozen
 text encoder and text head (`clip.load`), averaged and L2-normalised; an image's prediction is the class of
-highest cosine similarity with its embedding (the eval transform, as `clipcoco eval` embeds an image).
+highest cosine similarity with its embedding (`encode_images`: upright and 8-bit as `clipcoco shards` packs a
+file, then the eval transform, as `clipcoco eval` embeds an image).
 """
 
 import json

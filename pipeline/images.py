@@ -2,7 +2,9 @@
 
 Input: the path of one image listed in the annotations. Output: a `Prepared` (the JPEG bytes to pack, their size
 as DALI decodes them) or a `Rejected` (why the image is left out, for failures.jsonl). Runs in the worker
-processes of pipeline/shards.py; nothing here writes a file.
+processes of pipeline/shards.py; nothing here writes a file. The rule of which files are kept as they are
+(`kept_as_is`) and the conversion of all others (`upright_8bit`) are also how `clip.api` reads an image file, so
+the API and `clipcoco zeroshot` see the pixels `clipcoco eval` sees.
 """
 
 import io
@@ -120,13 +122,31 @@ def to_8bit(image: Image.Image, white: int) -> Image.Image:
     return image.convert("RGB")
 
 
+def kept_as_is(image: Image.Image, data: bytes) -> bool:
+    """Whether the file `data` (opened as `image`) is packed byte for byte: a plain RGB or grayscale JPEG
+    (Huffman-coded baseline or progressive) without an EXIF rotation, which every decoder shows alike."""
+    upright = image.getexif().get(EXIF_ORIENTATION, 1) not in ROTATED
+    return (image.format == "JPEG" and image.mode in ("RGB", "L") and upright
+            and jpeg_frame_type(data) in PLAIN_FRAMES)
+
+
+def upright_8bit(image: Image.Image) -> Image.Image:
+    """An RGB or L image of `image` turned upright by its EXIF orientation and brought to 8 bits (`to_8bit`).
+
+    Upright because DALI applies an EXIF orientation and torchvision's decode_jpeg does not: the shards store
+    pixels both show alike. The white level is read first: the upright copy forgets the file's TIFF tags.
+    """
+    white = integer_white(image)
+    return to_8bit(ImageOps.exif_transpose(image), white)
+
+
 def prepare_image(path: Path, *, resize_shorter: int = 0, quality: int = 95) -> Prepared | Rejected:
     """Read and decode one image completely; keep its bytes when DALI can decode them as they are.
 
-    A plain RGB or grayscale JPEG (Huffman-coded baseline or progressive) without an EXIF rotation is kept byte
-    for byte unless it must be shrunk; anything else PIL can decode (PNG named .jpg, 16-bit PNG, TIFF, CMYK,
-    arithmetic-coded, EXIF-rotated, ...) is turned upright, brought to 8 bits (`to_8bit`) and re-encoded as a
-    JPEG at `quality` without EXIF, so every decoder shows the same upright pixels.
+    A plain JPEG (`kept_as_is`) is kept byte for byte unless it must be shrunk; anything else PIL can decode (PNG
+    named .jpg, 16-bit PNG, TIFF, CMYK, arithmetic-coded, EXIF-rotated, ...) is turned upright, brought to 8 bits
+    (`upright_8bit`) and re-encoded as a JPEG at `quality` without EXIF, so every decoder shows the same upright
+    pixels.
     """
     data = _read_regular(path)
     if isinstance(data, Rejected):
@@ -135,9 +155,7 @@ def prepare_image(path: Path, *, resize_shorter: int = 0, quality: int = 95) -> 
         return Rejected("empty", "zero-length file")
     try:
         with Image.open(io.BytesIO(data)) as image:
-            upright = image.getexif().get(EXIF_ORIENTATION, 1) not in ROTATED
-            plain = (image.format == "JPEG" and image.mode in ("RGB", "L") and upright
-                     and jpeg_frame_type(data) in PLAIN_FRAMES)
+            plain = kept_as_is(image, data)
             width, height = image.size
             scale = resize_shorter / min(width, height) if resize_shorter else 1.0
             if plain and scale >= 1.0:
@@ -147,10 +165,7 @@ def prepare_image(path: Path, *, resize_shorter: int = 0, quality: int = 95) -> 
                 image.load()
                 return Prepared(data, width, height, reencoded=False)
             image.load()  # decodes every pixel; a truncated or corrupt stream raises here
-            # Stored upright: DALI applies an EXIF orientation, torchvision's decode_jpeg does not, and the
-            # re-encoded JPEG carries no EXIF. The white level first: the upright copy forgets the file's TIFF tags.
-            white = integer_white(image)
-            image = to_8bit(ImageOps.exif_transpose(image), white)
+            image = upright_8bit(image)  # the re-encoded JPEG carries no EXIF
             if scale < 1.0:
                 width, height = image.size
                 size = (max(1, round(width * scale)), max(1, round(height * scale)))

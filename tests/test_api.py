@@ -1,8 +1,11 @@
 """`clip.load`: the API embeds an eval image as `clipcoco eval` did and a caption as its cached vector through the
 text head; paths, PIL images and uint8 tensors embed alike; the frozen text encoder loads only for texts."""
 
+import io
+import struct
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -53,6 +56,73 @@ def test_image_embedding_is_the_one_eval_saved(run):
     assert got.shape == saved.shape == (6, model.embed_dim) and got.dtype == torch.float32
     assert cosine(got, saved).min() >= 0.9999
     torch.testing.assert_close(got.norm(dim=1), torch.ones(6))
+
+
+def png16(pixels: np.ndarray) -> bytes:
+    """A 16-bit PNG of uint16 [H, W] (grayscale) or [H, W, 3] (RGB) pixels: PIL writes only the grayscale kind."""
+    height, width = pixels.shape[:2]
+    raw = b"".join(b"\0" + row.tobytes() for row in pixels.astype(">u2").reshape(height, -1))  # filter 0 per row
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 16, 2 if pixels.ndim == 3 else 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
+
+
+def scene(height: int, width: int) -> np.ndarray:
+    """float [H, W, 3] in [0, 1]: smooth ramps and a white block in a corner, so a turn or a tone change shows."""
+    y, x = np.meshgrid(np.linspace(0, 1, height), np.linspace(0, 1, width), indexing="ij")
+    picture = np.stack([x, y, np.sqrt(x * y)], axis=-1)
+    picture[: height // 3, : width // 4] = 1.0
+    return picture
+
+
+def exif_rotated_jpeg(upright: np.ndarray) -> bytes:
+    """A JPEG of uint8 [H, W, 3] `upright` stored turned a quarter (W high), with EXIF orientation 6 to show it upright,
+    as cameras write portrait photos."""
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to show"
+    out = io.BytesIO()
+    Image.fromarray(upright).transpose(Image.Transpose.ROTATE_90).save(out, format="JPEG", quality=95, exif=exif)
+    return out.getvalue()
+
+
+@pytest.fixture(scope="module")
+def awkward(tmp_path_factory):
+    """(run dir, {image id: its original file}) after `clipcoco eval` on shards of a plain JPEG (900), an
+    EXIF-rotated JPEG (901), a 16-bit grayscale PNG (902) and a 16-bit RGB PNG (903): the shards re-encode the
+    last three as upright 8-bit JPEGs."""
+    root = tmp_path_factory.mktemp("awkward")
+    deep = np.rint(scene(30, 40) * 65535).astype(np.uint16)  # 16-bit tones, not 8-bit ones times 257
+    files = {901: exif_rotated_jpeg(np.rint(scene(44, 30) * 255).astype(np.uint8)),
+             902: png16(deep[..., 1]), 903: png16(deep)}
+    run_dir, _, _ = evaluated_run(root, 4, 900, files=files)
+    originals = root / "originals"
+    originals.mkdir()
+    paths = {900: root / "coco" / "images" / "000000000900.jpg"}
+    for image_id, name in ((901, "rotated.jpg"), (902, "grey16.png"), (903, "rgb16.png")):
+        paths[image_id] = originals / name
+        paths[image_id].write_bytes(files[image_id])
+    return run_dir, paths, deep
+
+
+def test_exif_rotated_and_16_bit_files_embed_as_eval_saw_them(awkward):
+    run_dir, paths, deep = awkward
+    assert api_module.read_image(paths[901]).shape == (3, 44, 30)  # upright, as the shards packed it
+    # 0..65535 read as 0..255 by the shards' rule, not as 256 times too bright
+    assert torch.equal(api_module.read_image(paths[902])[0], torch.from_numpy(np.rint(deep[..., 1] / 257)).byte())
+    ids, saved, _ = load_image_embeddings(run_dir / "embeddings-val.parquet")
+    model = load(run_dir, device="cpu")
+    got = model.encode_images(list(paths.values()))  # 8- and 16-bit files in one batch
+    # Not the plain JPEG's 0.9999: eval saw the three others after the shards' JPEG re-encoding at quality 95, which
+    # moves them by 1 - cosine <= 6e-5 here; read as before (not upright, 16-bit as 8-bit) they were 0.91 to 0.94.
+    assert cosine(got, saved[[ids.tolist().index(i) for i in paths]]).min() >= 0.999
+    pils = []
+    for path in paths.values():
+        with Image.open(path) as image:
+            pils.append(image.copy())
+    torch.testing.assert_close(model.encode_images(pils[1:]), got[1:])  # a PIL image is read by the same rule
 
 
 def test_text_embedding_is_the_cached_vector_through_the_text_head(run):

@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import write_coco
+from conftest import clipcoco, write_coco
 from PIL import Image
 from test_evaluate import TEXT_DIM, make_run
 from typer.testing import CliRunner
@@ -38,14 +38,17 @@ def tiny_text_model(folder):
 
 
 def evaluated_run(root: Path, n_images: int = 6, first_id: int = 700, *, size=(40, 30),
-                  vary_sizes: bool = True) -> tuple[Path, Path, Path]:
+                  vary_sizes: bool = True, files: dict[int, bytes] | None = None) -> tuple[Path, Path, Path]:
     """(run dir, shards dir "val", text cache) after `clipcoco eval` (torch loader, CPU) on random JPEGs of
-    different sizes (or all `size`), captioned "image N caption C", embedded by a tiny random DistilBERT."""
+    different sizes (or all `size`), captioned "image N caption C", embedded by a tiny random DistilBERT.
+    `files`: image id -> the bytes of its file instead (any format PIL reads; the shards re-encode what they must)."""
     ann, images = write_coco(root / "coco", n_images, size=size, first_id=first_id)
     for i, path in enumerate(sorted(images.glob("*.jpg")) if vary_sizes else []):  # landscape, portrait, square
         size = [(40, 30), (30, 44), (36, 36)][i % 3]
         pixels = np.random.default_rng(i).integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)
         Image.fromarray(pixels).save(path, quality=90)
+    for image_id, data in (files or {}).items():
+        (images / f"{image_id:012d}.jpg").write_bytes(data)
     shards = root / "val"
     build_shards(out=shards, images=images, annotations=ann, samples_per_shard=4, workers=1, progress=False)
     text = embed_text(shards, model=str(tiny_text_model(root / "tiny-bert")), device="cpu", batch_size=16,
@@ -126,6 +129,15 @@ def test_errors_say_what_to_do(run, tmp_path):
     with pytest.raises(UserError, match="not both or neither"):
         search("a dog", image_id=500, run=run_dir, shards=shards)
     assert np.all(load_image_embeddings(run_dir / "embeddings-val.parquet")[0] == np.arange(500, 510))
+
+
+def test_an_empty_query_is_a_one_line_error(run, tmp_path):
+    run_dir, shards, _ = run
+    for query in ("", "  \t"):
+        code, stderr = clipcoco("search", query, "--run", str(run_dir), "--shards", str(shards), "--device", "cpu",
+                                "--out", str(tmp_path / "grid.png"))
+        assert code == 2 and "query is empty" in stderr and len(stderr.strip().splitlines()) == 1, stderr
+    assert not (tmp_path / "grid.png").exists()
 
 
 def test_a_caption_query_marks_its_image_and_the_grid_wraps_captions(run, tmp_path):

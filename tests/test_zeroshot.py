@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from test_api import evaluated_run
+from test_api import evaluated_run, png16
 from typer.testing import CliRunner
 
 from cli.main import app
@@ -142,6 +142,35 @@ def test_command_matches_a_brute_force_computation(run, tmp_path):
     assert report["top5"] >= report["top1"]
     assert report["templates"] == ["a photo of a {}.", "a {} thing"] and report["step"] == 7
     assert report["checkpoint"].endswith("step_00000007.pt") and report["skipped_files"] == 0
+
+
+def test_16_bit_pngs_among_jpegs_classify_as_their_8_bit_versions(run, tmp_path):
+    run_dir, _ = run
+    rng = np.random.default_rng(1)
+    twins = {}  # 16-bit file -> the same picture in 8 bits
+    for name, colour in (("red", (220, 30, 30)), ("blue", (30, 60, 220))):
+        for folder in ("deep", "flat"):
+            _image(tmp_path / folder / name / "photo.jpg", colour)
+        for kind in ("grey", "rgb"):
+            pixels = np.clip(np.array(colour) + rng.integers(-40, 41, size=(26, 30, 3)), 0, 255).astype(np.uint8)
+            pixels = pixels[..., 0] if kind == "grey" else pixels
+            deep, flat = tmp_path / "deep" / name / f"{kind}.png", tmp_path / "flat" / name / f"{kind}.png"
+            deep.write_bytes(png16(pixels.astype(np.uint16) * 257))  # 257: 0..255 onto 0..65535
+            Image.fromarray(pixels).save(flat)
+            twins[deep] = flat
+    (tmp_path / "templates.txt").write_text("a photo of a {}.\n")
+    reports = {}
+    for folder in ("deep", "flat"):
+        result = CliRunner().invoke(app, ["zeroshot", str(run_dir), "--images", str(tmp_path / folder), "--out",
+                                          str(tmp_path / f"{folder}.json"), "--templates",
+                                          str(tmp_path / "templates.txt"), "--device", "cpu", "--no-progress"])
+        assert result.exit_code == 0, result.output
+        reports[folder] = json.loads((tmp_path / f"{folder}.json").read_text())
+    assert reports["deep"]["n_images"] == 6
+    for key in ("top1", "top5", "mean_class_top1", "confusion", "classes"):
+        assert reports["deep"][key] == reports["flat"][key], key
+    model = load(run_dir, device="cpu")  # the embeddings behind those reports
+    torch.testing.assert_close(model.encode_images(list(twins)), model.encode_images(list(twins.values())))
 
 
 def test_default_report_goes_to_the_run_and_class_names_come_from_a_file(run, tmp_path):

@@ -8,7 +8,8 @@ from cli import DEVICE_HELP
 
 
 def command(
-    run: Path = typer.Argument(..., help="Run directory (its latest checkpoint) or a checkpoint .pt file."),
+    run: Path = typer.Argument(..., metavar="RUN",
+                               help="Run directory (its latest checkpoint) or a checkpoint .pt file."),
     shards: Path = typer.Option(..., "--shards", help="Eval shard directory (clipcoco shards), e.g. karpathy-test."),
     text: Path = typer.Option(..., "--text", help="Text cache of those shards, made with the run's text model."),
     out: Path | None = typer.Option(None, "--out", help="Report JSON. Default: RUN/eval-<split>[-folds<N>].json."),

@@ -21,6 +21,7 @@ def command(
     batch_size: int = typer.Option(256, "--batch-size", help="Images per batch (per process under torchrun)."),
     image_size: int | None = typer.Option(None, "--image-size", help="Center-crop size. Default: the run's."),
     threads: int = typer.Option(2, "--threads", help="Decoding threads per process."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
 ) -> None:
     """Score a run with COCO image-text retrieval Recall@1/5/10 over all captions, both directions.
 
@@ -30,4 +31,4 @@ def command(
     from clip.evaluate import evaluate  # here, not at the top: `clipcoco --help` should not import torch
 
     evaluate(run, shards=shards, text=text, out=out, folds=folds, loader=loader, device=device,
-             batch_size=batch_size, image_size=image_size, threads=threads)
+             batch_size=batch_size, image_size=image_size, threads=threads, progress=progress)

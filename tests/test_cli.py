@@ -40,6 +40,13 @@ def _commands(group=None, prefix=()):
             yield from _commands(command, (*prefix, name))
 
 
+def test_every_long_command_can_hide_its_progress_bar():
+    commands = dict(_commands())
+    for name in ("shards", "embed-text", "embed-images", "train", "eval", "zeroshot", "demo"):
+        flags = {flag for p in commands[(name,)].params for flag in (*p.opts, *p.secondary_opts)}
+        assert {"--progress", "--no-progress"} <= flags, name
+
+
 def test_every_command_has_a_one_line_summary_and_upper_case_arguments():
     """The root help lists each command's first docstring paragraph: a line break there breaks the list mid-sentence.
     Positional arguments are shown as RUN, SHARDS_DIR ..., as the rest of the CLI ecosystem writes them (typer 0.29

@@ -14,6 +14,7 @@ import dataclasses
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 
@@ -76,7 +77,7 @@ class Checkpoint:
         path = folder / checkpoint_name(self.step)
         # Through a Python file, so a full disk raises an OSError (torch's own file writer only says "unexpected pos").
         with replacing(path) as tmp, open(tmp, "wb") as f:
-            torch.save(self.to_dict(), f)
+            _save(self.to_dict(), f)
         write_atomic(folder / LATEST, f"{path.name}\n".encode())
         for old in list_checkpoints(run_dir)[:-keep_last]:
             if old != path:
@@ -103,6 +104,20 @@ class Checkpoint:
         ckpt = cls(**state)
         _check_weights(path, ckpt)
         return ckpt
+
+
+def _save(state: dict, f: BinaryIO) -> None:
+    try:
+        torch.save(state, f)
+    except RuntimeError as err:
+        # A write that fails in a tensor's data (the disk fills up) raises the file's OSError inside torch's zip
+        # writer, which then, closing the archive, raises "unexpected pos" over it: the OSError says what to do.
+        cause = err.__context__
+        while cause is not None and not isinstance(cause, OSError):
+            cause = cause.__context__
+        if cause is None:
+            raise
+        raise cause from None
 
 
 def _check_weights(path: Path, ckpt: Checkpoint) -> None:

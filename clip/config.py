@@ -12,6 +12,7 @@ silently falls back to a default.
 """
 
 import dataclasses
+import math
 import typing
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -25,11 +26,22 @@ from pipeline.errors import UserError
 
 LOSSES = ("infonce", "sigmoid")  # clip/loss.py implements each
 RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101")
+# Each rank's caption stream is seeded with seed x 65536 + rank, which torch.manual_seed takes up to 2**64 - 1; numpy's
+# generators (the loaders' permutations and crops, the extra negatives) take no negative seed.
+SEED_LIMIT = 2**48
 
 
 def _check(ok: bool, message: str) -> None:
     if not ok:
         raise UserError(f"invalid config: {message}")
+
+
+def _check_finite(section: str, values: object) -> None:
+    # First: a NaN fails no check written as a range (init_logit_bias has none), and an inf passes "> 0".
+    for f in dataclasses.fields(values):
+        value = getattr(values, f.name)
+        _check(not isinstance(value, float) or math.isfinite(value),
+               f"{section}.{f.name} must be a finite number, not {value}")
 
 
 @dataclass(frozen=True)
@@ -45,6 +57,7 @@ class ModelConfig:
     lock_image: bool = False  # freeze the pretrained trunk (eval mode, no grad): only the heads train
 
     def __post_init__(self) -> None:
+        _check_finite("model", self)
         _check(self.image_model in RESNETS, f"model.image_model must be one of {RESNETS}")
         _check(self.embed_dim > 0, "model.embed_dim must be > 0")
         _check(self.head in ("linear", "mlp"), "model.head must be linear or mlp")
@@ -68,6 +81,7 @@ class DataConfig:
     def __post_init__(self) -> None:
         from pipeline.loaders import KINDS as LOADER_KINDS  # here: reading the defaults (--help) needs no torch
 
+        _check_finite("data", self)
         _check(self.image_size >= 16, "data.image_size must be >= 16")
         _check(0 < self.crop_scale_min <= 1, "data.crop_scale_min must be in (0, 1]")
         _check(self.loader in LOADER_KINDS, f"data.loader must be one of {', '.join(LOADER_KINDS)}")
@@ -89,6 +103,7 @@ class OptimConfig:
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
 
     def __post_init__(self) -> None:
+        _check_finite("optim", self)
         _check(self.lr > 0, "optim.lr must be > 0")
         _check(self.weight_decay >= 0, "optim.weight_decay must be >= 0")
         _check(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "optim.beta1/beta2 must be in [0, 1)")
@@ -125,6 +140,7 @@ class TrainConfig:
         _check(self.eval_every >= 0 and self.log_every >= 1, "train.eval_every >= 0, train.log_every >= 1")
         _check(self.captions in CAPTIONS, f"train.captions must be one of {', '.join(CAPTIONS)}")
         _check(self.extra_negatives >= 0, "train.extra_negatives must be >= 0")
+        _check(0 <= self.seed < SEED_LIMIT, f"train.seed must be in [0, {SEED_LIMIT - 1}] (2**48 - 1)")
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,8 @@ Input: a shard directory, the trunk (`--image-model`, `--image-weights imagenet|
 features). Output: one Parquet file, rows sorted by `image_id`: `image_id` int64, `embedding`
 fixed_size_list<float16>[F] (F = 512 for resnet18/34, 2048 for resnet50/101, not normalised); schema metadata:
 image_model, image_weights, trunk_sha256 (the trunk's weights, `clip.model.trunk_sha256`), image_size, transform,
-shards_fingerprint, dim, clipcoco_version. Train checks each of them against its run before the first step.
+shards_fingerprint, dim, clipcoco_version. Train checks each of them against its run, and that the rows are
+the shards' images, each once, with finite features, before the first step.
 
     clipcoco embed-images data/shards/karpathy-trainval --image-weights imagenet --out feats-resnet50-224.parquet
     features = ImageFeatures.load(path); features.check(shards, cfg)
@@ -27,7 +28,7 @@ from pipeline.errors import UserError
 from pipeline.loaders import Batch, Loader
 from pipeline.runtime import distributed, main_locked
 from pipeline.shard_reader import ShardSet, open_shards
-from pipeline.text_cache import read_cache, read_vectors, write_cache
+from pipeline.text_cache import non_finite_rows, read_cache, read_vectors, write_cache
 
 TRANSFORM = "center square, resized to image_size, ImageNet-normalised"
 METADATA_KEYS = ("image_model", "image_weights", "trunk_sha256", "image_size", "transform", "shards_fingerprint",
@@ -94,18 +95,33 @@ class ImageFeatures:
         ids = np.array(table.column("image_id").to_numpy(), dtype=np.int64)
         if not (np.diff(ids) > 0).all():
             raise UserError(f"{path}: rows are not sorted by image_id: rerun `{rerun}`")
-        return cls(path, metadata, ids, read_vectors(table, int(metadata["dim"]), path, rerun=rerun))
+        features = read_vectors(table, int(metadata["dim"]), path, rerun=rerun)
+        bad = non_finite_rows(features.numpy())
+        if len(bad):  # refused here, not as a NaN loss at step 1 with advice about the learning rate
+            raise UserError(f"the image-feature cache {path} holds NaN/Inf values in {len(bad):,} of its {len(ids):,} "
+                            f"feature vectors (first: image {ids[bad[0]]}): it is damaged, or the trunk's features "
+                            f"overflow float16; make it again with `{rerun}`")
+        return cls(path, metadata, ids, features)
 
     def check(self, shards: ShardSet, cfg: Config) -> None:
         """Stop unless these are the features of `shards` by the trunk and image size `cfg` trains with."""
         ours = {"shards_fingerprint": shards.fingerprint, "image_model": cfg.model.image_model,
                 "image_size": str(cfg.data.image_size)}
+        rerun = (f"rerun `clipcoco embed-images {shards.root} --image-model {cfg.model.image_model} --image-size "
+                 f"{cfg.data.image_size} --out {self.path}` with the run's trunk weights")
         diff = {k: (self.metadata[k], v) for k, v in ours.items() if self.metadata[k] != v}
         if diff:
             said = ", ".join(f"{k}: cache {a!r} vs run {b!r}" for k, (a, b) in diff.items())
-            raise UserError(f"image-feature cache {self.path} does not fit this run ({said}): rerun `clipcoco "
-                            f"embed-images {shards.root} --image-model {cfg.model.image_model} --image-size "
-                            f"{cfg.data.image_size} --out {self.path}` with the run's trunk weights")
+            raise UserError(f"image-feature cache {self.path} does not fit this run ({said}): {rerun}")
+        # The fingerprint names the shards, not the rows: a row taken out would give its image the next row's features.
+        wanted = shards.image_ids()
+        missing = np.setdiff1d(wanted, self.image_ids, assume_unique=True)
+        extra = np.setdiff1d(self.image_ids, wanted, assume_unique=True)
+        if len(missing) or len(extra):
+            first = (missing if len(missing) else extra)[:5].tolist()
+            raise UserError(f"image-feature cache {self.path} does not hold the images of {shards.root}: "
+                            f"{len(missing):,} of its {len(wanted):,} images have no row and {len(extra):,} rows are "
+                            f"of other images (first: {first}), so the file was edited or damaged: {rerun}")
 
     def check_trunk(self, sha256: str, weights: str) -> None:
         if self.metadata["trunk_sha256"] != sha256:

@@ -105,18 +105,36 @@ def _load_trunk_weights(model: CLIP, cfg: ModelConfig) -> None:
         path = Path(cfg.image_weights)
         if not path.is_file():
             raise UserError(f"image weights {path} not found: pass imagenet, none or a state-dict file")
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # not torch.load's own message: it advises weights_only=False, which runs pickles
+            raise UserError(f"image weights {path} are not a state dict torch.load reads ({type(err).__name__}): pass "
+                            f"imagenet, none or a file saved with torch.save({cfg.image_model}.state_dict())") from None
         if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
             state = state["state_dict"]
+        if not isinstance(state, dict):
+            raise UserError(f"image weights {path} hold a {type(state).__name__}, not a state dict: pass a file saved "
+                            f"with torch.save({cfg.image_model}.state_dict())")
     # A classifier's fc layer does not belong to the trunk; everything else must match exactly.
     state = {k: v for k, v in state.items() if not k.startswith("fc.")}
-    missing, unexpected = model.trunk.load_state_dict(state, strict=False)
-    if missing or unexpected:
+    expected = model.trunk.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    misshapen = [k for k in expected if k in state
+                 and not (isinstance(state[k], torch.Tensor) and state[k].shape == expected[k].shape)]
+    if missing or unexpected or misshapen:
         raise UserError(
             f"image weights {cfg.image_weights} do not fit torchvision {cfg.image_model}: "
-            f"{len(missing)} missing keys (e.g. {missing[:2]}), {len(unexpected)} unexpected (e.g. {unexpected[:2]}); "
-            "pass a state dict saved from the same torchvision model"
+            f"{len(missing)} missing keys (e.g. {missing[:2]}), {len(unexpected)} unexpected (e.g. {unexpected[:2]}), "
+            f"{len(misshapen)} of another shape (e.g. {misshapen[:2]}); pass a state dict saved from the same "
+            "torchvision model"
         )
+    # Here, before any step: a NaN in a BatchNorm buffer would train, and only its checkpoints would be refused.
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(v.isfinite().all())]
+    if bad:
+        raise UserError(f"image weights {cfg.image_weights} hold NaN/Inf values in {len(bad)} of {len(state)} tensors "
+                        f"(first: {bad[0]}): the file is damaged or was saved from a diverged model; pass another")
+    model.trunk.load_state_dict(state)
 
 
 def build_model(cfg: ModelConfig, text_dim: int) -> CLIP:

@@ -1,11 +1,12 @@
 """Extra text negatives for `clipcoco train --extra-negatives N`: captions of other images, drawn from the training
 text cache each step and pushed through the current text head (exact, never a stale queue).
 
-Input: the training `TextCache`, the per-rank count, the run's seed and this process's rank. Output per step: the
-rows' cached vectors [count, D] and their image ids [count] (the loss masks those that belong to an image of the
-global batch). Each rank reads consecutive pieces of seeded permutations of all cache rows, a new permutation per
-pass (`numpy.random.default_rng([seed, rank, pass])`), so draws are without replacement within a pass, cost O(count)
-per step, and the stream's position (pass, offset) is all a checkpoint needs to resume it exactly.
+Input: the training `TextCache`, the per-rank count (all ranks' together at most the cache's rows), the run's seed,
+this process's rank and the process count. Output per step: the rows' cached vectors [count, D] and their image ids
+[count] (the loss masks those that belong to an image of the global batch). Each rank reads consecutive pieces of
+seeded permutations of all cache rows, a new permutation per pass (`numpy.random.default_rng([seed, rank, pass])`), so
+draws are without replacement within a pass, cost O(count) per step, and the stream's position (pass, offset) is all
+a checkpoint needs to resume it exactly.
 """
 
 import numpy as np
@@ -16,7 +17,16 @@ from pipeline.text_cache import TextCache
 
 
 class ExtraNegatives:
-    def __init__(self, cache: TextCache, count: int, *, seed: int, rank: int) -> None:
+    def __init__(self, cache: TextCache, count: int, *, seed: int, rank: int, world_size: int) -> None:
+        """`count` rows per step for this rank, `world_size` ranks drawing as many each."""
+        if count * world_size > len(cache):
+            # Refused, not capped: a run does what its config.yaml says. More extras than captions would repeat
+            # each of them in every step (a preset's 16384 of a 400-caption cache: ~41 times), at that many times
+            # the memory and compute, for no new negative.
+            most = len(cache) // world_size * world_size
+            raise UserError(f"--extra-negatives {count * world_size} is more than the {len(cache):,} captions of the "
+                            f"text cache {cache.path}, so every step would repeat them: pass at most {most:,}"
+                            + (f" (a multiple of the {world_size} processes)" if world_size > 1 else ""))
         self.cache, self.count, self.seed, self.rank = cache, count, seed, rank
         self.cycle, self.position = 0, 0
         self._order: np.ndarray | None = None

@@ -391,7 +391,7 @@ def build_run(cfg: Config, out: Path, env: Runtime, inputs: Inputs, resume: Chec
             raise UserError(f"--extra-negatives {cfg.train.extra_negatives} is drawn in equal shares by "
                             f"{env.world_size} processes: pass a multiple of {env.world_size}")
         negatives = ExtraNegatives(inputs.text, cfg.train.extra_negatives // env.world_size, seed=cfg.train.seed,
-                                   rank=env.rank)
+                                   rank=env.rank, world_size=env.world_size)
     total = cfg.train.steps or cfg.train.epochs * loader.steps_per_epoch
     optimizer = make_optimizer(model, cfg.optim)
     captions = torch.Generator().manual_seed(cfg.train.seed * 65_536 + env.rank)

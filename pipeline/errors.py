@@ -14,6 +14,8 @@ from types import ModuleType
 _OS_ADVICE = {
     errno.ENOSPC: "free space on that disk or write somewhere else (another --out)",
     errno.EDQUOT: "free space within your quota or write somewhere else (another --out)",
+    errno.EFBIG: "the file system or a limit on file size (ulimit -f) stops the file there: write somewhere else "
+                 "(another --out) or raise the limit",
     errno.EROFS: "that file system is read-only: write somewhere else (another --out)",
     errno.EACCES: "check its permissions (and its folder's), or write somewhere else (another --out)",
     errno.EPERM: "check its permissions (and its folder's), or write somewhere else (another --out)",

@@ -89,6 +89,40 @@ def test_a_failed_save_removes_its_temporary_file(tmp_path, cfg, monkeypatch):
     assert Checkpoint.load(tmp_path).step == 1
 
 
+FULL_SAVE = """
+import resource, signal, sys
+import torch
+from clip.checkpoint import Checkpoint
+from clip.config import load_config
+from clip.model import build_model
+from pipeline.errors import os_error_message
+
+cfg = load_config(None, {"model.image_model": "resnet18", "model.image_weights": "none", "model.embed_dim": 8})
+state = Checkpoint(model=build_model(cfg.model, 6).state_dict(), config=cfg.to_dict(), text_dim=6,
+                   text_fingerprint={"model": "m"}, step=2, shards_fingerprint="s", train_image_ids=torch.arange(3))
+# The kernel stops every file of this process at 1 MB, as a disk that fills up stops the one being written: a write
+# in a tensor's data fails (EFBIG here, ENOSPC there) inside torch's zip writer.
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+try:
+    state.save(sys.argv[1], keep_last=3)
+except OSError as err:
+    print(os_error_message(err))
+"""
+
+
+def test_a_write_the_disk_refuses_mid_checkpoint_is_the_os_error(tmp_path, cfg):
+    """torch.save itself, on a real failed write: the OSError (one line), not its writer's "unexpected pos"."""
+    _state(1, cfg).save(tmp_path, keep_last=3)
+    repo = Path(__file__).resolve().parents[1]
+    full = subprocess.run([sys.executable, "-c", textwrap.dedent(FULL_SAVE), str(tmp_path)], cwd=repo,
+                          capture_output=True, text=True)
+    assert full.returncode == 0 and full.stdout == (
+        f"{tmp_path / 'checkpoints' / 'step_00000002.pt'}: File too large: the file system or a limit on file size "
+        "(ulimit -f) stops the file there: write somewhere else (another --out) or raise the limit\n"), full.stderr
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest", "step_00000001.pt"]
+
+
 def test_not_a_checkpoint_says_so(tmp_path):
     (tmp_path / "weights.pt").write_bytes(b"")
     (tmp_path / "README.md").write_text("# clipcoco\n\nA data-pipeline-first trainer.\n")

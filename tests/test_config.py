@@ -2,7 +2,9 @@
 
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 import clip
 from clip.config import Config, config_from_dict, load_config, parse_assignments, valid_keys
@@ -115,3 +117,27 @@ def test_malformed_yaml_names_the_file_line_and_column(tmp_path):
     with pytest.raises(UserError, match=r"bad.yaml is not valid YAML at line 4, column 6: expected .,. or .\].") as err:
         load_config(bad)
     assert "Traceback" not in str(err.value) and len(str(err.value).splitlines()) == 1
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"train.seed": -1}, r"train.seed must be in \[0, 281474976710655\] \(2\*\*48 - 1\)"),
+    ({"train.seed": 2**48}, r"train.seed must be in \[0, 281474976710655\]"),
+    ({"train.seed": 2**70}, r"train.seed must be in \[0, 281474976710655\]"),
+    ({"model.init_logit_bias": "nan"}, "model.init_logit_bias must be a finite number, not nan"),
+    ({"model.max_logit_scale": "inf"}, "model.max_logit_scale must be a finite number, not inf"),
+    ({"optim.lr": "inf"}, "optim.lr must be a finite number, not inf"),
+    ({"optim.grad_clip": "-inf"}, "optim.grad_clip must be a finite number, not -inf"),
+    ({"data.crop_scale_min": "nan"}, "data.crop_scale_min must be a finite number, not nan"),
+])
+def test_seeds_the_generators_refuse_and_numbers_that_are_not_finite_are_refused(override, message):
+    with pytest.raises(UserError, match=f"invalid config: {message}") as err:
+        load_config(None, override)
+    assert len(str(err.value).splitlines()) == 1
+
+
+def test_the_largest_seed_seeds_every_generator_the_run_feeds_it_to():
+    seed = load_config(None, {"train.seed": 2**48 - 1}).train.seed
+    torch.manual_seed(seed)
+    torch.Generator().manual_seed(seed * 65_536 + 65_535)  # a caption stream: seed x 65536 + rank
+    np.random.default_rng([seed, 0, 0]).permutation(3)  # the loaders' orders and crops, the extra negatives
+    assert load_config(None, {"train.seed": 0}).train.seed == 0

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 import torchvision
+from PIL import Image
 
 from clip.config import ModelConfig
 from clip.model import build_model
@@ -46,6 +47,29 @@ def test_mismatched_or_missing_weights_are_refused(tmp_path):
         build_model(ModelConfig(image_model="resnet18", image_weights=str(path)), 4)
     with pytest.raises(UserError, match="not found"):
         build_model(ModelConfig(image_model="resnet18", image_weights=str(tmp_path / "nope.pt")), 4)
+
+
+def test_weight_files_that_would_fail_later_are_refused_in_one_line(tmp_path):
+    """A JPEG, a bare tensor, a tensor of another shape, a NaN in a BatchNorm buffer: each is one line when the model
+    is built, before a run writes anything (a NaN buffer trained, and only its checkpoints were refused)."""
+    source = torchvision.models.resnet18(weights=None).state_dict()
+    Image.new("RGB", (8, 8)).save(tmp_path / "photo.jpg")
+    torch.save(torch.zeros(3), tmp_path / "tensor.pt")
+    torch.save({**source, "conv1.weight": torch.zeros(64, 3, 3, 3)}, tmp_path / "shape.pt")
+    nan = {k: v.clone() for k, v in source.items()}
+    nan["layer2.0.bn1.running_var"][5] = float("nan")
+    torch.save(nan, tmp_path / "nan.pt")
+    refusals = {"photo.jpg": r"photo.jpg are not a state dict torch.load reads \(UnpicklingError\)",
+                "tensor.pt": r"tensor.pt hold a Tensor, not a state dict: pass a file saved with "
+                             r"torch.save\(resnet18.state_dict\(\)\)",
+                "shape.pt": r"do not fit torchvision resnet18: 0 missing keys .* 1 of another shape \(e.g. "
+                            r"\['conv1.weight'\]\)",
+                # Of the trunk's tensors: the classifier's fc.weight and fc.bias are not the trunk's.
+                "nan.pt": rf"hold NaN/Inf values in 1 of {len(source) - 2} tensors \(first: layer2.0.bn1.running_var\)"}
+    for name, message in refusals.items():
+        with pytest.raises(UserError, match=message) as err:
+            build_model(ModelConfig(image_model="resnet18", image_weights=str(tmp_path / name)), 4)
+        assert len(str(err.value).splitlines()) == 1
 
 
 def test_sigmoid_loss_adds_a_learned_bias():

@@ -3,13 +3,23 @@
 loss, and a locked trunk trained on cached image features; each resumes exactly and eval accepts its runs."""
 
 import json
+import os
+import re
+import resource
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 import torchvision
-from conftest import write_random_text_cache
-from test_train import DIM, N_IMAGES, config, data, metrics, one_thread, record_steps  # noqa: F401 (fixtures)
+from conftest import clipcoco, write_random_text_cache
+from PIL import Image
+from test_train import DIM, N_IMAGES, config, data, metrics, one_thread, record_steps, train_args  # noqa: F401 (fixtures)
 from typer.testing import CliRunner
 
 import clip.train as train_module
@@ -80,19 +90,20 @@ def test_all_captions_lays_out_every_caption_with_a_mask(tmp_path, data):
 
 def test_extra_negatives_stream_is_a_seeded_permutation_per_pass_and_resumes(data):
     cache = TextCache.load(data["text"])
-    stream = ExtraNegatives(cache, 30, seed=0, rank=0)
+    stream = ExtraNegatives(cache, 30, seed=0, rank=0, world_size=1)
     first = [stream.draw() for _ in range(2)]  # 60 of the 80 rows
     drawn = torch.cat([v for v, _ in first]).float()
     # Within a pass no row comes twice: 60 distinct rows of the cache.
     assert len({tuple(r.tolist()) for r in drawn}) == 60
     state = stream.state_dict()
     later = stream.draw()
-    other = ExtraNegatives(cache, 30, seed=0, rank=0)
+    other = ExtraNegatives(cache, 30, seed=0, rank=0, world_size=1)
     other.load_state_dict(state)
     torch.testing.assert_close(other.draw()[0], later[0])  # crosses into the next pass identically
-    assert not torch.equal(ExtraNegatives(cache, 30, seed=0, rank=1).draw()[0], first[0][0])  # ranks differ
+    other_rank = ExtraNegatives(cache, 30, seed=0, rank=1, world_size=2)
+    assert not torch.equal(other_rank.draw()[0], first[0][0])  # ranks differ
     with pytest.raises(UserError, match="same --extra-negatives"):
-        ExtraNegatives(cache, 10, seed=0, rank=0).load_state_dict(state)
+        ExtraNegatives(cache, 10, seed=0, rank=0, world_size=1).load_state_dict(state)
 
 
 @pytest.fixture(scope="module")
@@ -186,5 +197,117 @@ def test_two_caches_differ_only_where_the_rows_differ(data, tmp_path):
     # The sampler reads the cache it is given: a cache of other vectors gives other extras, the same ids.
     other = TextCache.load(write_random_text_cache(data["shards"], tmp_path / "o.parquet", dim=DIM, seed=9))
     mine = TextCache.load(data["text"])
-    a, b = ExtraNegatives(mine, 5, seed=1, rank=0).draw(), ExtraNegatives(other, 5, seed=1, rank=0).draw()
+    a, b = (ExtraNegatives(cache, 5, seed=1, rank=0, world_size=1).draw() for cache in (mine, other))
     assert torch.equal(a[1], b[1]) and not torch.equal(a[0], b[0])
+
+
+def test_extra_negatives_are_at_most_the_captions_of_the_cache(data):
+    cache = TextCache.load(data["text"])  # 16 images x 5 captions
+    ExtraNegatives(cache, 80, seed=0, rank=0, world_size=1)
+    ExtraNegatives(cache, 40, seed=0, rank=1, world_size=2)
+    with pytest.raises(UserError, match=r"--extra-negatives 81 is more than the 80 captions of the text cache "
+                                        r".*text.parquet, so every step would repeat them: pass at most 80$"):
+        ExtraNegatives(cache, 81, seed=0, rank=0, world_size=1)
+    with pytest.raises(UserError, match=r"--extra-negatives 81 .*: pass at most 78 \(a multiple of the 3 processes\)"):
+        ExtraNegatives(cache, 27, seed=0, rank=2, world_size=3)
+
+
+@pytest.fixture(scope="module")
+def bad_weights(data) -> Path:
+    """Weight files that are no resnet18 state dict, or one with a NaN in a BatchNorm buffer."""
+    folder = data["root"] / "bad-weights"
+    folder.mkdir()
+    Image.new("RGB", (8, 8)).save(folder / "photo.jpg")
+    source = torchvision.models.resnet18(weights=None).state_dict()
+    torch.save({**source, "layer1.0.conv1.weight": torch.zeros(64, 64, 1, 1)}, folder / "shape.pt")
+    source["bn1.running_mean"][0] = float("nan")
+    torch.save(source, folder / "nan.pt")
+    return folder
+
+
+SEED = r"invalid config: train.seed must be in \[0, 281474976710655\] \(2\*\*48 - 1\)"
+EXTRAS = r"--extra-negatives {} is more than the 80 captions of the text cache .*: pass at most 80"
+REFUSED = {  # options that gave a traceback, wrote a config.yaml first, or trained a run only to refuse its checkpoints
+    "negative seed": (["--seed", "-1"], SEED),
+    "seed past torch's": (["--seed", str(2**70)], SEED),
+    "extras of 77 GB": (["--extra-negatives", "100000000"], EXTRAS.format(100000000)),
+    "extras 2**63-1": (["--extra-negatives", str(2**63 - 1)], EXTRAS.format(2**63 - 1)),
+    "a NaN logit bias": (["--loss", "sigmoid", "--set", "model.init_logit_bias=nan"],
+                         "invalid config: model.init_logit_bias must be a finite number, not nan"),
+    "weights a JPEG": (["--image-weights", "photo.jpg"], r"photo.jpg are not a state dict torch.load reads"),
+    "a misshapen tensor": (["--image-weights", "shape.pt"], r"1 of another shape \(e.g. \['layer1.0.conv1.weight'\]"),
+    "a NaN BatchNorm buffer": (["--image-weights", "nan.pt"], r"hold NaN/Inf values in 1 of .*first: bn1.running_mean"),
+}
+
+
+@pytest.mark.parametrize("args, message", list(REFUSED.values()), ids=list(REFUSED))
+def test_bad_inputs_are_one_line_before_the_run_writes_anything(data, bad_weights, tmp_path, args, message):
+    args = [str(bad_weights / a) if a.endswith((".jpg", ".pt")) else a for a in args]
+    code, stderr = clipcoco(*train_args(data["shards"], data["text"], tmp_path / "run", *args))
+    assert code == 2 and len(stderr.splitlines()) == 1, stderr
+    assert re.search(message, stderr), stderr
+    assert not (tmp_path / "run").exists()
+
+
+def _edit_features(features: Path, out: Path, edit) -> Path:
+    """The cache with `edit` applied to its table, written with pyarrow: the schema metadata is kept."""
+    pq.write_table(edit(pq.read_table(features)), out)
+    return out
+
+
+def _another_image(table: pa.Table) -> pa.Table:
+    last = table.slice(len(table) - 1)
+    return pa.concat_tables([table, last.set_column(0, "image_id", pa.array([N_IMAGES + 1], pa.int64()))])
+
+
+ROWS = {  # image ids 1..16
+    "a middle row missing": (lambda t: pa.concat_tables([t.slice(0, 5), t.slice(6)]), 1, 0, [6]),
+    "the last row missing": (lambda t: t.slice(0, len(t) - 1), 1, 0, [16]),
+    "a row of another image": (_another_image, 0, 1, [17]),
+}
+
+
+@pytest.mark.parametrize("edit, missing, extra, first", list(ROWS.values()), ids=list(ROWS))
+def test_a_feature_cache_must_hold_each_image_of_the_shards(data, trunk_file, features, tmp_path, edit, missing,
+                                                            extra, first):
+    # A row taken out gave its image the next row's features (exit 0), or the last one an IndexError.
+    edited = _edit_features(features, tmp_path / "edited.parquet", edit)
+    with pytest.raises(UserError, match=re.escape(
+            f"image-feature cache {edited} does not hold the images of {data['shards']}: {missing} of its {N_IMAGES} "
+            f"images have no row and {extra} rows are of other images (first: {first}), so the file was edited or "
+            f"damaged: rerun `clipcoco embed-images {data['shards']} --image-model resnet18 --image-size 32 --out "
+            f"{edited}`")):
+        train_module.train(locked(data, trunk_file, edited), out=tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_feature_cache_holding_nan_is_refused_before_the_run(data, trunk_file, features, tmp_path):
+    def nan_in_image_4(table: pa.Table) -> pa.Table:
+        embedding = table.column("embedding").combine_chunks()
+        values = embedding.flatten().to_numpy(zero_copy_only=False).copy()
+        values[3 * 512 + 7] = np.nan
+        column = pa.FixedSizeListArray.from_arrays(pa.array(values, pa.float16()), 512)
+        return table.set_column(1, table.schema.field("embedding"), column)
+
+    edited = _edit_features(features, tmp_path / "nan.parquet", nan_in_image_4)
+    with pytest.raises(UserError, match=re.escape(f"the image-feature cache {edited} holds NaN/Inf values in 1 of its "
+                                                  f"{N_IMAGES} feature vectors (first: image 4)")):
+        train_module.train(locked(data, trunk_file, edited), out=tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_checkpoint_the_disk_refuses_is_one_line(data, tmp_path):
+    """torch.save on a real failed write (the kernel's file-size limit stands in for a full disk: both stop a file
+    mid-write) gave its zip writer's "unexpected pos" traceback; now the OSError's line, and no temporary file."""
+    def files_stop_at_1_mb():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+
+    out, repo = tmp_path / "run", Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo)}
+    proc = subprocess.run([sys.executable, "-m", "cli.main", *train_args(data["shards"], data["text"], out)],
+                          capture_output=True, text=True, env=env, preexec_fn=files_stop_at_1_mb, timeout=300)
+    assert proc.returncode == 2 and proc.stderr == (
+        f"error: {out / 'checkpoints' / 'step_00000001.pt'}: File too large: the file system or a limit on file size "
+        "(ulimit -f) stops the file there: write somewhere else (another --out) or raise the limit\n"), proc.stderr
+    assert list((out / "checkpoints").iterdir()) == []

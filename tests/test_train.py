@@ -212,6 +212,29 @@ def test_two_rank_run_stopped_mid_epoch_resumes_exactly(data, tmp_path, options)
     assert len(b["loader"]) == 2 and not torch.equal(b["rng"]["captions"][0], b["rng"]["captions"][1])
 
 
+def test_a_checkpoint_with_one_global_rng_state_resumes(data, tmp_path, monkeypatch):
+    """Checkpoints written before the global RNG was saved per rank hold one state ([N], not [world, N]): a resume
+    restores it on every rank."""
+    run = tmp_path / "run"
+    train_module.train(config(data, **{"train.steps": 2}), out=run, progress=False)
+    path = list_checkpoints(run)[-1]
+    saved = torch.load(path, weights_only=True)
+    assert saved["rng"]["torch"].shape[0] == 1
+    saved["rng"]["torch"] = saved["rng"]["torch"][0].clone()
+    torch.save(saved, path)
+    restored, build_run = [], train_module.build_run
+
+    def recording_build_run(*args, **kwargs):
+        built = build_run(*args, **kwargs)
+        restored.append(torch.get_rng_state())
+        return built
+
+    monkeypatch.setattr(train_module, "build_run", recording_build_run)
+    train_module.train(config(data, **{"train.steps": 3}), out=run, progress=False)
+    assert torch.equal(restored[0], saved["rng"]["torch"])
+    assert Checkpoint.load(run).step == 3 and Checkpoint.load(run).rng["torch"].shape == (1, *restored[0].shape)
+
+
 @pytest.fixture(scope="module")
 def finished_run(data) -> Path:
     out = data["root"] / "finished"

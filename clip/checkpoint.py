@@ -41,7 +41,9 @@ class Checkpoint:
     # The training state a resume restores (absent from a checkpoint written only to be scored).
     optimizer: dict | None = None
     scheduler: dict | None = None
-    rng: dict | None = None  # {"torch": the global RNG state, "captions": [world, ...] per-rank caption streams}
+    # {"torch": [world, N] each rank's global RNG state ([N], every rank's, in older checkpoints), "captions":
+    # [world, N] each rank's caption generator state}
+    rng: dict | None = None
     loader: list[dict] | None = None  # each rank's Loader.state_dict(), in rank order
     negatives: list[dict] | None = None  # each rank's ExtraNegatives.state_dict() (runs with --extra-negatives)
     epoch: int = 0

@@ -371,6 +371,13 @@ class Run:
         return self.cfg.train.batch_size * self.env.world_size
 
 
+def rank_state(states: Tensor, rank: int) -> Tensor:
+    """This rank's generator state from a checkpoint's [world, N] stack (an older checkpoint's one global state is
+    every rank's), as a tensor of its own: `Generator.set_state` misreads a view that starts inside its storage, as
+    every row but the first does ("Invalid mt19937 state", or a crash)."""
+    return (states[rank] if states.ndim == 2 else states).clone()
+
+
 def build_run(cfg: Config, out: Path, env: Runtime, inputs: Inputs, resume: Checkpoint | None) -> Run:
     torch.manual_seed(cfg.train.seed)
     # A resumed model takes every weight from the checkpoint: no pretrained download.
@@ -399,8 +406,8 @@ def build_run(cfg: Config, out: Path, env: Runtime, inputs: Inputs, resume: Chec
     if resume is not None:
         model.load_state_dict(resume.model)
         load_optimizer_state(optimizer, resume.optimizer)
-        torch.set_rng_state(resume.rng["torch"])
-        captions.set_state(resume.rng["captions"][env.rank])
+        torch.set_rng_state(rank_state(resume.rng["torch"], env.rank))
+        captions.set_state(rank_state(resume.rng["captions"], env.rank))
         loader.load_state_dict(resume.loader[env.rank])
         if negatives is not None:
             if resume.negatives is None:
@@ -423,22 +430,29 @@ def build_run(cfg: Config, out: Path, env: Runtime, inputs: Inputs, resume: Chec
 
 
 def save(run: Run) -> Path | None:
-    """Checkpoint every rank's loader position and caption stream; rank 0 writes the file."""
+    """Checkpoint every rank's loader position, random streams (global and captions) and extra-negative position;
+    rank 0 writes the file, and every rank returns once it is written."""
     loader_states = gather_objects(run.loader.state_dict())
     caption_states = gather_objects(run.captions.get_state())
+    torch_states = gather_objects(torch.get_rng_state())
     negative_states = gather_objects(run.negatives.state_dict()) if run.negatives is not None else None
-    if run.env.rank != 0:
-        return None
-    return Checkpoint(
-        model=run.model.state_dict(), config=run.cfg.to_dict(), text_dim=run.inputs.text.dim,
-        text_fingerprint=run.inputs.text.fingerprint, step=run.step, shards_fingerprint=run.inputs.shards.fingerprint,
-        train_image_ids=torch.as_tensor(run.inputs.shards.image_ids(), dtype=torch.int64),
-        optimizer=run.optimizer.state_dict(), scheduler=run.scheduler.state_dict(),
-        rng={"torch": torch.get_rng_state(), "captions": torch.stack(caption_states)}, loader=loader_states,
-        epoch=run.step // run.loader.steps_per_epoch, samples_seen=run.step * run.images_per_step,
-        negatives=negative_states,
-        text_model_path=run.inputs.text.model_path,
-    ).save(run.out, keep_last=run.cfg.train.keep_last)
+    saved = None
+    if run.env.rank == 0:
+        saved = Checkpoint(
+            model=run.model.state_dict(), config=run.cfg.to_dict(), text_dim=run.inputs.text.dim,
+            text_fingerprint=run.inputs.text.fingerprint, step=run.step,
+            shards_fingerprint=run.inputs.shards.fingerprint,
+            train_image_ids=torch.as_tensor(run.inputs.shards.image_ids(), dtype=torch.int64),
+            optimizer=run.optimizer.state_dict(), scheduler=run.scheduler.state_dict(),
+            rng={"torch": torch.stack(torch_states), "captions": torch.stack(caption_states)}, loader=loader_states,
+            epoch=run.step // run.loader.steps_per_epoch, samples_seen=run.step * run.images_per_step,
+            negatives=negative_states,
+            text_model_path=run.inputs.text.model_path,
+        ).save(run.out, keep_last=run.cfg.train.keep_last)
+    # A rank that went on while rank 0 wrote could stop and exit first (torchrun then ends the writer), or resume
+    # from the previous `latest` while rank 0 resumes from this one.
+    barrier()
+    return saved
 
 
 def periodic_eval(run: Run, log: RunLog) -> dict | None:

@@ -3,7 +3,8 @@ turns a file-system error the user can fix (disk full, read-only, no permission,
 import of an optional dependency (`require_extra`), whose absence is such a mistake, and `Interrupted`.
 
 The CLI prints a `UserError`'s message without a traceback and exits 2 (`--debug` shows the traceback), and an
-`Interrupted`'s message and exits 130; any other exception is an internal error and keeps its traceback.
+`Interrupted`'s message and exits 130 (0 under torchrun, which takes any other code for a failure); any other
+exception is an internal error and keeps its traceback.
 """
 
 import errno

@@ -288,7 +288,10 @@ class TorchLoader(Loader):
             self._loader = torch.utils.data.DataLoader(
                 self._samples, batch_sampler=_Sampler(weakref.WeakMethod(self._remaining_batches)),
                 num_workers=self.threads, worker_init_fn=_leave_stop_signals_to_the_main_process,
-                persistent_workers=True, pin_memory=self.device.type == "cuda")
+                persistent_workers=True, pin_memory=self.device.type == "cuda",
+                # Its workers' base seed from a generator of its own, not a draw from the global RNG, which a
+                # checkpoint saves: a resumed run would hold the global RNG one draw past an uninterrupted one.
+                generator=torch.Generator().manual_seed(self.seed))
             _LIVE.add(self)  # closed at exit if still alive then
         # The ids are read here, not in the workers, so a damaged id member stops the run with the shard's name in
         # one line (an error raised in a worker comes back wrapped in its traceback).

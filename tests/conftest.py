@@ -139,7 +139,7 @@ def mini(coco_mini, tmp_path_factory):
 def torchrun(script: Path, *args: str, nproc: int = 2, timeout: int = 240) -> tuple[int, str]:
     """(exit code, stderr) of `torchrun --standalone --nproc_per_node nproc script args...` on the CPU (gloo)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    # Own session, so a hang can be ended with the rank processes, not only their launcher.
+    # Own session, so a hang can be ended with the launcher's processes too.
     proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
                              str(nproc), str(script), *args],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
@@ -147,8 +147,14 @@ def torchrun(script: Path, *args: str, nproc: int = 2, timeout: int = 240) -> tu
         _, stderr = proc.communicate(timeout=timeout)
     finally:
         if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+            for pid in [proc.pid, *children(proc.pid)]:  # torchrun starts each rank in a session of its own
+                os.killpg(pid, signal.SIGKILL)
     return proc.returncode, stderr
+
+
+def children(pid: int) -> list[int]:
+    """The processes `pid` started (Linux)."""
+    return [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
 
 
 _HOLD = """

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import cache_metadata, clipcoco, edit_captions, torchrun, write_coco, write_random_text_cache
+from conftest import cache_metadata, children, clipcoco, edit_captions, torchrun, write_coco, write_random_text_cache
 from typer.testing import CliRunner
 
 import clip.train as train_module
@@ -148,19 +148,83 @@ def test_run_directory_metrics_and_eval(data, tmp_path):
     assert ckpt["train_image_ids"].tolist() == list(range(1, N_IMAGES + 1))
 
 
-def test_two_rank_torchrun_sees_disjoint_images(data, tmp_path):
-    out = tmp_path / "ddp"
-    returncode, stderr = torchrun(Path(__file__).with_name("train_ranks.py"), str(data["shards"]), str(data["text"]),
-                                  str(out))
-    assert returncode == 0, stderr[-3000:]
-    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
-    seen = [set(ids) for r in ranks for ids in [sum(r["ids"], [])]]
-    assert not seen[0] & seen[1]
-    # 16 images, 2 ranks x batch 4: 2 full batches per rank per epoch cover the split (nothing dropped).
-    assert seen[0] | seen[1] == set(range(1, N_IMAGES + 1))
-    assert ranks[0]["result"]["loss"] == pytest.approx(ranks[1]["result"]["loss"])  # one global loss
-    ckpt = Checkpoint.load(out)
-    assert len(ckpt.loader) == 2 and ckpt.rng["captions"].shape[0] == 2 and ckpt.samples_seen == 16
+def differences(a, b, where: str = "") -> list[str]:
+    """Where two saved values differ: dicts and lists item by item, tensors bit for bit (dtype and shape too)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        if a.keys() != b.keys():
+            return [f"{where}: keys {sorted(map(str, a.keys() ^ b.keys()))}"]
+        return [d for k in a for d in differences(a[k], b[k], f"{where}.{k}")]
+    if isinstance(a, list | tuple) and isinstance(b, list | tuple) and len(a) == len(b):
+        return [d for i, (x, y) in enumerate(zip(a, b, strict=True)) for d in differences(x, y, f"{where}[{i}]")]
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        return [] if a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b) else [where]
+    return [] if a == b else [where]
+
+
+RANK_OPTIONS = {  # every option of the recipe in two 2-rank runs (extra negatives: 4 per rank)
+    "all captions, sigmoid": {"train.captions": "all", "model.loss": "sigmoid"},
+    "one caption, extra negatives": {"train.captions": "one", "train.extra_negatives": 8},
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("options", list(RANK_OPTIONS.values()), ids=list(RANK_OPTIONS))
+def test_two_rank_run_stopped_mid_epoch_resumes_exactly(data, tmp_path, options):
+    """Under torchrun, a SIGTERM that reaches rank 1 only during step 3 (of 4 per epoch) stops every rank after it;
+    resumed to step 6, the run ends bit-identical to an uninterrupted one: every step's images and loss, each rank's
+    global RNG, caption generator, loader and extra-negative positions, and the whole last checkpoint."""
+    code, stderr = torchrun(Path(__file__).with_name("train_ranks.py"), str(data["shards"]), str(data["text"]),
+                            str(tmp_path), json.dumps(options))
+    assert code == 0, stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    # DDP: the ranks read disjoint shares of an epoch (steps 1-4), which cover the split: 16 images, 2 ranks x 4 full
+    # batches of 2 (nothing dropped); they step on one global loss.
+    seen = [{i for ids, _ in r["straight"]["steps"][:4] for i in ids} for r in ranks]
+    assert not seen[0] & seen[1] and seen[0] | seen[1] == set(range(1, N_IMAGES + 1))
+    assert [loss for _, loss in ranks[0]["straight"]["steps"]] == [loss for _, loss in ranks[1]["straight"]["steps"]]
+    assert ranks[0]["stopped"].startswith("stopped by a stop signal on another rank after step 3 of 6: saved ")
+    assert ranks[1]["stopped"] == ""  # rank 0 alone prints
+    for rank in ranks:
+        assert rank["resumed"] == rank["straight"]
+        assert len(rank["straight"]["steps"]) == 6 and rank["straight"]["loader"]["epoch"] == 1
+    if options.get("train.extra_negatives"):
+        per_rank = options["train.extra_negatives"] // 2
+        assert [r["straight"]["negatives"]["position"] for r in ranks] == [6 * per_rank] * 2
+    stopped, resumed = (list_checkpoints(tmp_path / "resumed")[i] for i in (0, -1))
+    assert (stopped.name, resumed.name) == ("step_00000003.pt", "step_00000006.pt")
+    a = torch.load(list_checkpoints(tmp_path / "straight")[-1], weights_only=True)
+    b = torch.load(resumed, weights_only=True)
+    # The scheduler is rebuilt at the resumed step (only its call count differs; its lr and step are compared).
+    for ckpt in (a, b):
+        del ckpt["scheduler"]["_step_count"]
+    assert differences(a, b) == []
+    ckpt = Checkpoint.load(tmp_path / "resumed")
+    assert len(ckpt.loader) == 2 and ckpt.samples_seen == 6 * 2 * 2
+    assert ckpt.rng["torch"].shape[0] == ckpt.rng["captions"].shape[0] == 2
+    assert not torch.equal(ckpt.rng["captions"][0], ckpt.rng["captions"][1])  # each rank's own stream
+
+
+def test_a_checkpoint_with_one_global_rng_state_resumes(data, tmp_path, monkeypatch):
+    """Checkpoints written before the global RNG was saved per rank hold one state ([N], not [world, N]): a resume
+    restores it on every rank."""
+    run = tmp_path / "run"
+    train_module.train(config(data, **{"train.steps": 2}), out=run, progress=False)
+    path = list_checkpoints(run)[-1]
+    saved = torch.load(path, weights_only=True)
+    assert saved["rng"]["torch"].shape[0] == 1
+    saved["rng"]["torch"] = saved["rng"]["torch"][0].clone()
+    torch.save(saved, path)
+    restored, build_run = [], train_module.build_run
+
+    def recording_build_run(*args, **kwargs):
+        built = build_run(*args, **kwargs)
+        restored.append(torch.get_rng_state())
+        return built
+
+    monkeypatch.setattr(train_module, "build_run", recording_build_run)
+    train_module.train(config(data, **{"train.steps": 3}), out=run, progress=False)
+    assert torch.equal(restored[0], saved["rng"]["torch"])
+    assert Checkpoint.load(run).step == 3 and Checkpoint.load(run).rng["torch"].shape == (1, *restored[0].shape)
 
 
 @pytest.fixture(scope="module")
@@ -412,9 +476,11 @@ def _train_args(data: dict, out: Path) -> list[str]:
             "--set", "train.log_every=1", "--no-progress"]
 
 
-def _stop_after_two_steps(command: list[str], run: Path, sig: signal.Signals) -> tuple[int, str]:
-    """Run `command` (a clipcoco command line) in its own process group; once it has logged two more train steps
-    than `run` held, send `sig` to the whole group, as a terminal's Ctrl-C does; (exit code, stderr)."""
+def _stop_after_two_steps(command: list[str], run: Path, sig: signal.Signals, *,
+                          rank: int | None = None) -> tuple[int, str]:
+    """Run `command` in its own process group; once it has logged two more train steps than `run` held, send `sig`
+    to the whole group, as a terminal's Ctrl-C does (with `rank`: to that torchrun rank's process alone); (exit code,
+    stderr). The Python environment's scripts (clipcoco, torchrun) come first on PATH."""
     def logged() -> int:
         try:
             return sum(m["kind"] == "train" for m in metrics(run))
@@ -422,19 +488,33 @@ def _stop_after_two_steps(command: list[str], run: Path, sig: signal.Signals) ->
             return 0
 
     before = logged()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    proc = subprocess.Popen([sys.executable, "-m", "cli.main", *command], stderr=subprocess.PIPE, text=True, env=env,
-                            start_new_session=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    proc = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
     try:
         deadline = time.monotonic() + 120
         while logged() < before + 2 and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.02)
-        os.killpg(proc.pid, sig)
+        if proc.poll() is not None:  # ended on its own: what it said tells why
+            pass
+        elif rank is None:
+            os.killpg(proc.pid, sig)
+        else:
+            os.kill(_rank_pid(proc.pid, rank), sig)
         _, stderr = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+            for pid in [proc.pid, *children(proc.pid)]:
+                os.killpg(pid, signal.SIGKILL)
     return proc.returncode, stderr
+
+
+def _rank_pid(launcher: int, rank: int) -> int:
+    """The process of torchrun's worker of `rank` (found by the RANK variable torchrun gave it)."""
+    for pid in children(launcher):
+        if f"RANK={rank}" in Path(f"/proc/{pid}/environ").read_bytes().decode().split("\0"):
+            return pid
+    raise AssertionError(f"torchrun ({launcher}) has no process of rank {rank}")
 
 
 @pytest.mark.slow
@@ -461,8 +541,9 @@ def test_sigint_then_sigterm_checkpoint_the_step_and_resume_exactly(data, tmp_pa
         return found.group(3).split() + ["--no-progress"]
 
     stops = []
-    command = stopped(signal.SIGINT, *_stop_after_two_steps([*_train_args(data, run), "--warmup-steps", "2",
-                                                             "--steps", "400"], run, signal.SIGINT))
+    command = stopped(signal.SIGINT, *_stop_after_two_steps([sys.executable, "-m", "cli.main", *_train_args(data, run),
+                                                             "--warmup-steps", "2", "--steps", "400"], run,
+                                                            signal.SIGINT))
     assert command[:4] == ["train", "--config", str(run / "config.yaml"), "--out"]
     calls, state = record_steps
     real_step = train_module.train_step
@@ -491,6 +572,32 @@ def test_sigint_then_sigterm_checkpoint_the_step_and_resume_exactly(data, tmp_pa
     assert ours.step == theirs.step == stops[1]
     assert all(torch.equal(ours.model[k], theirs.model[k]) for k in theirs.model)
     assert [m["loss"] for m in metrics(run) if m["kind"] == "train"] == [loss for _, loss in calls]
+
+
+@pytest.mark.slow
+def test_a_torchrun_stop_ends_in_one_line_and_its_command_resumes(data, tmp_path):
+    """Under torchrun, a SIGTERM to rank 1's process alone stops every rank after the same step: rank 0's line saying
+    how to continue is all there is, and torchrun exits 0 (a non-zero rank would be reported as a failure, and
+    restarted with --max-restarts). The printed command, as a shell runs it, resumes there (every rank from its own
+    state); a Ctrl-C to it (SIGINT to torchrun's process group, which torchrun forwards to the ranks) stops it the
+    same way, though torchrun then prints its own SignalException traceback and exits 1, whatever the ranks do."""
+    run = tmp_path / "run"
+    line = (r"stopped by {} after step (\d+) of 400: saved (\S+); to continue exactly where it stopped, run: "
+            r"(torchrun --nproc_per_node 2 \$\(which clipcoco\) train --config \S+ --out \S+)")
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "cli.main"]
+    code, stderr = _stop_after_two_steps([*launch, *_train_args(data, run), "--warmup-steps", "2", "--steps", "400",
+                                          "--captions", "one"], run, signal.SIGTERM, rank=1)
+    found = re.fullmatch(line.format("a stop signal on another rank") + "\n", stderr)
+    assert code == 0 and found is not None, stderr[-3000:]
+    first = int(found.group(1))
+    assert Path(found.group(2)) == run / "checkpoints" / f"step_{first:08d}.pt" and Checkpoint.load(run).step == first
+
+    code, stderr = _stop_after_two_steps(["bash", "-c", f"{found.group(3)} --no-progress"], run, signal.SIGINT)
+    found = re.search(line.format("SIGINT"), stderr)
+    assert found is not None and "ChildFailedError" not in stderr and stderr.count("Traceback") <= 1, stderr[-3000:]
+    second = int(found.group(1))
+    assert second >= first + 2 and Checkpoint.load(run).step == second
+    assert [m["step"] for m in metrics(run) if m["kind"] == "train"] == list(range(1, second + 1))
 
 
 def test_cli_imagenet_weights_with_the_network_unreachable(data, tmp_path, monkeypatch, capsys):

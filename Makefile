@@ -1,36 +1,63 @@
 # clipcoco: the index of the project. `make help` lists every target.
 # Paths are variables: override them on the command line, e.g. `make shards COCO_ROOT=/data/coco`.
 
+## PYTHON      the Python that makes the venv
 PYTHON    ?= python3
+## VENV        where `make install` puts the virtual environment
 VENV      ?= .venv
 BIN       := $(VENV)/bin
+## COCO_ROOT   the COCO download (train2014/ val2014/ dataset_coco.json, or annotations/ train2017/ val2017/)
 COCO_ROOT ?= data/coco
+## KARPATHY    Karpathy's split file (from caption_datasets.zip)
 KARPATHY  ?= $(COCO_ROOT)/dataset_coco.json
+## DATA        where the shard folders go
 DATA      ?= data/shards
-TRAIN     ?= $(DATA)/karpathy-trainval
-EVAL      ?= $(DATA)/karpathy-test
+## SPLIT       karpathy (train+restval / test, the retrieval benchmark) or 2017 (COCO's train2017 / val2017)
+SPLIT     ?= karpathy
+## TRAIN       the training shards (and their text cache)
+TRAIN     ?= $(DATA)/$(if $(filter 2017,$(SPLIT)),train2017,karpathy-trainval)
+## EVAL        the held-out shards scored during and after training
+EVAL      ?= $(DATA)/$(if $(filter 2017,$(SPLIT)),val2017,karpathy-test)
+## TEXT_MODEL  the frozen text tower: a Hugging Face name or a local model folder
 TEXT_MODEL ?= distilbert-base-uncased
+## POOLING     mean or cls pooling of the text tower's tokens
 POOLING   ?= mean
 # The cache's name, by pipeline/text_cache.py's model_slug rule (a hub name with / -> --, a local model folder -> its
 # name, or its parent's when it is called "model"); embed-text is given it with --out, so train and eval always find
 # the file embed-text wrote.
 TEXT_DIR  := $(abspath $(TEXT_MODEL))
 TEXT_SLUG ?= $(if $(wildcard $(TEXT_MODEL)/config.json),$(notdir $(if $(filter model,$(notdir $(TEXT_DIR))),$(patsubst %/,%,$(dir $(TEXT_DIR))),$(TEXT_DIR))),$(subst /,--,$(TEXT_MODEL)))-$(POOLING)
+## CONFIG      the training preset (a name of configs/ or a YAML path); TRAIN, EVAL and their caches override its paths
 CONFIG    ?= configs/coco-karpathy.yaml
-RUN       ?= runs/coco-karpathy
+## RUN         the run folder train writes and eval scores
+RUN       ?= runs/coco-$(SPLIT)
+## TRAIN_ARGS  more `clipcoco train` flags, e.g. TRAIN_ARGS="--steps 2000 --batch-size 128"
+TRAIN_ARGS ?=
+## DEMO_OUT    where `make demo` writes
 DEMO_OUT  ?= demo-out
+## WORKERS     `clipcoco shards` worker processes (0: one per core)
 WORKERS   ?= 0
+## PYTEST_ARGS more pytest arguments for `make test`, e.g. PYTEST_ARGS="-k loader"
 PYTEST_ARGS ?=
 # Test files run on this many processes (pytest-xdist; each file's tests stay together, so its fixtures are built
 # once): the suite takes about 4 minutes on 2 CPU cores this way, against about 5.5 in one process. 0: one process.
+## TEST_WORKERS test processes for `make test` (0: one)
 TEST_WORKERS ?= 2
+## BENCH_ARGS  more arguments for scripts/bench.py
 BENCH_ARGS ?=
+HELP_VARS := $(shell sed -n 's/^## \([A-Z_]*\) .*/\1/p' $(firstword $(MAKEFILE_LIST)))
+TRAIN_TEXT = $(TRAIN)/text-$(TEXT_SLUG).parquet
+EVAL_TEXT  = $(EVAL)/text-$(TEXT_SLUG).parquet
 
 .DEFAULT_GOAL := help
 .PHONY: help install shards shards-2017 embed-text embed-images train eval demo test bench lint clean
 
-help: ## list the targets
-	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  \033[1m%-12s\033[0m %s\n", $$1, $$2}'
+help: ## list the targets, then the variables with their values (override: make TARGET NAME=value)
+	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | sed $(foreach v,$(HELP_VARS),-e 's|$$($(v))|$($(v))|g') \
+		| awk -F':.*## ' '{printf "  \033[1m%-12s\033[0m %s\n", $$1, $$2}'
+	@printf '\nvariables (make TARGET NAME=value):\n'
+	@$(foreach v,$(HELP_VARS),printf '  \033[1m%-12s\033[0m = %-30s %s\n' '$(v)' '$($(v))' \
+		"$$(sed -n 's/^## $(v)  *//p' $(firstword $(MAKEFILE_LIST)))";)
 
 install: $(VENV)/.installed ## create .venv and install clipcoco with its dali, plot, demo and dev extras
 
@@ -39,27 +66,35 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dali,plot,demo,dev]'
 	touch $@
 
-shards: install ## COCO -> shards, Karpathy recipe: $(TRAIN) (train+restval) and $(EVAL) (test)
+shards: install ## COCO -> shards: $(TRAIN) and $(EVAL) (SPLIT=karpathy from $(KARPATHY); SPLIT=2017 from COCO's 2017 files)
+ifeq ($(SPLIT),2017)
+	$(BIN)/clipcoco shards --annotations $(COCO_ROOT)/annotations/captions_train2017.json --images $(COCO_ROOT)/train2017 --out $(TRAIN) --workers $(WORKERS)
+	$(BIN)/clipcoco shards --annotations $(COCO_ROOT)/annotations/captions_val2017.json --images $(COCO_ROOT)/val2017 --out $(EVAL) --workers $(WORKERS)
+	@echo "next: make embed-text train eval SPLIT=2017 (each target needs SPLIT=2017 to find these shards)"
+else ifeq ($(SPLIT),karpathy)
 	$(BIN)/clipcoco shards --karpathy $(KARPATHY) --split trainval --images $(COCO_ROOT) --out $(TRAIN) --workers $(WORKERS)
 	$(BIN)/clipcoco shards --karpathy $(KARPATHY) --split test --images $(COCO_ROOT) --out $(EVAL) --workers $(WORKERS)
+else
+	@echo "SPLIT=$(SPLIT): pass SPLIT=karpathy or SPLIT=2017" >&2; exit 2
+endif
 
-shards-2017: install ## COCO 2017 official split instead: $(DATA)/train2017 and $(DATA)/val2017
-	$(BIN)/clipcoco shards --annotations $(COCO_ROOT)/annotations/captions_train2017.json --images $(COCO_ROOT)/train2017 --out $(DATA)/train2017 --workers $(WORKERS)
-	$(BIN)/clipcoco shards --annotations $(COCO_ROOT)/annotations/captions_val2017.json --images $(COCO_ROOT)/val2017 --out $(DATA)/val2017 --workers $(WORKERS)
+shards-2017: ## the same as make shards SPLIT=2017: COCO's train2017 / val2017 split
+	@$(MAKE) --no-print-directory shards SPLIT=2017
 
 embed-text: install ## every caption of $(TRAIN) and $(EVAL) through frozen $(TEXT_MODEL), once
-	$(BIN)/clipcoco embed-text $(TRAIN) --model $(TEXT_MODEL) --pooling $(POOLING) --out $(TRAIN)/text-$(TEXT_SLUG).parquet
-	$(BIN)/clipcoco embed-text $(EVAL) --model $(TEXT_MODEL) --pooling $(POOLING) --out $(EVAL)/text-$(TEXT_SLUG).parquet
+	$(BIN)/clipcoco embed-text $(TRAIN) --model $(TEXT_MODEL) --pooling $(POOLING) --out $(TRAIN_TEXT)
+	$(BIN)/clipcoco embed-text $(EVAL) --model $(TEXT_MODEL) --pooling $(POOLING) --out $(EVAL_TEXT)
 
 embed-images: install ## ImageNet ResNet-50 features of $(TRAIN), once, for `clipcoco train --lock-image --image-features`
 	$(BIN)/clipcoco embed-images $(TRAIN) --image-weights imagenet --out $(TRAIN)/features-resnet50-224.parquet
 
-train: install ## train with $(CONFIG) into $(RUN) (rerun to resume)
-	$(BIN)/clipcoco train --config $(CONFIG) --shards $(TRAIN) --text $(TRAIN)/text-$(TEXT_SLUG).parquet --out $(RUN)
+train: install ## train with $(CONFIG) on $(TRAIN), scoring $(EVAL), into $(RUN) (rerun to resume)
+	$(BIN)/clipcoco train --config $(CONFIG) --shards $(TRAIN) --text $(TRAIN_TEXT) --eval-shards $(EVAL) \
+		--eval-text $(EVAL_TEXT) --out $(RUN) $(TRAIN_ARGS)
 
-eval: install ## score $(RUN) on $(EVAL): Recall@1/5/10 both ways, 5K and 1K protocols
-	$(BIN)/clipcoco eval $(RUN) --shards $(EVAL) --text $(EVAL)/text-$(TEXT_SLUG).parquet --folds 1
-	$(BIN)/clipcoco eval $(RUN) --shards $(EVAL) --text $(EVAL)/text-$(TEXT_SLUG).parquet --folds 5
+eval: install ## score $(RUN) on $(EVAL): Recall@1/5/10 both ways, all images and 5 folds (the 1K protocol)
+	$(BIN)/clipcoco eval $(RUN) --shards $(EVAL) --text $(EVAL_TEXT) --folds 1
+	$(BIN)/clipcoco eval $(RUN) --shards $(EVAL) --text $(EVAL_TEXT) --folds 5
 
 demo: install ## the whole pipeline on generated data, offline, on a CPU, into $(DEMO_OUT)
 	$(BIN)/clipcoco demo --out $(DEMO_OUT)
@@ -68,7 +103,7 @@ test: install ## run the test suite (GPU tests skip cleanly without a GPU)
 	@$(BIN)/python -m pytest $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadfile) $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: treating that as a failure" >&2; fi; exit $$rc
 
-bench: install ## every stage against its peer into docs/benchmarks.md, on $(CLIPCOCO_COCO_MINI) or generated data
+bench: install ## every stage against its peer into docs/benchmarks.md, on coco-mini ($$CLIPCOCO_COCO_MINI) or generated data
 	$(BIN)/python scripts/bench.py $(BENCH_ARGS)
 
 lint: install ## ruff check

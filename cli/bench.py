@@ -26,7 +26,8 @@ def env() -> None:
 
 @app.command("data", no_args_is_help=True)
 def data(
-    out: Path = typer.Argument(..., help="Folder to write: val2017/*.jpg and annotations/captions_val2017.json."),
+    out: Path = typer.Argument(..., metavar="OUT",
+                               help="Folder to write: val2017/*.jpg and annotations/captions_val2017.json."),
     images: int = typer.Option(2048, "--images", help="Generated JPEGs."),
     captions_per_image: int = typer.Option(5, "--captions-per-image", help="Generated captions per image."),
     width: int = typer.Option(640, "--width", help="Image width in pixels (COCO's are about 640 x 480)."),
@@ -46,7 +47,7 @@ def data(
 
 @app.command("text-model", no_args_is_help=True)
 def text_model(
-    out: Path = typer.Argument(..., help="Model folder to write (loads offline, like a hub folder)."),
+    out: Path = typer.Argument(..., metavar="OUT", help="Model folder to write (loads offline, like a hub folder)."),
     dim: int = typer.Option(768, "--dim", help="Hidden size (DistilBERT: 768)."),
     layers: int = typer.Option(6, "--layers", help="Transformer layers (DistilBERT: 6)."),
     tokenizer: Path = typer.Option(None, "--tokenizer", help="Model folder whose tokenizer to use (default: a "

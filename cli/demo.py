@@ -15,8 +15,10 @@ def command(
                                "minute on 2 CPU cores (too short to learn much)."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
 ) -> None:
-    """Run the whole pipeline on generated data, offline, on a CPU: generate, shards, embed-text, train, eval,
-    search, plot; then print test recall next to chance, the time of each stage and the output paths.
+    """Run the whole pipeline on generated data, offline, on a CPU.
+
+    Generate, shards, embed-text, train, eval, search, plot; then print test recall next to chance, the time of each
+    stage and the output paths.
 
     Example: clipcoco demo --out demo-out
     """

@@ -9,7 +9,7 @@ from cli import DEVICE_HELP
 
 
 def command(
-    shards_dir: Path = typer.Argument(..., help="Shard directory written by `clipcoco shards`."),
+    shards_dir: Path = typer.Argument(..., metavar="SHARDS_DIR", help="Shard directory written by `clipcoco shards`."),
     out: Path = typer.Option(..., "--out", help="Parquet file to write "
                              "(e.g. SHARDS_DIR/features-resnet50-224.parquet)."),
     image_model: str = typer.Option("resnet50", "--image-model", help="resnet18, resnet34, resnet50 or resnet101."),

@@ -8,7 +8,8 @@ from cli import DEVICE_HELP
 
 
 def command(
-    shards_dir: Path = typer.Argument(..., help="Shard directory written by `clipcoco shards` (its captions.parquet "
+    shards_dir: Path = typer.Argument(..., metavar="SHARDS_DIR",
+                                      help="Shard directory written by `clipcoco shards` (its captions.parquet "
                                       "is read)."),
     model: str = typer.Option("distilbert-base-uncased", "--model", help="Hugging Face encoder-only model: a hub "
                               "name or a local folder."),

@@ -8,7 +8,8 @@ from cli import DEVICE_HELP
 
 
 def command(
-    run: Path = typer.Argument(..., help="Run directory (its latest checkpoint) or a checkpoint .pt file."),
+    run: Path = typer.Argument(..., metavar="RUN",
+                               help="Run directory (its latest checkpoint) or a checkpoint .pt file."),
     shards: Path = typer.Option(..., "--shards", help="Eval shard directory (clipcoco shards), e.g. karpathy-test."),
     text: Path = typer.Option(..., "--text", help="Text cache of those shards, made with the run's text model."),
     out: Path | None = typer.Option(None, "--out", help="Report JSON. Default: RUN/eval-<split>[-folds<N>].json."),
@@ -20,6 +21,7 @@ def command(
     batch_size: int = typer.Option(256, "--batch-size", help="Images per batch (per process under torchrun)."),
     image_size: int | None = typer.Option(None, "--image-size", help="Center-crop size. Default: the run's."),
     threads: int = typer.Option(2, "--threads", help="Decoding threads per process."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
 ) -> None:
     """Score a run with COCO image-text retrieval Recall@1/5/10 over all captions, both directions.
 
@@ -29,4 +31,4 @@ def command(
     from clip.evaluate import evaluate  # here, not at the top: `clipcoco --help` should not import torch
 
     evaluate(run, shards=shards, text=text, out=out, folds=folds, loader=loader, device=device,
-             batch_size=batch_size, image_size=image_size, threads=threads)
+             batch_size=batch_size, image_size=image_size, threads=threads, progress=progress)

@@ -6,7 +6,8 @@ import typer
 
 
 def command(
-    run: Path = typer.Argument(..., help="Run directory written by `clipcoco train` (reads its metrics.jsonl)."),
+    run: Path = typer.Argument(..., metavar="RUN",
+                               help="Run directory written by `clipcoco train` (reads its metrics.jsonl)."),
     out: Path | None = typer.Option(None, "--out", help="PNG to write. Default: RUN/curves.png."),
 ) -> None:
     """Plot a run's training curves to one PNG.

@@ -8,7 +8,8 @@ from cli import DEVICE_HELP
 
 
 def command(
-    query: str | None = typer.Argument(None, help='A sentence, e.g. "a dog on a couch" (or use --image-id).'),
+    query: str | None = typer.Argument(None, metavar="QUERY",
+                                       help='A sentence, e.g. "a dog on a couch" (or use --image-id).'),
     run: Path = typer.Option(..., "--run", help="Run directory that `clipcoco eval` scored on --shards."),
     shards: Path = typer.Option(..., "--shards", help="The eval shard directory (images and captions to show)."),
     image_id: int | None = typer.Option(None, "--image-id", help="Find the images most like this COCO image id."),

@@ -72,14 +72,14 @@ def command(
     overwrite: bool = typer.Option(False, "--overwrite", help="Start afresh in --out even if it holds a run."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
 ) -> None:
-    """Train the image tower and heads on shards streamed through DALI, against the cached text vectors.
+    """Train the image tower and heads on shards against the cached text vectors (DALI on CUDA, torch on a CPU).
 
     Example: clipcoco train --config coco-karpathy --shards data/shards/train
     --text data/shards/train/text-distilbert-base-uncased-mean.parquet --out runs/r1 --set optim.beta2=0.95
 
     Multi-GPU: torchrun --nproc_per_node 8 $(which clipcoco) train ... (one process per GPU).
     """
-    from clip.config import load_config, parse_assignments
+    from clip.config import config_origins, load_config, parse_assignments
     from clip.train import train
 
     if epochs is not None and steps is not None:
@@ -88,8 +88,10 @@ def command(
              if name not in NOT_CONFIG and value is not None}
     if epochs is not None:  # --epochs means "count in epochs": a step target from --config or --set must not win.
         flags["train.steps"] = 0
-    cfg = load_config(config, {**parse_assignments(assignments), **flags})
-    result = train(cfg, out=out, overwrite=overwrite, progress=progress)
+    assigned = parse_assignments(assignments)
+    cfg = load_config(config, {**assigned, **flags})
+    result = train(cfg, out=out, overwrite=overwrite, progress=progress,
+                   origins=config_origins(config, assigned, flags))
     typer.echo(json.dumps(result))
 
 

@@ -8,7 +8,8 @@ from cli import DEVICE_HELP
 
 
 def command(
-    run: Path = typer.Argument(..., help="Run directory (its latest checkpoint) or a checkpoint .pt file."),
+    run: Path = typer.Argument(..., metavar="RUN",
+                               help="Run directory (its latest checkpoint) or a checkpoint .pt file."),
     images: Path = typer.Option(..., "--images", help="Folder of class folders (torchvision's ImageFolder layout: "
                                 "DIR/<class>/<image>); the folder names are the classes."),
     out: Path | None = typer.Option(None, "--out", help="Report JSON; the confusion-matrix PNG goes next to it "
@@ -22,8 +23,10 @@ def command(
                                           "Default: 256 on a GPU, 64 on a CPU."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
 ) -> None:
-    """Zero-shot classification: each image gets the class whose prompts (templates filled with its name) it is
-    most similar to; prints top-1/top-5 and per-class accuracy, writes a report JSON and a confusion matrix PNG.
+    """Classify a folder of class folders by the class names alone (zero-shot).
+
+    Each image gets the class whose prompts (templates filled with its name) it is most similar to; prints
+    top-1/top-5 and per-class accuracy, writes a report JSON and a confusion matrix PNG.
 
     Example: clipcoco zeroshot demo-out/run --images demo-out/test-by-shapes
     """

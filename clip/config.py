@@ -220,22 +220,36 @@ def parse_assignments(pairs: Iterable[str]) -> dict[str, str]:
 def load_config(source: str | Path | None = None, overrides: Mapping[str, Any] | None = None) -> Config:
     """Defaults, then the YAML file (a preset name or a path: clip/presets.py), then `overrides`
     ({"section.key": value}; None values are skipped); validated."""
-    flat: dict[str, Any] = {}
-    if source is not None:
-        text, where = read_config(source)
-        try:
-            tree = yaml.safe_load(text) or {}
-        except yaml.YAMLError as err:
-            mark = getattr(err, "problem_mark", None)
-            at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-            problem = getattr(err, "problem", None) or type(err).__name__
-            raise UserError(f"{where} is not valid YAML{at}: {problem}; fix the file or pass a preset "
-                            "(clipcoco train --help lists them)") from None
-        if not isinstance(tree, Mapping):
-            raise UserError(f"{where} must hold a mapping of sections (model, data, optim, train)")
-        flat.update(_flatten(tree, where))
+    flat = dict(read_config_file(source)[0]) if source is not None else {}
     flat.update({k: v for k, v in (overrides or {}).items() if v is not None})
     return config_from_flat(flat)
+
+
+def config_origins(source: str | Path | None, assignments: Mapping[str, Any],
+                   flags: Mapping[str, Any]) -> dict[str, str]:
+    """{"section.key": where its value came from} for the keys `load_config(source, {**assignments, **flags})` did
+    not take from the defaults: "--config PRESET_OR_FILE", "--set section.key" or the named flag, the later winning
+    as in load_config. An error about a path can then say which of them to change."""
+    origins = {key: f"--config {source}" for key in read_config_file(source)[0]} if source is not None else {}
+    origins.update({key: f"--set {key}" for key in assignments})
+    origins.update({key: "--" + key.partition(".")[2].replace("_", "-") for key in flags})
+    return origins
+
+
+def read_config_file(source: str | Path) -> tuple[dict[str, Any], str]:
+    """({"section.key": value} of a YAML config file or preset, where it came from: "preset NAME (PATH)" or PATH)."""
+    text, where = read_config(source)
+    try:
+        tree = yaml.safe_load(text) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or type(err).__name__
+        raise UserError(f"{where} is not valid YAML{at}: {problem}; fix the file or pass a preset "
+                        "(clipcoco train --help lists them)") from None
+    if not isinstance(tree, Mapping):
+        raise UserError(f"{where} must hold a mapping of sections (model, data, optim, train)")
+    return _flatten(tree, where), where
 
 
 def config_from_dict(tree: Mapping[str, Any]) -> Config:

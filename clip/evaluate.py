@@ -28,6 +28,7 @@ from pipeline import __version__
 from pipeline.errors import UserError
 from pipeline.files import link_atomic, sha256_file, write_atomic
 from pipeline.loaders import check_kind, resolve_kind
+from pipeline.progress import console as make_console
 from pipeline.runtime import distributed, main_locked
 from pipeline.shard_reader import open_shards
 from pipeline.text_cache import TextCache
@@ -56,10 +57,12 @@ def overlap_with_train(ckpt: Checkpoint, image_ids: np.ndarray) -> int:
 
 
 def print_report(report: dict, console: Console | None = None) -> None:
-    console = console or Console()
+    console = console or make_console()
     protocol = f"{report['n_images']:,} images, {report['n_captions']:,} captions"
     if report["folds"] > 1:
-        protocol = f"{report['folds']} folds of {report['fold_size']:,} images (mean)"
+        low, high = min(report["fold_sizes"]), max(report["fold_sizes"])
+        sizes = f"{low:,}" if low == high else f"{low:,}-{high:,}"
+        protocol = f"{report['folds']} folds of {sizes} images (mean over folds; all {report['n_images']:,} scored)"
     table = Table(title=f"retrieval on {report['split']} (step {report['step']}): {protocol}, recall in %",
                   caption=f"mean recall {100 * report['mean_recall']:.2f}%")
     for column in ("", "R@1", "R@5", "R@10", "median rank"):
@@ -128,7 +131,7 @@ def _evaluate(ckpt_path: Path, ckpt: Checkpoint, *, shards: Path, text: Path, ou
         "loader": loader,
         "clipcoco_version": __version__,
     }
-    console = Console()
+    console = make_console()
     if overlap:
         console.print(f"[bold yellow]warning:[/] {overlap:,} of the {len(emb.image_ids):,} eval images in "
                       f"{shard_set.root} were in this run's training set: these recalls overstate the model "

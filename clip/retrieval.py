@@ -10,8 +10,9 @@ Protocol, over all captions (about 5 per image, not always exactly 5):
 - R@K = fraction of queries with rank < K (0-based ranks); medr = floor(median 0-based rank) + 1,
   as in VSE++; mean_recall = mean of the six recalls;
 - `folds=5` is the 1K protocol: five folds of consecutive images with their captions, each scored
-  alone, every metric averaged over the folds. Shards hold images in image-id order, so the folds
-  are consecutive by image id; the literature cuts them in dataset_coco.json order, so 1K numbers
+  alone, every metric averaged over the folds. Every image is in one fold: on 5,000 images each fold holds 1,000,
+  otherwise the fold sizes differ by at most one (79 images: 16, 16, 16, 16, 15). Shards hold images in image-id
+  order, so the folds are consecutive by image id; the literature cuts them in dataset_coco.json order, so 1K numbers
   are comparable but their fold membership differs (the 5K numbers do not depend on any order).
 Ties: a competitor whose score equals the positive's counts ahead of it (pessimistic).
 Non-finite scores (NaN, +-Inf) count as the worst score, never the best: every comparison with a NaN is false, so a
@@ -105,8 +106,8 @@ def retrieval_metrics(image_feats: torch.Tensor, text_feats: torch.Tensor, text_
     image_feats [I, E] and text_feats [T, E] are scored by dot product (pass L2-normalised features
     for cosine similarity); text_to_image [T] is each caption's row in image_feats. Every image needs
     at least one caption. Memory is bounded by one chunk_images x chunk_texts tile.
-    With folds > 1: images split into `folds` runs of floor(I / folds) consecutive rows (a remainder
-    is left out), each scored alone; the report is the mean of each metric, plus `per_fold`.
+    With folds > 1: images split into `folds` runs of consecutive rows whose sizes differ by at most one (every
+    image in one fold), each scored alone; the report is the mean of each metric, plus `fold_sizes` and `per_fold`.
     """
     if image_feats.ndim != 2 or text_feats.ndim != 2 or image_feats.shape[1] != text_feats.shape[1]:
         raise ValueError(f"features must be [I, E] and [T, E], got {tuple(image_feats.shape)}, "
@@ -119,17 +120,18 @@ def retrieval_metrics(image_feats: torch.Tensor, text_feats: torch.Tensor, text_
         raise ValueError("text_to_image holds a row outside image_feats")
     check_folds(folds, n_images)
     if folds > 1:
-        size = n_images // folds
+        # np.array_split's sizes: the first I mod folds folds hold one image more.
+        sizes = [len(block) for block in np.array_split(np.arange(n_images), folds)]
+        bounds = np.cumsum([0, *sizes])
         per_fold = []
-        for f in range(folds):
-            lo, hi = f * size, (f + 1) * size
+        for lo, hi in zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True):
             keep = (text_to_image >= lo) & (text_to_image < hi)
             per_fold.append(retrieval_metrics(image_feats[lo:hi], text_feats[keep], text_to_image[keep] - lo,
                                               chunk_images=chunk_images, chunk_texts=chunk_texts))
         out = {key: float(np.mean([m[key] for m in per_fold]))
                for key in (*RECALL_KEYS, "mean_recall", "i2t_medr", "t2i_medr")}
         out.update(n_images=sum(m["n_images"] for m in per_fold), n_captions=sum(m["n_captions"] for m in per_fold),
-                   folds=folds, fold_size=size, per_fold=per_fold)
+                   folds=folds, fold_sizes=sizes, per_fold=per_fold)
         return out
     counts = torch.bincount(text_to_image, minlength=n_images)
     if n_images == 0 or bool((counts == 0).any()):

@@ -143,18 +143,31 @@ class Inputs:
     image_features: ImageFeatures | None = None
 
 
-def open_inputs(cfg: Config) -> Inputs:
-    """Open and cross-check the shards and text caches before any work starts."""
-    if not cfg.data.shards or not cfg.data.text:
-        raise UserError("no training data: pass --shards DIR (from `clipcoco shards`) and --text FILE "
-                        "(from `clipcoco embed-text`)")
-    shards = open_shards(Path(cfg.data.shards))
-    text = TextCache.load(Path(cfg.data.text))
+def open_inputs(cfg: Config, origins: dict[str, str] | None = None) -> Inputs:
+    """Open and cross-check the shards and text caches before any work starts. A path that does not open is named
+    with where it came from (`origins`: the flag, --set or the --config file; else the default)."""
+    missing = [what for key, what in (("shards", "--shards DIR (from `clipcoco shards`)"),
+                                      ("text", "--text FILE (from `clipcoco embed-text`)"))
+               if not getattr(cfg.data, key)]
+    if missing:
+        raise UserError(f"no training data: pass {' and '.join(missing)}")
+
+    def opened(opener, key: str):
+        path = getattr(cfg.data, key)
+        try:
+            return opener(Path(path))
+        except UserError as err:
+            origin = (origins or {}).get(f"data.{key}", "the default")
+            raise UserError(f"{err} (data.{key} {path} came from {origin}: pass --{key.replace('_', '-')} "
+                            "to use another)") from None
+
+    shards = opened(open_shards, "shards")
+    text = opened(TextCache.load, "text")
     text.check_matches(shards)
     eval_shards = eval_text = None
     if cfg.data.eval_shards:
-        eval_shards = open_shards(Path(cfg.data.eval_shards))
-        eval_text = TextCache.load(Path(cfg.data.eval_text))
+        eval_shards = opened(open_shards, "eval_shards")
+        eval_text = opened(TextCache.load, "eval_text")
         eval_text.check_matches(eval_shards)
         if eval_text.fingerprint != text.fingerprint:
             raise UserError(f"eval text cache {eval_text.path} was made with a different text encoder than "
@@ -162,7 +175,7 @@ def open_inputs(cfg: Config) -> Inputs:
                             "captions with the same --model and --pooling")
     features = None
     if cfg.data.image_features:
-        features = ImageFeatures.load(Path(cfg.data.image_features))
+        features = opened(ImageFeatures.load, "image_features")
         features.check(shards, cfg)
     return Inputs(shards, text, eval_shards, eval_text, features)
 
@@ -589,15 +602,17 @@ def already_done(run: Run) -> dict:
             "checkpoint": str(resolve_checkpoint(run.out)), "eval": None}
 
 
-def train(cfg: Config, *, out: Path, overwrite: bool = False, progress: bool = True) -> dict:
-    """Train (or resume) the run in `out` up to the target step; returns the final step, loss and eval scores."""
+def train(cfg: Config, *, out: Path, overwrite: bool = False, progress: bool = True,
+          origins: dict[str, str] | None = None) -> dict:
+    """Train (or resume) the run in `out` up to the target step; returns the final step, loss and eval scores.
+    `origins` ({"section.key": "--flag"...}, from `config_origins`) names where a path that does not open came from."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file: pass a folder for the run (it holds config.yaml, metrics.jsonl and "
                         "checkpoints/)")
     # Locked first: what find_resume reads must not change under it (another train into the same --out).
     with main_locked(out, "clipcoco train"), distributed(cfg.train.device) as env:
-        inputs = open_inputs(cfg)
+        inputs = open_inputs(cfg, origins)
         resume = find_resume(out, cfg, inputs, env.world_size, overwrite=overwrite)
         # Built first: a model or loader that cannot be made (no network for the ImageNet weights, say) stops the
         # command before it writes anything into the run directory.
@@ -607,13 +622,18 @@ def train(cfg: Config, *, out: Path, overwrite: bool = False, progress: bool = T
         if env.main and cfg.optim.warmup_steps >= run.total:
             sys.stderr.write(f"warning: optim.warmup_steps {cfg.optim.warmup_steps} >= the run's {run.total} steps: "
                              f"the learning rate never leaves warmup; pass --warmup-steps below {run.total}\n")
+        changes = {} if resume is None else config_changes(resume.cfg, cfg)
+        if env.main and changes:  # config.yaml is rewritten: the printed resume command will use these values
+            sys.stderr.write(f"resuming {out} at step {run.step} with " + ", ".join(
+                f"{key} {old!r} -> {new!r}" for key, (old, new) in changes.items())
+                + f"; {out / 'config.yaml'} now holds them\n")
         if env.main:
             prepare_run_dir(out, cfg, resume, overwrite=overwrite)
         barrier()  # the run directory is ready before any rank writes into it
         log = RunLog(out, enabled=env.main)
         # The images a train epoch leaves out (partial batches, over all ranks) are counted here once per start.
         # A resume applies the config as given: `changed` records what differs from the checkpoint's.
-        changed = {} if resume is None else {"changed": config_changes(resume.cfg, cfg)}
+        changed = {} if resume is None else {"changed": changes}
         log.write("start", run.step, {"world_size": env.world_size, "steps_per_epoch": run.loader.steps_per_epoch,
                                       "dropped_per_epoch": run.loader.dropped_per_epoch, "target_step": run.total,
                                       **changed})

@@ -159,29 +159,36 @@ def score(image_feats: torch.Tensor, labels: torch.Tensor, class_feats: torch.Te
             "per_class": per_class, "confusion": confusion.tolist()}
 
 
-def write_confusion(confusion: list[list[int]], names: list[str], *, title: str, out: Path) -> Path:
-    """The confusion matrix as a PNG: each true class's row as fractions of its images, counts written in."""
+def confusion_figure(confusion: list[list[int]], names: list[str], *, title: str):
+    """The confusion matrix as a figure: each true class's row as fractions of its images (the colour bar), class
+    names on both axes up to 100 classes and the counts written in up to 50, fonts shrinking with the class count."""
     matrix = np.asarray(confusion, dtype=np.float64)
     fractions = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
     n = len(names)
-    side = min(4 + 0.45 * n, 30)  # a few classes stay readable, a thousand stay a sane file
-    fig = figure_class()(figsize=(side + 1.5, side), layout="constrained")
+    side = min(4 + 0.3 * n, 32)  # about 0.3 inch a class up to 100 classes; a thousand stay a sane file
+    fontsize = max(5.0, min(8.0, 200 / max(n, 1)))
+    fig = figure_class()(figsize=(side + 2.5, side + 1.5), layout="constrained")
     ax = fig.subplots()
     shown = ax.imshow(fractions, cmap="Blues", vmin=0, vmax=1)
-    fig.colorbar(shown, ax=ax, fraction=0.046, label="fraction of the true class's images")
-    if n <= 40:  # beyond that, labels overlap into a black band
-        ax.set_xticks(range(n), names, rotation=60, ha="right", fontsize=8)
-        ax.set_yticks(range(n), names, fontsize=8)
-    if n <= 20:
+    fig.colorbar(shown, ax=ax, shrink=0.8, label="fraction of the true class's images")
+    if n <= 100:  # beyond that, labels overlap into a black band
+        ax.set_xticks(range(n), names, rotation=60, ha="right", rotation_mode="anchor", fontsize=fontsize)
+        ax.set_yticks(range(n), names, fontsize=fontsize)
+    if n <= 50:
         for (i, j), count in np.ndenumerate(matrix):
             if count:
-                ax.text(j, i, f"{int(count)}", ha="center", va="center", fontsize=8,
+                ax.text(j, i, f"{int(count)}", ha="center", va="center", fontsize=fontsize,
                         color="white" if fractions[i, j] > 0.5 else "black")
     ax.set_xlabel("predicted class")
     ax.set_ylabel("true class")
     ax.set_title(title)
+    return fig
+
+
+def write_confusion(confusion: list[list[int]], names: list[str], *, title: str, out: Path) -> Path:
+    """`confusion_figure` as a PNG."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
+    confusion_figure(confusion, names, title=title).savefig(out, dpi=100)
     return out
 
 

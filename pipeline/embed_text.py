@@ -18,8 +18,10 @@ chunks r, r + world, ... and rank 0 merges.
 import hashlib
 import json
 import shutil
+import socket
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import numpy as np
 import pyarrow as pa
@@ -29,7 +31,7 @@ import torch
 from pipeline import __version__
 from pipeline.errors import UserError
 from pipeline.files import replacing, sha256_file
-from pipeline.progress import rate_bar
+from pipeline.progress import console, rate_bar
 from pipeline.runtime import Runtime, barrier, distributed, main_locked, resolve_device
 from pipeline.shard_reader import read_captions, read_json
 from pipeline.text_cache import LOCATION_KEY, cache_rows, cache_schema, default_cache_path, model_slug, write_cache
@@ -107,23 +109,53 @@ def _resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return DTYPES[dtype]
 
 
+def _hub_unreachable() -> str | None:
+    """Why the Hugging Face hub cannot be asked (HF_HUB_OFFLINE, or one failed connection), or None. Checked once
+    before loading, so an offline machine gets one line at once, not the hub client's retries over half a minute."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set"
+    url = urlsplit(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=5).close()
+    except OSError as err:
+        return f"{url.hostname} cannot be reached ({err.strerror or type(err).__name__})"
+    return None
+
+
 def _load(model: str):
     """(tokenizer, model, local folder holding its files); any failure becomes a UserError naming --model."""
     from transformers import AutoConfig, AutoModel, AutoTokenizer
     from transformers.utils import cached_file, logging
 
+    path = Path(model).expanduser()
+    # A hub name is NAME or ORG/NAME; anything else that is not a folder is a path that does not exist.
+    if path.exists() or model.startswith((".", "/", "~")) or model.count("/") > 1:
+        if not path.is_dir():
+            raise UserError(f"--model {model}: {'no such folder' if not path.exists() else 'not a folder'}; pass a "
+                            "model folder written by save_pretrained or a Hugging Face model name such as "
+                            "distilbert-base-uncased")
+        offline = None
+    else:
+        offline = _hub_unreachable()
     logging.disable_progress_bar()  # the stage draws its own bar; a second one per weight file is noise
+    local = {"local_files_only": offline is not None}
     try:
-        config = AutoConfig.from_pretrained(model)
+        config = AutoConfig.from_pretrained(model, **local)
         if getattr(config, "is_encoder_decoder", False):
             raise UserError(f"--model {model} is an encoder-decoder ({config.model_type}); embed-text needs an "
                             f"encoder-only text model such as distilbert-base-uncased")
-        tokenizer = AutoTokenizer.from_pretrained(model)
-        encoder = AutoModel.from_pretrained(model)
-        folder = Path(model) if Path(model).is_dir() else Path(cached_file(model, "config.json")).parent
+        tokenizer = AutoTokenizer.from_pretrained(model, **local)
+        encoder = AutoModel.from_pretrained(model, **local)
+        folder = path if path.is_dir() else Path(cached_file(model, "config.json", **local)).parent
     except UserError:
         raise
     except (OSError, ValueError, KeyError) as err:
+        if offline is not None:
+            raise UserError(f"cannot load --model {model!r}: it is not in the Hugging Face cache and {offline}; "
+                            "run once with network (HF_HUB_OFFLINE unset) to cache it, or pass a local model "
+                            "folder written by save_pretrained") from None
         raise UserError(
             f"cannot load --model {model!r} ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}). "
             f"Pass a Hugging Face model name or a local folder written by save_pretrained; with HF_HUB_OFFLINE=1 "
@@ -239,9 +271,7 @@ def _prepare_parts(parts: Path, plan: dict, rank: int) -> None:
 
 
 def _say(message: str) -> None:
-    from rich.console import Console
-
-    Console(stderr=True, highlight=False, soft_wrap=True).print(message)
+    console(stderr=True, highlight=False).print(message)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -283,7 +313,7 @@ def _embed(table: pa.Table, captions_path: Path, out: Path, rt: Runtime, *, mode
         "tokenizer_sha256": encoder.tokenizer_sha256,
         "pooling": pooling, "max_length": str(max_length),
         "normalization": "none",  # raw pooled vectors: normalising is the consumer's choice
-        "dim": str(encoder.dim), "dtype": str(encoder.dtype).removeprefix("torch."),
+        "dim": str(encoder.dim), "compute_dtype": str(encoder.dtype).removeprefix("torch."),
         "captions_sha256": sha256_file(captions_path), "clipcoco_version": __version__,
     }
     schema = cache_schema(encoder.dim, metadata)

@@ -125,8 +125,9 @@ def locked(folder: Path, what: str) -> Iterator[None]:
     """Hold the exclusive lock of `folder` for the block (`what`, e.g. "clipcoco train", says who holds it).
 
     The folder is made when missing, and removed again at the end if the block wrote nothing into it. The lock file
-    records the holder (pid, host, command line, start) for the message another command gets; it is emptied when
-    the lock is released, so it never names a finished command.
+    records the holder (pid, host, command line, start) for the message another command gets; it exists only while
+    the lock is held, so a finished command leaves no file behind (`_take` locks the new file when a process opened
+    the old one just before it was removed).
     """
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
@@ -145,12 +146,10 @@ def locked(folder: Path, what: str) -> Iterator[None]:
     try:
         yield
     finally:
-        if created and os.listdir(folder) == [LOCK_NAME]:
-            path.unlink()  # a command that wrote nothing leaves no folder behind
-            with suppress(OSError):  # unless something appeared there meanwhile
+        path.unlink()  # removed while still held, so no other process can be holding this file
+        if created:
+            with suppress(OSError):  # a command that wrote nothing leaves no folder behind
                 folder.rmdir()
-        else:
-            os.ftruncate(fd, 0)
         _held.discard(fd)
         os.close(fd)  # lets go of the lock
 def link_atomic(target: Path, path: Path) -> None:

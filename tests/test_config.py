@@ -28,6 +28,14 @@ def test_presets_load(name):
     assert config_from_dict(cfg.to_dict()) == cfg
 
 
+def test_the_coco_preset_picks_the_loader_of_the_machine_it_meets():
+    from pipeline.loaders import resolve_kind
+
+    # The real recipe runs on GPUs and on a CPU alike: DALI on CUDA, the torch loader on a CPU (as --loader auto).
+    assert load_config("coco-karpathy").data.loader == "auto"
+    assert resolve_kind("auto", torch.device("cpu")) == "torch"
+
+
 def test_a_name_with_a_folder_or_an_extension_is_a_path(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     Path("demo").write_text("train:\n  seed: 3\n")

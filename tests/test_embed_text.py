@@ -10,6 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from conftest import torchrun
+from test_cli import run_main
 from typer.testing import CliRunner
 
 import pipeline.embed_text as et
@@ -105,7 +106,7 @@ def test_schema_and_metadata(tmp_path, tiny_model):
     meta = TextCache.load(out).metadata
     assert meta["model"] == "tiny-distilbert" and meta["model_path"] == str(tiny_model.resolve())
     assert meta["pooling"] == "mean" and meta["max_length"] == "77" and meta["dim"] == "32"
-    assert meta["normalization"] == "none" and meta["dtype"] == "float32" and meta["clipcoco_version"]
+    assert meta["normalization"] == "none" and meta["compute_dtype"] == "float32" and meta["clipcoco_version"]
     weights = hashlib.sha256((tiny_model / "model.safetensors").read_bytes()).hexdigest()
     assert meta["weights_sha256"] == hashlib.sha256(f"model.safetensors {weights}\n".encode()).hexdigest()
     captions = (tmp_path / "shards" / "captions.parquet").read_bytes()
@@ -244,6 +245,31 @@ def test_model_that_cannot_load(tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(UserError, match="cannot load --model 'no-such-org/no-such-model'.*HF_HUB_OFFLINE"):
         embed_text(tmp_path / "shards", model="no-such-org/no-such-model", progress=False)
+
+
+@pytest.mark.parametrize("model", ["/no/such/folder", "./models/gone", "a/b/c"])
+def test_a_model_folder_that_does_not_exist_is_named_as_such(tmp_path, monkeypatch, capsys, model):
+    write_captions(tmp_path / "shards", n_images=2)
+    code, err = run_main(monkeypatch, capsys, "embed-text", str(tmp_path / "shards"), "--model", model)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert f"--model {model}: no such folder; pass a model folder" in err and "Repo id" not in err
+
+
+def test_an_unreachable_hub_is_one_line_without_retries(tmp_path, monkeypatch, capfd):
+    import huggingface_hub.constants
+
+    write_captions(tmp_path / "shards", n_images=2)
+    # Nothing listens on the discard port of this machine: the connection is refused, as offline. An empty cache.
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    with pytest.raises(UserError) as err:
+        embed_text(tmp_path / "shards", model="no-such-org/no-such-model", progress=False)
+    message = str(err.value)
+    assert len(message.splitlines()) == 1
+    assert "cannot load --model 'no-such-org/no-such-model': it is not in the Hugging Face cache and 127.0.0.1 " \
+           "cannot be reached" in message
+    assert "Retry" not in capfd.readouterr().err  # the hub client was never asked
 
 
 def test_decoder_and_non_text_models_are_refused(tmp_path, tiny_model):

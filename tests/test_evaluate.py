@@ -133,17 +133,18 @@ def test_shuffled_order_gives_the_same_result():
     assert_metrics_equal(got, want)
 
 
-def test_folds_average_consecutive_image_blocks():
-    images, texts, t2i = random_problem(n_images=43, seed=3)
+@pytest.mark.parametrize(("n_images", "sizes"), [(44, [11, 11, 11, 11]), (43, [11, 11, 11, 10])])
+def test_folds_average_consecutive_image_blocks_that_cover_every_image(n_images, sizes):
+    images, texts, t2i = random_problem(n_images=n_images, seed=3)
     got = retrieval_metrics(torch.from_numpy(images), torch.from_numpy(texts), torch.from_numpy(t2i), folds=4)
-    size = 43 // 4  # the remaining 3 images are left out
-    refs = []
-    for f in range(4):
-        keep = (t2i >= f * size) & (t2i < (f + 1) * size)
-        refs.append(reference(images[f * size:(f + 1) * size], texts[keep], t2i[keep] - f * size))
+    refs, lo = [], 0
+    for size in sizes:
+        keep = (t2i >= lo) & (t2i < lo + size)
+        refs.append(reference(images[lo:lo + size], texts[keep], t2i[keep] - lo))
+        lo += size
     assert_metrics_equal(got, {key: np.mean([r[key] for r in refs]) for key in refs[0]})
-    assert got["folds"] == 4 and got["fold_size"] == size and len(got["per_fold"]) == 4
-    assert got["n_images"] == 4 * size and got["n_captions"] == int(((t2i >= 0) & (t2i < 4 * size)).sum())
+    assert got["folds"] == 4 and got["fold_sizes"] == sizes and len(got["per_fold"]) == 4
+    assert got["n_images"] == n_images and got["n_captions"] == len(t2i)  # no image or caption left out
 
 
 def test_rejects_bad_inputs():
@@ -299,13 +300,19 @@ def test_evaluate_writes_report_and_embeddings_and_counts_the_overlap(eval_setup
 def test_clean_run_has_no_overlap_and_folds_name_their_report(eval_setup, tmp_path):
     shards_dir, text = eval_setup
     ckpt = make_run(tmp_path / "run", fingerprint=fingerprint_of(text), train_image_ids=[1, 2, 3])
+    (tmp_path / "reports").mkdir()
     result = CliRunner().invoke(app, ["eval", str(ckpt), "--shards", str(shards_dir), "--text", str(text),
-                                      "--loader", "torch", "--device", "cpu", "--folds", "2"])
+                                      "--loader", "torch", "--device", "cpu", "--folds", "2",
+                                      "--out", str(tmp_path / "reports" / "r.json")])
     assert result.exit_code == 0, result.output
     assert "warning" not in result.output and "R@10" in result.output
-    report = json.loads((tmp_path / "run" / "eval-test-folds2.json").read_text())
-    assert report["overlap_with_train"] == 0 and report["folds"] == 2 and report["fold_size"] == 6
-    assert len(report["per_fold"]) == 2 and report["n_images"] == 12
+    # A finished eval leaves no lock file, neither beside --out nor in the run.
+    assert [p.name for p in (tmp_path / "reports").iterdir()] == ["r.json"]
+    assert not list(tmp_path.rglob(".lock"))
+    report = json.loads((tmp_path / "reports" / "r.json").read_text())
+    assert report["overlap_with_train"] == 0 and report["folds"] == 2 and report["fold_sizes"] == [7, 6]
+    assert len(report["per_fold"]) == 2 and report["n_images"] == 13  # every image in a fold, none left out
+    assert "2 folds of 6-7 images" in " ".join(result.output.split())
 
 
 def test_mismatched_text_cache_is_refused(eval_setup, tmp_path):

@@ -81,7 +81,8 @@ def test_embed_text_in_bf16_matches_fp32(tmp_path, text_model):
     options = dict(model=str(text_model), device="cuda", batch_size=64, progress=False)
     fp32 = TextCache.load(embed_text(tmp_path / "shards", dtype="float32", out=tmp_path / "fp32.parquet", **options))
     auto = TextCache.load(embed_text(tmp_path / "shards", dtype="auto", out=tmp_path / "auto.parquet", **options))
-    assert fp32.metadata["dtype"] == "float32" and auto.metadata["dtype"] == "bfloat16"  # auto = bf16 on CUDA
+    # auto = bf16 on CUDA
+    assert fp32.metadata["compute_dtype"] == "float32" and auto.metadata["compute_dtype"] == "bfloat16"
     assert np.array_equal(fp32.caption_ids, auto.caption_ids) and len(fp32) == 300
     a, b = fp32.embeddings.float(), auto.embeddings.float()
     assert not torch.equal(a, b)  # bf16 really ran: its rounding shows in the stored float16 values

@@ -2,7 +2,9 @@
 and the format version every clipcoco reader checks."""
 
 import json
+import re
 import shutil
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -13,14 +15,39 @@ from pipeline.shard_reader import FORMAT_VERSION, decode_ids, encode_id, open_sh
 from pipeline.shard_verify import verify_shards
 from pipeline.shards import build_shards
 
+REPO = Path(__file__).resolve().parents[1]
 
-def test_webdataset_defaults_read_every_sample(mini):
-    wds = pytest.importorskip("webdataset")
-    urls = [str(t) for t in mini.tars]
-    read = list(wds.WebDataset(urls, shardshuffle=False).decode("pil"))  # no only=: every member decoded
-    assert len(read) == mini.n_images == 79
-    assert [s["id"] for s in read] == [s["json"]["image_id"] for s in read] == mini.image_ids().tolist()
+
+def readme_snippet(containing: str) -> str:
+    """The README's Python block that contains `containing`: the text the tests run, so the README stays true."""
+    blocks = re.findall(r"```python\n(.*?)```", (REPO / "README.md").read_text(), re.S)
+    found = [b for b in blocks if containing in b]
+    assert len(found) == 1, f"README.md has {len(found)} python blocks with {containing!r}"
+    return found[0]
+
+
+@pytest.fixture(scope="module")
+def mini_one_shard(coco_mini, tmp_path_factory):
+    """coco-mini val2017 packed into a single shard."""
+    out = tmp_path_factory.mktemp("mini1") / "shards"
+    build_shards(out=out, images=coco_mini / "val2017", annotations=coco_mini / "annotations" / "captions_val2017.json",
+                 progress=False)
+    return open_shards(out)
+
+
+@pytest.mark.parametrize("split", ["mini", "mini_one_shard"])
+def test_the_readme_webdataset_snippet_reads_every_sample(split, request):
+    pytest.importorskip("webdataset")
+    shards = request.getfixturevalue(split)
+    code = readme_snippet("import webdataset").replace('"data/shards/val2017"', repr(str(shards.root)))
+    scope = {}
+    exec(code, scope)
+    assert len(shards.tars) == (3 if split == "mini" else 1) and scope["n"] == len(shards.tars)
+    read = list(scope["samples"])  # no only=: every member decoded by webdataset's defaults
+    assert len(read) == shards.n_images == 79
+    assert [s["id"] for s in read] == [s["json"]["image_id"] for s in read] == shards.image_ids().tolist()
     assert all(s["jpg"].mode == "RGB" and s["txt"] == s["json"]["captions"][0] for s in read)
+    assert scope["image_id"] == read[-1]["id"] and scope["captions"] == read[-1]["json"]["captions"]
 
 
 def _first_captions(shards) -> set[str]:
@@ -109,18 +136,21 @@ def test_ids_without_a_key_are_left_out_and_listed(tiny_coco, tmp_path):
     assert [(f["image_id"], f["reason"]) for f in failures] == [(-5, "bad_id")]
 
 
-def test_pandas_and_duckdb_read_the_parquet_files(mini, tmp_path):
-    pd = pytest.importorskip("pandas")
-    duckdb = pytest.importorskip("duckdb")
+def test_the_readme_pandas_and_duckdb_snippet_reads_the_parquet_files(mini, tmp_path):
+    pytest.importorskip("pandas")
+    pytest.importorskip("duckdb")
     from conftest import write_random_text_cache
 
-    captions = pd.read_parquet(mini.root / "captions.parquet")
+    split = tmp_path / "val2017"  # the split's Parquet files, with a random cache under the README's cache name
+    split.mkdir()
+    shutil.copy(mini.root / "captions.parquet", split)
+    write_random_text_cache(mini.root, split / "text-distilbert-base-uncased-mean.parquet", dim=16)
+    scope = {}
+    exec(readme_snippet("import duckdb").replace("data/shards/val2017", str(split)), scope)
+    captions, cache = scope["captions"], scope["cache"]
     assert list(captions.columns) == ["image_id", "caption_id", "caption"] and len(captions) >= 5 * 79
-    counts = duckdb.sql(f"SELECT image_id, count(*) AS n FROM '{mini.root / 'captions.parquet'}' GROUP BY image_id")
-    assert len(counts.fetchall()) == 79
-    write_random_text_cache(mini.root, tmp_path / "text-random-mean.parquet", dim=16)
-    cache = pd.read_parquet(tmp_path / "text-random-mean.parquet")
+    assert len(scope["counts"].fetchall()) == 79
     assert list(cache.columns) == ["image_id", "caption_id", "caption", "embedding"] and len(cache) == len(captions)
     assert len(cache["embedding"].iloc[0]) == 16
-    rows = duckdb.sql(f"SELECT caption, len(embedding) AS dim FROM '{tmp_path}/text-*.parquet' LIMIT 3").fetchall()
+    rows = scope["dims"].fetchall()
     assert len(rows) == 3 and all(dim == 16 for _, dim in rows)

@@ -18,3 +18,23 @@ def test_the_rate_is_the_mean_until_rich_has_an_estimate():
         assert 250 / task.elapsed * 0.5 < shown <= 250 / 0.05
         bar.advance(task_id, 250)
         assert str(rate.render(task)) != "0 images/s"
+
+
+def test_a_file_or_pipe_gets_whole_lines():
+    import os
+    import subprocess
+    import sys
+
+    # A real process whose stdout and stderr are files (no terminal), as `clipcoco ... 2> log` makes them.
+    long_path = "/".join(["a-rather-long-folder-name"] * 8) + "/shards-val2017"
+    script = ("from pipeline.progress import console, rate_bar\n"
+              f"console().print('packed 79 images -> {long_path}')\n"
+              f"console(stderr=True).print('wrote {long_path}: 400 captions')\n"
+              f"with rate_bar('embedding {long_path}', 'captions') as bar:\n"
+              "    bar.add_task('x', total=10, completed=10)\n")
+    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}  # an explicit width is obeyed
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, env=env)
+    assert proc.stdout == f"packed 79 images -> {long_path}\n"
+    lines = proc.stderr.splitlines()
+    assert lines[0] == f"wrote {long_path}: 400 captions"
+    assert len(lines) == 2 and lines[1].startswith(f"embedding {long_path} ") and "10/10" in lines[1]

@@ -45,6 +45,13 @@ def test_load(cache_path):
     assert torch.equal(cache.embeddings[:, 0], torch.arange(6, dtype=torch.float16))
 
 
+def test_a_cache_of_clipcoco_0_2_0_with_its_dtype_key_loads(tmp_path):
+    old = {("dtype" if key == "compute_dtype" else key): value for key, value in METADATA.items()}
+    path = write_cache(tmp_path / "old.parquet", [10], [1], np.ones((1, DIM), np.float32), metadata=old)
+    cache = TextCache.load(path)
+    assert cache.metadata == METADATA and "dtype" not in cache.metadata
+
+
 def test_sample_uniform_over_each_images_captions(cache_path):
     cache = TextCache.load(cache_path)
     ids = torch.tensor([10, 20, 30, 10] * 3000)

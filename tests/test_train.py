@@ -299,8 +299,31 @@ def test_cli_warns_of_endless_warmup_and_a_finished_run_says_so(data, tmp_path):
     fewer = CliRunner().invoke(app, [*args, "--steps", "1"])
     assert fewer.exit_code == 0 and "is already at step 2, past its target 1; nothing to do" in fewer.stderr
     assert [m["step"] for m in metrics(tmp_path / "run") if m["kind"] == "train"] == [1, 2]  # nothing rewritten
+    assert "resuming" not in fewer.stderr
     more = CliRunner().invoke(app, [*args, "--steps", "3"])  # a larger target continues
     assert more.exit_code == 0 and json.loads(more.stdout.strip().splitlines()[-1])["step"] == 3
+    # config.yaml is rewritten with the new target, so the printed resume command would stop there: said on screen
+    run = tmp_path / "run"
+    assert f"resuming {run} at step 2 with train.steps 2 -> 3; {run / 'config.yaml'} now holds them\n" in more.stderr
+
+
+def test_a_path_that_does_not_open_names_where_it_came_from(data, tmp_path, monkeypatch, capsys):
+    from test_cli import run_main
+
+    args = _train_args(data, tmp_path / "run")
+    # Only what is missing is asked for.
+    code, err = run_main(monkeypatch, capsys, *[a for a in args if a not in ("--text", str(data["text"]))])
+    assert code == 2 and "no training data: pass --text FILE (from `clipcoco embed-text`)\n" in err
+    assert "--shards DIR" not in err
+    # The preset names Karpathy eval shards that are not here: the error says the preset gave that path.
+    code, err = run_main(monkeypatch, capsys, *args, "--config", "coco-karpathy", "--image-weights", "none")
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert ("no manifest.json in data/shards/karpathy-test" in err and "(data.eval_shards data/shards/karpathy-test "
+            "came from --config coco-karpathy: pass --eval-shards to use another)" in err), err
+    code, err = run_main(monkeypatch, capsys, *args, "--set", f"data.image_features={tmp_path / 'f.parquet'}",
+                         "--lock-image")
+    assert code == 2 and "came from --set data.image_features: pass --image-features to use another" in err, err
+    assert not (tmp_path / "run").exists()
 
 
 def test_lr_schedule_warms_up_linearly_then_decays_by_cosine():

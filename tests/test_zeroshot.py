@@ -194,3 +194,28 @@ def test_command_errors_are_one_line(run, tmp_path):
     (tmp_path / "bad" / "b" / "y.jpg").write_text("text, not a JPEG")
     with pytest.raises(UserError, match="y.jpg is not an image"):
         zeroshot(run_dir, images=tmp_path / "bad", out=tmp_path / "r.json", device="cpu", progress=False)
+
+
+@pytest.mark.parametrize("n", [10, 21, 100])
+def test_the_confusion_matrix_keeps_every_label_inside_and_counts_in_view(n):
+    pytest.importorskip("matplotlib")
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from clip.zeroshot import confusion_figure
+
+    rng = np.random.default_rng(n)
+    matrix = rng.integers(0, 3, size=(n, n)) + 10 * np.eye(n, dtype=int)
+    names = [f"a long class name {i}" for i in range(n)]
+    fig = confusion_figure(matrix.tolist(), names, title=f"{n} classes")
+    renderer = FigureCanvasAgg(fig).get_renderer()  # what savefig draws the PNG with
+    fig.draw(renderer)
+    ax = fig.axes[0]
+    page = fig.bbox
+    labels = [ax.xaxis.label, ax.yaxis.label, ax.title, *ax.get_xticklabels(), *ax.get_yticklabels()]
+    assert sum(bool(t.get_text()) for t in labels) == 3 + 2 * n  # every class named on both axes
+    for text in labels:
+        box = text.get_window_extent(renderer)
+        assert page.x0 <= box.x0 and box.x1 <= page.x1 and page.y0 <= box.y0 and box.y1 <= page.y1, text.get_text()
+    counts = [t for t in ax.texts if t.get_text()]
+    assert len(counts) == (int(np.count_nonzero(matrix)) if n <= 50 else 0)  # a colour bar alone at 100 classes
+    assert len(fig.axes) == 2  # the matrix and its colour bar

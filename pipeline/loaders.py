@@ -24,6 +24,10 @@ Train: random-resized-crop (area scale [crop_scale_min, 1], aspect ratio [3/4, 4
 rank sees in an epoch are counted in `dropped_per_epoch`. Eval: the center square of each image (side = its
 shorter side) resized to S x S, which is resize-shorter-then-center-crop without rounding an intermediate size;
 file order, every image exactly once across ranks, the last batch partial.
+
+Damage: the first pass also hashes the shards of this rank's share against their manifest (`ShardCheck`, on a thread
+of its own) and stops at the first batch after a mismatch, or at the end of the pass, with one line naming the
+shard; the .idx files are checked against the tar layout before anything is read (`SampleIndex.check_layout`).
 """
 
 import atexit

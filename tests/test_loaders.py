@@ -419,6 +419,22 @@ def test_a_shard_damaged_without_a_change_of_size_stops_a_train_epoch(generated,
     gc.collect()  # the traceback held a DALI pipeline
 
 
+def test_a_process_hashes_a_shard_once_unless_it_changes(generated, tmp_path, monkeypatch):
+    """A train run's periodic eval makes a new loader over the eval shards each time: they are hashed once."""
+    import pipeline.shard_reader as shard_reader
+
+    root = _copy(generated, tmp_path)
+    hashed = []
+    real = shard_reader.sha256_file
+    monkeypatch.setattr(shard_reader, "sha256_file", lambda path: hashed.append(path.name) or real(path))
+    for _ in range(2):
+        list(loader(open_shards(root), "torch", train=False, threads=1))
+    assert sorted(hashed) == [f"shard-00000{i}.tar" for i in range(5)]
+    _overwrite_jpeg(root, "shard-000003.tar", _smallest_jpeg(generated))
+    with pytest.raises(UserError, match="shard-000003.tar is damaged"):
+        list(loader(open_shards(root), "torch", train=False, threads=1))
+
+
 def test_ranks_share_the_shard_check_and_the_rank_holding_the_damage_stops(generated, tmp_path):
     root = _copy(generated, tmp_path)
     _overwrite_jpeg(root, "shard-000004.tar", _smallest_jpeg(generated))

@@ -24,6 +24,10 @@ Train: random-resized-crop (area scale [crop_scale_min, 1], aspect ratio [3/4, 4
 rank sees in an epoch are counted in `dropped_per_epoch`. Eval: the center square of each image (side = its
 shorter side) resized to S x S, which is resize-shorter-then-center-crop without rounding an intermediate size;
 file order, every image exactly once across ranks, the last batch partial.
+
+Damage: the first pass also hashes the shards of this rank's share against their manifest (`ShardCheck`, on a thread
+of its own) and stops at the first batch after a mismatch, or at the end of the pass, with one line naming the
+shard; the .idx files are checked against the tar layout before anything is read (`SampleIndex.check_layout`).
 """
 
 import atexit
@@ -41,7 +45,7 @@ import torchvision.transforms.v2.functional as F
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from pipeline.errors import UserError, require_extra
-from pipeline.shard_reader import SampleIndex, ShardSet
+from pipeline.shard_reader import SampleIndex, ShardCheck, ShardSet
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -126,6 +130,7 @@ class Loader:
                             f"over {world_size} rank(s): lower --batch-size")
         self.index = SampleIndex.load(shards.indexes, tars=shards.tars)
         self.index.require("jpg", "json", "id")
+        self.index.check_layout()
         # What either loader reads is what the .idx files list: they must list what the manifest counts, or an
         # epoch would quietly be short (an index written by a second `clipcoco shards` into the same folder, say).
         listed = np.bincount(self.index.tar_of, minlength=len(shards.tars)).tolist()
@@ -140,6 +145,32 @@ class Loader:
         self.crops = Crops(train=train, seed=seed, scale_min=crop_scale_min)
         self.epoch = 0  # epochs finished
         self.batch = 0  # batches yielded in the current epoch
+        self._check: ShardCheck | None = None  # the shards' sha256, started by the first pass
+
+    def shards_to_check(self) -> list[int]:
+        """The shards holding this rank's eval share (file order): what it reads in eval, and together with the other
+        ranks' every shard once, so a train run hashes each shard on one rank, not on all."""
+        n, counts = self.shards.n_images, [e["count"] for e in self.shards.manifest["shards"]]
+        first, end = n * self.rank // self.world_size, n * (self.rank + 1) // self.world_size
+        starts = np.cumsum([0, *counts])
+        return [s for s in range(len(counts)) if starts[s] < end and starts[s + 1] > first]
+
+    def _checked(self, items: Iterator) -> Iterator:
+        """`items` of one pass, stopped by damage the shard check finds: at each item, at the end of the pass (which
+        waits for the check), and in place of an error that damaged bytes cause (a JPEG that does not decode)."""
+        items = iter(items)  # first, so the torch loader's workers fork before the check's thread starts
+        if self._check is None:
+            self._check = ShardCheck(self.shards, self.shards_to_check())
+        try:
+            for item in items:
+                self._check.raise_if_damaged()
+                yield item
+        except UserError:  # already says what to do
+            raise
+        except Exception:  # not `as err`: a frame that holds its own exception is a reference cycle
+            self._check.wait()  # a damaged shard explains the error better than its traceback does
+            raise
+        self._check.wait()
 
     def epoch_rows(self, epoch: int) -> np.ndarray:
         """Sample rows this rank reads in `epoch`, in order: one seeded permutation of the whole split per
@@ -227,7 +258,7 @@ class DaliLoader(Loader):
         batches = self.remaining_batches()
         if batches:  # one pipeline per pass: its source ends with the epoch
             source = _DaliSource(self, batches, epoch=self.epoch)
-            for rows, (out,) in zip(batches, self._build(source), strict=True):
+            for rows, (out,) in self._checked(zip(batches, self._build(source), strict=True)):
                 self.batch += 1
                 yield Batch(images=out["images"].permute(0, 3, 1, 2), image_ids=source.image_ids(rows))
         self.epoch, self.batch = self.epoch + 1, 0
@@ -295,10 +326,16 @@ class TorchLoader(Loader):
             _LIVE.add(self)  # closed at exit if still alive then
         # The ids are read here, not in the workers, so a damaged id member stops the run with the shard's name in
         # one line (an error raised in a worker comes back wrapped in its traceback).
-        for rows, images in zip(self.remaining_batches(), self._loader, strict=True):
-            self.batch += 1
-            ids = torch.tensor([self.index.image_id(row) for row in rows.tolist()], dtype=torch.int64)
-            yield Batch(images=normalize(images.to(self.device, non_blocking=True)), image_ids=ids)
+        try:
+            for rows, images in zip(self.remaining_batches(), self._checked(self._loader), strict=True):
+                self.batch += 1
+                ids = torch.tensor([self.index.image_id(row) for row in rows.tolist()], dtype=torch.int64)
+                yield Batch(images=normalize(images.to(self.device, non_blocking=True)), image_ids=ids)
+        except Exception:
+            # torch re-raises a worker's error from a frame that holds it: a reference cycle that leaves the workers
+            # to the garbage collector, whose shutdown of them hangs (they ignore SIGTERM). End them now.
+            self.close()
+            raise
         self.epoch, self.batch = self.epoch + 1, 0
 
     def close(self) -> None:

@@ -15,6 +15,7 @@ pipeline/shards.py.
 import hashlib
 import json
 import os
+import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,7 @@ import pyarrow.parquet as pq
 import torch
 
 from pipeline.errors import UserError
+from pipeline.files import sha256_file
 
 MEMBERS = ("id", "jpg", "json", "txt")  # a sample's members, in the order they are written (sorted, as webdataset does)
 # Version 2: the `id` member holds the key's 12 ASCII digits (version 1 held 8 binary bytes, which webdataset's
@@ -33,6 +35,7 @@ MEMBERS = ("id", "jpg", "json", "txt")  # a sample's members, in the order they 
 FORMAT_VERSION = 2
 ID_DIGITS = 12  # every key and `id` member has exactly this many digits: DALI batches only fixed-size members
 MAX_IMAGE_ID = 10**ID_DIGITS - 1
+TAR_BLOCK = 512  # a tar's header and padding unit
 _POWERS = 10 ** torch.arange(ID_DIGITS - 1, -1, -1, dtype=torch.int64)
 
 
@@ -80,6 +83,16 @@ def read_json(path: Path) -> dict[str, Any] | None:
         return None
 
 
+def check_and_rebuild(folder: Path) -> str:
+    """What to do about damage found in a shard folder (the end of every such message)."""
+    return (f"check the folder with `clipcoco shards --verify {folder}` and rebuild it with "
+            "`clipcoco shards ... --overwrite`")
+
+
+def _first_line(err: Exception) -> str:
+    return str(err).splitlines()[0] if str(err) else ""
+
+
 CAPTIONS_SCHEMA = pa.schema([("image_id", pa.int64()), ("caption_id", pa.int64()), ("caption", pa.string())])
 
 
@@ -95,8 +108,8 @@ def read_captions(root: Path, columns: list[str] | None = None) -> pa.Table:
     except (pa.ArrowException, OSError) as err:  # cut short, not Parquet, columns missing or of another type
         if isinstance(err, OSError) and err.errno is not None:  # the file system's (no permission...): the CLI says it
             raise
-        raise UserError(f"{path} cannot be read ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
-                        f"): it is damaged; rerun the `clipcoco shards` command that wrote {root} (same options: it "
+        raise UserError(f"{path} cannot be read ({type(err).__name__}: {_first_line(err)}): it is damaged; rerun "
+                        f"the `clipcoco shards` command that wrote {root} (same options: it "
                         "rewrites captions.parquet)") from None
     return table.sort_by([(c, "ascending") for c in ("image_id", "caption_id") if c in names])
 
@@ -124,7 +137,12 @@ def load_manifest(root: Path) -> dict:
     if not (root / "manifest.json").is_file():
         raise UserError(f"no manifest.json in {root}: did you run `clipcoco shards --out {root}`? "
                         "(an interrupted run leaves none: rerun the same command to finish it)")
-    manifest = json.loads((root / "manifest.json").read_text(encoding="utf-8"))
+    try:
+        manifest = json.loads((root / "manifest.json").read_text(encoding="utf-8"))
+    except ValueError as err:  # cut short, zeroed or not UTF-8
+        raise UserError(f"{root / 'manifest.json'} is damaged ({type(err).__name__}: {_first_line(err)}): rerun the "
+                        f"`clipcoco shards` command that wrote {root} (same options: it rewrites manifest.json), then "
+                        f"check the folder with `clipcoco shards --verify {root}`") from None
     version = manifest.get("format_version", 1)  # version 1 recorded none
     if version != FORMAT_VERSION:
         raise UserError(f"{root} holds shards of format version {version}; this clipcoco reads version "
@@ -160,6 +178,54 @@ def open_shards(shards_dir: Path) -> ShardSet:
     return shards
 
 
+# Shards this process has hashed and found intact, as they were then: a train run's periodic eval makes a loader over
+# the same eval shards each time, and hashes them once.
+_HASHED: set[tuple] = set()
+
+
+class ShardCheck:
+    """The sha256 of some of a folder's shards against their manifest, computed on a thread of its own.
+
+    `open_shards` compares only sizes, and damage of the same size (bit rot, a member overwritten) decodes as
+    another image. Hashing reads each shard once more, on this thread (hashlib and file reads release the GIL), while
+    the loader's first pass reads the samples; a loader polls it at every batch and waits for it at the end of the
+    pass, so nothing a pass yields is used before the bytes it came from are checked.
+    """
+
+    def __init__(self, shards: ShardSet, which: Iterable[int]) -> None:
+        self.problem: str | None = None  # set once a shard disagrees: the one line to stop with
+        self._thread = threading.Thread(target=self._hash, args=(shards, list(which)), name="shard-check",
+                                        daemon=True)  # never holds up an exit (it only reads)
+        self._thread.start()
+
+    def _hash(self, shards: ShardSet, which: list[int]) -> None:
+        for i in which:
+            tar, entry = shards.tars[i], shards.manifest["shards"][i]
+            try:
+                stat = tar.stat()
+                seen = (str(tar), stat.st_ino, stat.st_size, stat.st_mtime_ns, entry["sha256"])
+                if seen in _HASHED:
+                    continue
+                damaged = sha256_file(tar) != entry["sha256"]
+            except OSError as err:
+                self.problem = f"{tar} cannot be read ({err.strerror}): {check_and_rebuild(shards.root)}"
+                return
+            if damaged:
+                self.problem = (f"{tar} is damaged: its bytes are not the ones `clipcoco shards` wrote (sha256 differs "
+                                f"from its manifest entry): {check_and_rebuild(shards.root)}")
+                return
+            _HASHED.add(seen)
+
+    def raise_if_damaged(self) -> None:
+        if self.problem is not None:
+            raise UserError(self.problem)
+
+    def wait(self) -> None:
+        """Block until every shard is hashed; `UserError` naming a damaged one."""
+        self._thread.join()
+        self.raise_if_damaged()
+
+
 class SampleIndex:
     """Every sample of a list of tars, located by their DALI .idx files, read by offset (no tar is scanned).
 
@@ -168,8 +234,10 @@ class SampleIndex:
     (a DataLoader worker, say) opens the tars for itself on first read.
     """
 
-    def __init__(self, tars: list[Path], keys: list[str], tar_of: np.ndarray, members: dict[str, np.ndarray]):
+    def __init__(self, tars: list[Path], keys: list[str], tar_of: np.ndarray, members: dict[str, np.ndarray], *,
+                 indexes: list[Path]):
         self.tars = [str(t) for t in tars]
+        self.indexes = [str(i) for i in indexes]  # the .idx each tar was located by
         self.keys = keys  # [N] each sample's __key__
         self.tar_of = tar_of  # [N] int64: which tar holds the sample
         self.members = members  # ext -> [N, 2] int64 (offset, size); (-1, -1) where the sample lacks that member
@@ -182,19 +250,28 @@ class SampleIndex:
         tars = [Path(i).with_suffix(".tar") for i in indexes] if tars is None else tars
         keys, tar_of, located = [], [], []
         for t, index in enumerate(indexes):
-            lines = Path(index).read_text().splitlines()
+            try:
+                lines = Path(index).read_text().splitlines()
+            except UnicodeDecodeError:
+                lines = []
             if not lines or not lines[0].startswith("v1.2 "):
                 raise UserError(f"{index} is not a DALI webdataset index (v1.2): rebuild with `clipcoco shards`")
-            for line in lines[1:]:
+            for number, line in enumerate(lines[1:], start=2):
                 fields = line.split()
-                members = {fields[i]: (int(fields[i + 1]), int(fields[i + 2])) for i in range(0, len(fields), 4)}
+                try:
+                    if not fields or len(fields) % 4:
+                        raise ValueError("not groups of 4 fields")
+                    members = {fields[i]: (int(fields[i + 1]), int(fields[i + 2])) for i in range(0, len(fields), 4)}
+                except ValueError:
+                    raise UserError(f"{index} is damaged (line {number}: {line[:60]!r}): "
+                                    f"{check_and_rebuild(Path(index).parent)}") from None
                 keys.append(fields[3].partition(".")[0])
                 tar_of.append(t)
                 located.append(members)
         exts = sorted({ext for m in located for ext in m})
         table = {ext: np.array([m.get(ext, (-1, -1)) for m in located], dtype=np.int64).reshape(-1, 2)
                  for ext in exts}
-        return cls(tars, keys, np.asarray(tar_of, dtype=np.int64), table)
+        return cls(tars, keys, np.asarray(tar_of, dtype=np.int64), table, indexes=indexes)
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -226,6 +303,45 @@ class SampleIndex:
                 raise UserError(f"sample {self.keys[row]} in {self.tars[self.tar_of[row]]} lacks its {ext} member: "
                                 "rebuild with `clipcoco shards --overwrite`")
 
+    def check_layout(self) -> None:
+        """Stop unless every member lies where a tar of `clipcoco shards` holds it: back to back from the first
+        header, each after its own 512-byte header and padded to 512 bytes, the last inside the tar. Call it after
+        `require`. Arithmetic on the .idx alone: a size or offset it got wrong (a digit lost) would otherwise be read
+        as a cut JPEG deep into a run."""
+        present = [(ext, np.flatnonzero(self.has(ext))) for ext in self.members]
+        if not present:
+            return
+        rows = np.concatenate([r for _, r in present])
+        exts = np.concatenate([np.full(len(r), ext) for ext, r in present])
+        offset, size = np.concatenate([self.members[ext][r] for ext, r in present]).T
+        order = np.lexsort((offset, self.tar_of[rows]))
+        rows, exts, offset, size = rows[order], exts[order], offset[order], size[order]
+        tar = self.tar_of[rows]
+        end = offset + -(-size // TAR_BLOCK) * TAR_BLOCK  # where the member's padded data ends
+        first, last = np.r_[True, tar[1:] != tar[:-1]], np.r_[tar[1:] != tar[:-1], True]
+        starts_wrong = offset != np.where(first, 0, np.r_[0, end[:-1]]) + TAR_BLOCK
+        # A member that does not start where the one before it ends: the size of that one or this offset is wrong.
+        wrong = np.flatnonzero(starts_wrong & ~first) - 1
+        # Nothing follows a tar's last member to check its size against: its own header says it (one read per tar).
+        last_wrong = [k for k in np.flatnonzero(last) if not self._header_agrees(int(tar[k]), f"{self.keys[rows[k]]}."
+                                                                                 f"{exts[k]}", offset[k], size[k])]
+        wrong = np.r_[wrong, np.flatnonzero((starts_wrong & first) | (size < 0)), last_wrong]
+        if len(wrong):
+            k = int(wrong.min())
+            index = Path(self.indexes[tar[k]])
+            raise UserError(f"{index} does not match its tar at sample {self.keys[rows[k]]}'s {exts[k]} member "
+                            f"(offset {offset[k]}, size {size[k]}, or the next one's offset): "
+                            f"{check_and_rebuild(index.parent)}")
+
+    def _header_agrees(self, tar: int, name: str, offset: int, size: int) -> bool:
+        """Whether the ustar header before `offset` in tar `tar` names `name` and `size`."""
+        if offset < TAR_BLOCK:
+            return False
+        with open(self.tars[tar], "rb") as f:
+            header = os.pread(f.fileno(), TAR_BLOCK, offset - TAR_BLOCK)
+        return (len(header) == TAR_BLOCK and header[:100].rstrip(b"\0") == name.encode()
+                and header[124:136].rstrip(b"\0 ") == b"%011o" % size)
+
     def row_of(self, image_id: int) -> int:
         row = self._rows.get(key_of(image_id))
         if row is None:
@@ -247,8 +363,7 @@ class SampleIndex:
         if data != self.keys[row].encode("ascii", "replace") or not data.isdigit():
             tar = Path(self.tars[self.tar_of[row]])
             raise UserError(f"sample {self.keys[row]} in {tar} has a damaged id member ({bytes(data[:16])!r}, not its "
-                            f"key): check the folder with `clipcoco shards --verify {tar.parent}` and rebuild it "
-                            "with `clipcoco shards ... --overwrite`")
+                            f"key): {check_and_rebuild(tar.parent)}")
         return decode_id(data)
 
     def sample(self, image_id: int) -> dict:

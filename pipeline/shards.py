@@ -26,6 +26,7 @@ import time
 import unicodedata
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import suppress
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -192,7 +193,7 @@ class ShardWriter:
     def __init__(self, out: Path, index: int, build_id: str):
         self.out, self.index, self.build_id = out, index, build_id
         self.tar = out / shard_name(index, "tar")
-        self.tmp = temporary_name(self.tar)  # where a killed run leaves it: complete_prefix clears it
+        self.tmp = temporary_name(self.tar)  # an error removes it (abort), a kill leaves it: complete_prefix clears it
         self.file = self.tmp.open("wb")
         self.hashing = _HashingFile(self.file)
         self.writer = tarfile.TarFile(fileobj=self.hashing, mode="w", format=tarfile.USTAR_FORMAT,
@@ -222,6 +223,14 @@ class ShardWriter:
                    "reencoded": self.reencoded, "keys": self.keys, "left_out": left_out}
         write_atomic(self.out / shard_name(self.index, "json"), _json_bytes(sidecar))
         return sidecar
+
+    def abort(self) -> None:
+        """Remove what this shard wrote so far (its temporary tar, or a tar and .idx without their sidecar): an error
+        here is often a full disk, which a half-written shard would only fill further."""
+        with suppress(OSError):  # closing flushes the buffered tail, which a full disk refuses again
+            self.file.close()
+        for path in (self.tmp, self.tar, self.out / shard_name(self.index, "idx")):
+            path.unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -379,19 +388,24 @@ def write_shards(items: Iterable[tuple[dict, bool] | dict], *, out: Path, build_
     sidecars: list[dict] = []
     failures: list[dict] = []
     writer: ShardWriter | None = None
-    for item in items:
-        if isinstance(item, dict):
-            failures.append(item)
-            continue
-        if writer is None:
-            writer = ShardWriter(out, first_index + len(sidecars), build_id)
-        writer.add(*item)
-        if len(writer.keys) == samples_per_shard:
+    try:
+        for item in items:
+            if isinstance(item, dict):
+                failures.append(item)
+                continue
+            if writer is None:
+                writer = ShardWriter(out, first_index + len(sidecars), build_id)
+            writer.add(*item)
+            if len(writer.keys) == samples_per_shard:
+                sidecars.append(writer.close(failures))
+                writer, failures = None, []
+        if writer is not None:
             sidecars.append(writer.close(failures))
             writer, failures = None, []
-    if writer is not None:
-        sidecars.append(writer.close(failures))
-        failures = []
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
     return sidecars, failures
 
 

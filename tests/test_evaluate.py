@@ -367,3 +367,45 @@ def test_a_cache_of_edited_captions_is_refused_in_one_line(tmp_path):
     assert "was made from other captions than" in stderr and "(3 of its 12 captions are not in the cache" in stderr
     assert f"rerun `clipcoco embed-text {shards} --model tiny-text --pooling mean --max-length 77`" in stderr
     assert not (tmp_path / "run" / "eval-test.json").exists()
+
+
+def _damage(shards: Path, how: str) -> str:
+    """Damage a shard folder as disks and people do; returns the file the message must name."""
+    if how == "manifest cut short":
+        text = (shards / "manifest.json").read_text()
+        (shards / "manifest.json").write_text(text[: len(text) // 2])
+        return "manifest.json"
+    line = (shards / "shard-000001.idx").read_text().splitlines()[2].split()
+    offset, size = int(line[line.index("jpg") + 1]), int(line[line.index("jpg") + 2])
+    if how == "idx size lost a digit":
+        idx = shards / "shard-000001.idx"
+        idx.write_text(idx.read_text().replace(f"jpg {offset} {size} ", f"jpg {offset} {size // 10} "))
+        return "shard-000001.idx"
+    # Another real JPEG over this one, zero-padded to its length: the size and every header stay right.
+    others = (shards / "shard-000002.idx").read_text().splitlines()[1:]
+    other = next(f for f in (o.split() for o in others) if int(f[f.index("jpg") + 2]) < size)
+    with open(shards / "shard-000002.tar", "rb") as tar:
+        tar.seek(int(other[other.index("jpg") + 1]))
+        jpeg = tar.read(int(other[other.index("jpg") + 2]))
+    with open(shards / "shard-000001.tar", "r+b") as tar:
+        tar.seek(offset)
+        tar.write(jpeg.ljust(size, b"\0"))
+    return "shard-000001.tar"
+
+
+@pytest.mark.parametrize("how", ["same-size JPEG swap", "idx size lost a digit", "manifest cut short"])
+def test_damaged_shards_stop_eval_in_one_line_that_names_the_file(eval_setup, tmp_path, how):
+    """Nothing is scored from damaged shards, and the one line says which file and how to check the folder."""
+    import shutil
+
+    shards_dir, text = eval_setup
+    shards = tmp_path / "test"
+    shutil.copytree(shards_dir, shards)
+    damaged = _damage(shards, how)
+    make_run(tmp_path / "run", fingerprint=fingerprint_of(text))
+    code, stderr = clipcoco("eval", str(tmp_path / "run"), "--shards", str(shards), "--text", str(text),
+                            "--loader", "torch", "--device", "cpu", "--batch-size", "4")
+    error = stderr.strip().splitlines()[-1]  # after the progress bar (which a terminal erases), if it started
+    assert code == 2 and "Traceback" not in stderr and stderr.count("error:") == 1, stderr
+    assert error.startswith(f"error: {shards / damaged} ") and f"`clipcoco shards --verify {shards}`" in error, stderr
+    assert not (tmp_path / "run" / "eval-test.json").exists()

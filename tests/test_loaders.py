@@ -20,7 +20,7 @@ from pipeline.loaders import (
     random_resized_crop_box,
     resolve_kind,
 )
-from pipeline.shard_reader import open_shards
+from pipeline.shard_reader import SampleIndex, open_shards
 from pipeline.shard_verify import verify_shards
 from pipeline.shards import build_shards
 
@@ -221,7 +221,7 @@ def test_close_ends_the_workers_and_the_loader_goes_on(generated):
 _STOP_SIGNALS_THEN_EXIT = """
 import multiprocessing, os, signal, sys, torch
 from pipeline.loaders import make_loader
-from pipeline.shard_reader import open_shards
+from pipeline.shard_reader import SampleIndex, open_shards
 ldr = make_loader(open_shards(sys.argv[1]), kind="torch", batch_size=4, image_size=16, train=True,
                   device=torch.device("cpu"), threads=2)
 batches = iter(ldr)
@@ -344,6 +344,20 @@ def _copy(shards, tmp_path):
     return tmp_path / "copy"
 
 
+def _record_as_written(root, tar: str) -> None:
+    """Give `tar`'s sidecar and manifest entry its present sha256, as if it had been written with its damage."""
+    from pipeline.files import sha256_file
+
+    digest = sha256_file(root / tar)
+    sidecar = json.loads((root / tar).with_suffix(".json").read_text())
+    (root / tar).with_suffix(".json").write_text(json.dumps({**sidecar, "sha256": digest}))
+    manifest = json.loads((root / "manifest.json").read_text())
+    for entry in manifest["shards"]:
+        if entry["tar"] == tar:
+            entry["sha256"] = digest
+    (root / "manifest.json").write_text(json.dumps(manifest))
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_an_index_that_disagrees_with_the_manifest_is_refused(generated, kind, tmp_path):
     """What a second `clipcoco shards` into the same folder used to leave: a .idx listing fewer samples than the
@@ -366,6 +380,7 @@ def test_a_damaged_id_member_names_the_shard(generated, kind, tmp_path):
     with open(root / "shard-000002.tar", "r+b") as tar:  # a valid id, another image's: only the key can tell
         tar.seek(offset)
         tar.write(b"000000000999")
+    _record_as_written(root, "shard-000002.tar")  # wrong before its sha256 was taken: the shard check cannot tell
     with pytest.raises(UserError, match=r"sample \d{12} in .*shard-000002.tar has a damaged id member "
                                         r"\(b'000000000999', not its key\): check the folder with `clipcoco shards "
                                         r"--verify .*copy`") as err:
@@ -376,6 +391,87 @@ def test_a_damaged_id_member_names_the_shard(generated, kind, tmp_path):
     gc.collect()
     with pytest.raises(UserError, match="shard-000002.tar: sample .* has an id or json image_id that disagrees"):
         verify_shards(root, progress=False)
+
+
+def _overwrite_jpeg(root, tar: str, data: bytes) -> None:
+    """Write `data`, zero-padded, over the first JPEG of `tar` (its size and every tar header stay as they were)."""
+    fields = (root / tar).with_suffix(".idx").read_text().splitlines()[1].split()
+    offset, size = int(fields[fields.index("jpg") + 1]), int(fields[fields.index("jpg") + 2])
+    assert len(data) <= size
+    with open(root / tar, "r+b") as f:
+        f.seek(offset)
+        f.write(data.ljust(size, b"\0"))
+
+
+def _smallest_jpeg(shards) -> bytes:
+    with SampleIndex.load(shards.indexes) as index:
+        return index.read(int(index.members["jpg"][:, 1].argmin()), "jpg")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_shard_damaged_without_a_change_of_size_stops_a_train_epoch(generated, kind, tmp_path):
+    """Another real JPEG in a sample's place decodes fine: only the shard's sha256 can tell."""
+    root = _copy(generated, tmp_path)
+    _overwrite_jpeg(root, "shard-000003.tar", _smallest_jpeg(generated))
+    with pytest.raises(UserError, match=r"^\S*copy/shard-000003.tar is damaged: its bytes are not the ones `clipcoco "
+                                        r"shards` wrote .*: check the folder with `clipcoco shards --verify \S*copy`"):
+        list(loader(open_shards(root), kind, train=True))
+    gc.collect()  # the traceback held a DALI pipeline
+
+
+def test_a_process_hashes_a_shard_once_unless_it_changes(generated, tmp_path, monkeypatch):
+    """A train run's periodic eval makes a new loader over the eval shards each time: they are hashed once."""
+    import pipeline.shard_reader as shard_reader
+
+    root = _copy(generated, tmp_path)
+    hashed = []
+    real = shard_reader.sha256_file
+    monkeypatch.setattr(shard_reader, "sha256_file", lambda path: hashed.append(path.name) or real(path))
+    for _ in range(2):
+        list(loader(open_shards(root), "torch", train=False, threads=1))
+    assert sorted(hashed) == [f"shard-00000{i}.tar" for i in range(5)]
+    _overwrite_jpeg(root, "shard-000003.tar", _smallest_jpeg(generated))
+    with pytest.raises(UserError, match="shard-000003.tar is damaged"):
+        list(loader(open_shards(root), "torch", train=False, threads=1))
+
+
+def test_ranks_share_the_shard_check_and_the_rank_holding_the_damage_stops(generated, tmp_path):
+    root = _copy(generated, tmp_path)
+    _overwrite_jpeg(root, "shard-000004.tar", _smallest_jpeg(generated))
+    shards = open_shards(root)
+    ranks = [loader(shards, "torch", train=True, rank=r, world_size=2, threads=1) for r in range(2)]
+    checked = [set(r.shards_to_check()) for r in ranks]
+    assert checked[0] | checked[1] == set(range(5)) and len(checked[0]) < 5 and len(checked[1]) < 5
+    assert len(list(ranks[0])) == ranks[0].steps_per_epoch  # shard 4 is not rank 0's to check
+    with pytest.raises(UserError, match="shard-000004.tar is damaged"):
+        list(ranks[1])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_jpeg_that_no_longer_decodes_is_explained_by_the_shard_check(generated, kind, tmp_path):
+    """Bit rot that breaks a JPEG fails its decoding (in a worker, or in DALI) before the check is done: the error
+    is the damaged shard's one line, not the decoder's traceback."""
+    root = _copy(generated, tmp_path)
+    jpeg = bytearray(_smallest_jpeg(generated))
+    jpeg[len(jpeg) // 3:] = bytes(len(jpeg) - len(jpeg) // 3)  # the entropy-coded data and the end marker zeroed
+    _overwrite_jpeg(root, "shard-000000.tar", bytes(jpeg[:-1]))
+    with pytest.raises(UserError, match="shard-000000.tar is damaged"):
+        list(loader(open_shards(root), kind, train=False))
+    gc.collect()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_an_index_that_lost_a_digit_of_a_size_is_refused_before_reading(generated, kind, tmp_path):
+    root = _copy(generated, tmp_path)
+    idx = root / "shard-000001.idx"
+    fields = idx.read_text().splitlines()[3].split()
+    offset, size = fields[fields.index("jpg") + 1], fields[fields.index("jpg") + 2]
+    idx.write_text(idx.read_text().replace(f"jpg {offset} {size} ", f"jpg {offset} {size[:-1]} "))
+    key = fields[3].split(".")[0]
+    with pytest.raises(UserError, match=rf"^\S*copy/shard-000001.idx does not match its tar at sample {key}'s jpg "
+                                        rf"member \(offset {offset}, size {size[:-1]}, or the next one's offset\): "
+                                        r"check the folder with `clipcoco shards --verify \S*copy` and rebuild it"):
+        loader(open_shards(root), kind, train=True)
 
 
 def test_an_exif_rotated_jpeg_is_upright_in_both_loaders(tmp_path):

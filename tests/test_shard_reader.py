@@ -2,6 +2,7 @@
 
 import json
 import pickle
+from pathlib import Path
 
 import pytest
 
@@ -66,3 +67,49 @@ def test_not_an_index(tmp_path):
     (tmp_path / "x.idx").write_text("garbage\n")
     with pytest.raises(UserError, match="not a DALI webdataset index"):
         SampleIndex.load([tmp_path / "x.idx"])
+
+
+def _copy(shards, tmp_path):
+    import shutil
+
+    return Path(shutil.copytree(shards.root, tmp_path / "copy"))
+
+
+@pytest.mark.parametrize("content", [lambda text: text[: len(text) // 2], lambda text: "", lambda text: "\0" * 64],
+                         ids=["cut short", "empty", "zeroed"])
+def test_a_damaged_manifest_is_named_with_what_to_do(shards, tmp_path, content):
+    root = _copy(shards, tmp_path)
+    (root / "manifest.json").write_text(content((root / "manifest.json").read_text()))
+    with pytest.raises(UserError, match=rf"^{root}/manifest.json is damaged \(JSONDecodeError: .*\): rerun the "
+                                        rf"`clipcoco shards` command that wrote {root} .*`clipcoco shards --verify "
+                                        rf"{root}`$"):
+        open_shards(root)
+
+
+@pytest.mark.parametrize("edit", [lambda line: line.replace(" 12 ", " 1z ", 1), lambda line: line.rsplit(" ", 1)[0]],
+                         ids=["not a number", "a field lost"])
+def test_a_damaged_index_line_is_named(shards, tmp_path, edit):
+    root = _copy(shards, tmp_path)
+    idx = root / "shard-000001.idx"
+    lines = idx.read_text().splitlines()
+    lines[2] = edit(lines[2])
+    idx.write_text("\n".join(lines) + "\n")
+    with pytest.raises(UserError, match=rf"^{idx} is damaged \(line 3: .*\): check the folder with `clipcoco shards "
+                                        rf"--verify {root}` and rebuild it with `clipcoco shards ... --overwrite`$"):
+        SampleIndex.load(open_shards(root).indexes)
+
+
+def test_the_layout_check_finds_a_size_or_offset_the_index_got_wrong(shards):
+    """Every member of a tar `clipcoco shards` wrote lies back to back after its own header, so a size or offset that
+    changed by a block or more is found from the .idx alone."""
+    with SampleIndex.load(shards.indexes) as index:
+        index.check_layout()
+        # (member changed, which field, by how much, the member named: a wrong offset shows as the one before it)
+        for ext, row, column, delta, named in [("jpg", 4, 1, -1000, ("jpg", 4)), ("txt", 6, 1, 1024, ("txt", 6)),
+                                               ("json", 0, 0, 512, ("jpg", 0)), ("id", 3, 0, -512, ("id", 3))]:
+            members = {e: m.copy() for e, m in index.members.items()}
+            members[ext][row, column] += delta
+            wrong = SampleIndex(index.tars, index.keys, index.tar_of, members, indexes=index.indexes)
+            with pytest.raises(UserError, match=rf"shard-00000\d.idx does not match its tar at sample "
+                                                rf"{index.keys[named[1]]}'s {named[0]} member \("):
+                wrong.check_layout()

@@ -536,7 +536,9 @@ def test_a_write_error_stops_the_workers_and_a_rerun_recovers(tiny_coco, tmp_pat
     monkeypatch.setattr(ShardWriter, "add", add_then_fail)
     with pytest.raises(OSError, match="No space left"):  # and no hang: the pool shuts down
         _build(ann, images, tmp_path / "s", samples_per_shard=5, workers=2)
-    assert (tmp_path / "s" / "shard-000001.tar.tmp").exists()
+    # Nothing of the shard being written is left to fill the disk further; the complete shard before it is kept.
+    assert sorted(p.name for p in (tmp_path / "s").glob("shard-*")) == [f"shard-000000.{e}" for e in ("idx", "json",
+                                                                                                      "tar")]
     # What the user sees: one line naming the shard being written and what to do, exit 2.
     code, err = run_main(monkeypatch, capsys, "shards", "--annotations", str(ann), "--images", str(images), "--out",
                          str(tmp_path / "s"), "--samples-per-shard", "5", "--workers", "1", "--no-progress")
@@ -546,6 +548,23 @@ def test_a_write_error_stops_the_workers_and_a_rerun_recovers(tiny_coco, tmp_pat
     _build(ann, images, tmp_path / "s", samples_per_shard=5, workers=2)
     _build(ann, images, tmp_path / "ref", samples_per_shard=5)
     assert _files(tmp_path / "s") == _files(tmp_path / "ref")
+
+
+def test_a_disk_that_fills_while_a_shard_is_closed_leaves_no_part_of_it(tiny_coco, tmp_path, monkeypatch):
+    """The tar is complete and renamed, then its .idx (or sidecar) finds the disk full: the tar goes too, as a shard
+    without its sidecar is no shard."""
+    import pipeline.shards as shards_module
+
+    ann, images = tiny_coco
+
+    def full(tar, idx):
+        Path(idx).write_bytes(b"v1.2")
+        raise OSError(errno.ENOSPC, "No space left on device", str(idx))
+
+    monkeypatch.setattr(shards_module, "write_index", full)
+    with pytest.raises(OSError, match="No space left"):
+        _build(ann, images, tmp_path / "s", samples_per_shard=5, workers=1)
+    assert list((tmp_path / "s").glob("shard-*")) == []
 
 
 def _reason_of(out: Path) -> dict[int, str]:

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from clip.config import config_from_flat
@@ -37,7 +36,7 @@ from pipeline.loaders import (
     random_resized_crop_box,
     resolve_kind,
 )
-from pipeline.progress import rate_bar
+from pipeline.progress import console, rate_bar
 from pipeline.runtime import resolve_device
 from pipeline.shard_reader import SampleIndex, open_shards
 from pipeline.text_cache import TextCache
@@ -77,7 +76,7 @@ def _progress(enabled: bool) -> Progress:
     # stderr, so that the JSON line is the last thing on stdout.
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                     TextColumn("{task.fields[rate]}"), TimeElapsedColumn(),
-                    console=Console(stderr=True), transient=True, disable=not enabled)
+                    console=console(stderr=True), transient=True, disable=not enabled)
 
 
 def batch_mate_repetition(first: list[list[int]], second: list[list[int]]) -> float:

@@ -29,6 +29,7 @@ from clip.api import load
 from clip.embeddings import load_image_embeddings
 from clip.plot import figure_class
 from pipeline.errors import UserError
+from pipeline.progress import console as make_console
 from pipeline.runtime import resolve_device
 from pipeline.shard_reader import SampleIndex, open_shards
 
@@ -177,7 +178,7 @@ def search(query: str | None = None, *, run: Path, shards: Path, image_id: int |
         hits.append(Hit(rank=rank, image_id=int(ids[row]), score=float(feats[row] @ vector),
                         file_name=sample["json"]["file_name"], caption=sample["json"]["captions"][0],
                         jpeg=sample["jpg"], correct=int(ids[row]) in known))
-    console = Console()
+    console = make_console()
     print_hits(hits, title, console)
     if known:
         best = min(rank_of(feats, vector, np.flatnonzero(np.isin(ids, list(known))), exclude=exclude))

@@ -49,6 +49,7 @@ from clip.negatives import ExtraNegatives
 from pipeline.errors import Interrupted, UserError
 from pipeline.files import write_atomic
 from pipeline.loaders import Loader, make_loader
+from pipeline.progress import console
 from pipeline.runtime import Runtime, any_rank, barrier, distributed, gather_objects, main_locked
 from pipeline.shard_reader import ShardSet, open_shards
 from pipeline.text_cache import TextCache
@@ -341,7 +342,8 @@ def evaluate_now(model: CLIP, cfg: Config, inputs: Inputs, device: torch.device,
 
 def _progress(enabled: bool) -> Progress:
     return Progress(TextColumn("[bold]train[/] step"), MofNCompleteColumn(), BarColumn(),
-                    TextColumn("{task.fields[stats]}"), TimeRemainingColumn(), disable=not enabled)
+                    TextColumn("{task.fields[stats]}"), TimeRemainingColumn(), console=console(stderr=True),
+                    disable=not enabled)
 
 
 @dataclass

@@ -36,6 +36,7 @@ from clip.plot import figure_class
 from pipeline import __version__
 from pipeline.errors import UserError
 from pipeline.files import write_atomic
+from pipeline.progress import console as make_console
 from pipeline.progress import rate_bar
 from pipeline.runtime import resolve_device
 
@@ -250,7 +251,7 @@ def zeroshot(run_or_ckpt: Path, *, images: Path, out: Path | None = None, classe
     write_atomic(out, (json.dumps(report, indent=2) + "\n").encode())
     write_confusion(report["confusion"], names, out=png, title=f"zero-shot confusion, {folder.root.name} "
                     f"(top-1 {100 * report['top1']:.1f}%)")
-    console = Console()
+    console = make_console()
     print_report(report, console)
     if folder.skipped:
         console.print(f"[dim]left out {folder.skipped} file(s) without an image extension[/]")

@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 
 from pipeline.errors import UserError
 from pipeline.files import sha256_file
-from pipeline.progress import rate_bar
+from pipeline.progress import console, rate_bar
 from pipeline.shard_reader import MEMBERS, SampleIndex, decode_id, load_manifest, read_json, shard_set
 from pipeline.shards import totals_problems, write_index
 
@@ -120,8 +120,6 @@ def verify_shards(shards_dir: Path, *, progress: bool = True) -> dict:
         raise UserError(f"{len(problems)} problem(s) in {shards.root}:\n  " + "\n  ".join(problems))
     report = {"shards": len(shards.tars), "images": len(checked_ids), "fingerprint": shards.fingerprint, "ok": True}
     if progress:
-        from rich.console import Console
-
-        Console().print(f"ok: {report['shards']} shards, {report['images']:,} images match their sidecars, "
+        console().print(f"ok: {report['shards']} shards, {report['images']:,} images match their sidecars, "
                         f"indexes and captions.parquet ({shards.root})")
     return report

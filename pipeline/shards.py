@@ -39,7 +39,7 @@ from pipeline.coco import Annotations, ImageRecord, read_coco_captions, read_kar
 from pipeline.errors import UserError
 from pipeline.files import commit, locked, replacing, sha256_file, temporary_name, write_atomic
 from pipeline.images import Prepared, Rejected, prepare_image
-from pipeline.progress import rate_bar
+from pipeline.progress import console, rate_bar
 from pipeline.shard_reader import (
     FORMAT_VERSION,
     MAX_IMAGE_ID,
@@ -472,9 +472,7 @@ def build_shards(*, out: Path, images: Path, annotations: Path | None = None, ka
                                     started=started)
     totals = manifest["totals"]
     if progress:
-        from rich.console import Console
-
-        Console().print(f"packed {totals['images_packed']:,} images ({totals['images_left_out']:,} left out) into "
+        console().print(f"packed {totals['images_packed']:,} images ({totals['images_left_out']:,} left out) into "
                         f"{totals['shards']} shards, {totals['bytes'] / 1e6:,.1f} MB, {manifest['seconds']:.1f} s "
                         f"-> {out}")
     reasons = Counter(totals["left_out_by_reason"])

@@ -268,11 +268,11 @@ for [open_clip](https://github.com/mlfoundations/open_clip) by `clipcoco export`
 ## Architecture
 
 - Image tower: timm `{cfg.model.image_model}` (torchvision's ResNet, ImageNet mean/std,
-  {cfg.data.image_size} px), global average pooling, a `{cfg.model.head}` projection head to
+  {cfg.data.image_size} px), global average pooling, projection head `{cfg.model.head}` to
   {cfg.model.embed_dim} dimensions.
 - Text tower: `{fingerprint['model']}` (frozen during training; a `BertModel` here),
-  {fingerprint['pooling']} pooling over at most {int(fingerprint['max_length'])} tokens, a `{cfg.model.head}`
-  projection head to {cfg.model.embed_dim} dimensions.
+  {fingerprint['pooling']} pooling over at most {int(fingerprint['max_length'])} tokens, projection head
+  `{cfg.model.head}` to {cfg.model.embed_dim} dimensions.
 - Loss: {cfg.model.loss}; logit scale {math.exp(float(log_logit_scale(ckpt))):.4g}{
     f", logit bias {float(ckpt.model['logit_bias']):.4g}" if 'logit_bias' in ckpt.model else ''}.
 

@@ -36,7 +36,6 @@ from pipeline.embed_text import query_encoder
 from pipeline.errors import UserError
 from pipeline.files import sha256_file
 from pipeline.loaders import IMAGENET_MEAN, IMAGENET_STD
-from pipeline.text_cache import LOCATION_KEY
 
 CONFIG_NAME = "open_clip_config.json"
 WEIGHTS_NAME = "open_clip_model.safetensors"
@@ -94,7 +93,7 @@ def _text_tower(ckpt: Checkpoint):
     from transformers import BertConfig, BertModel
 
     fingerprint = dict(ckpt.text_fingerprint)
-    location = ckpt.text_model_path or fingerprint.get(LOCATION_KEY) or fingerprint["model"]
+    location = ckpt.text_model_path or fingerprint["model"]  # an older checkpoint: where the fingerprint's name says
     if ckpt.text_model_path and not Path(location).is_dir():
         raise UserError(f"the run's text model folder {location} is gone: export copies the text tower's weights and "
                         f"tokenizer from it, so restore it there ({fingerprint['model']}, the model embed-text used)")

@@ -45,7 +45,6 @@ class CLIP(nn.Module):
         self.trunk = trunk
         self.image_head = _head(feat_dim, cfg.embed_dim, cfg.head, "image", heads)
         self.text_head = _head(text_dim, cfg.embed_dim, cfg.head, "text", heads)
-        self.heads = heads  # open_clip, or v1: the heads of checkpoints written before `clipcoco export`
         # Learned in log space so the scale stays positive; CLIP's init is 1/0.07.
         self.log_logit_scale = nn.Parameter(torch.tensor(math.log(1 / cfg.init_temperature)))
         # SigLIP's learnable bias (init -10: the many negatives start near probability 0), only for its loss.

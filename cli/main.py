@@ -8,7 +8,7 @@ import sys
 
 import typer
 
-from cli import bench, demo, embed_images, embed_text, evaluate, plot, search, shards, train, zeroshot
+from cli import bench, demo, embed_images, embed_text, evaluate, export, plot, search, shards, train, zeroshot
 from pipeline import __version__
 from pipeline.errors import Interrupted, UserError, os_error_message
 
@@ -33,6 +33,7 @@ app.command("train", no_args_is_help=True)(train.command)
 app.command("eval", no_args_is_help=True)(evaluate.command)
 app.command("search", no_args_is_help=True)(search.command)
 app.command("zeroshot", no_args_is_help=True)(zeroshot.command)
+app.command("export", no_args_is_help=True)(export.command)
 app.command("plot", no_args_is_help=True)(plot.command)
 app.add_typer(bench.app, name="bench")
 app.command("demo")(demo.command)

@@ -19,7 +19,7 @@ from typing import BinaryIO
 import torch
 
 from clip.config import Config, config_from_dict
-from clip.model import CLIP
+from clip.model import CLIP, head_form
 from pipeline.errors import UserError
 from pipeline.files import replacing, write_atomic
 
@@ -63,7 +63,7 @@ class Checkpoint:
 
     def build_model(self) -> CLIP:
         """The CLIP with its trained weights, in eval mode on the CPU (no pretrained download)."""
-        model = CLIP(self.cfg.model, int(self.text_dim))
+        model = CLIP(self.cfg.model, int(self.text_dim), heads=head_form(self.model))
         model.load_state_dict(self.model)
         return model.eval()
 
@@ -124,9 +124,10 @@ def _save(state: dict, f: BinaryIO) -> None:
 
 def _check_weights(path: Path, ckpt: Checkpoint) -> None:
     """Stop unless the model weights are every tensor of the CLIP its config describes, in shape, and finite."""
-    with torch.device("meta"):  # the expected names and shapes, without allocating or initialising anything
-        expected = {k: v.shape for k, v in CLIP(ckpt.cfg.model, int(ckpt.text_dim)).state_dict().items()}
     weights = ckpt.model if isinstance(ckpt.model, dict) else {}
+    with torch.device("meta"):  # the expected names and shapes, without allocating or initialising anything
+        model = CLIP(ckpt.cfg.model, int(ckpt.text_dim), heads=head_form(weights))
+        expected = {k: v.shape for k, v in model.state_dict().items()}
     missing = sorted(expected.keys() - weights.keys())
     unexpected = sorted(weights.keys() - expected.keys())
     misshapen = sorted(k for k in expected.keys() & weights.keys()

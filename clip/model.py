@@ -19,22 +19,32 @@ from clip.config import ModelConfig
 from pipeline.errors import UserError
 
 
-def _head(in_dim: int, out_dim: int, kind: str) -> nn.Module:
+def _head(in_dim: int, out_dim: int, kind: str, tower: str, form: str) -> nn.Module:
+    """A projection head in open_clip's own forms (its timm image head, its Hugging Face text head), so a run
+    exports as an open_clip model as it is: the image head has biases, the text head none; an MLP's hidden width
+    is 2 x out_dim for images (timm's Mlp) and (in_dim + out_dim) // 2 for text (HFTextEncoder). `v1` rebuilds
+    the older heads (biases everywhere, hidden width in_dim) so their checkpoints still load."""
+    bias = form == "v1" or tower == "image"
     if kind == "linear":
-        return nn.Linear(in_dim, out_dim)
-    # One hidden layer of the input's width: enough to reshape a frozen text space, cheap next to a ResNet.
-    return nn.Sequential(nn.Linear(in_dim, in_dim), nn.GELU(), nn.Linear(in_dim, out_dim))
+        return nn.Linear(in_dim, out_dim, bias=bias)
+    hidden = in_dim if form == "v1" else 2 * out_dim if tower == "image" else (in_dim + out_dim) // 2
+    return nn.Sequential(nn.Linear(in_dim, hidden, bias=bias), nn.GELU(), nn.Linear(hidden, out_dim, bias=bias))
+
+
+def head_form(state_dict: dict) -> str:
+    """Which heads a CLIP state dict holds: only v1 gave the text head biases."""
+    return "v1" if {"text_head.bias", "text_head.0.bias"} & state_dict.keys() else "open_clip"
 
 
 class CLIP(nn.Module):
-    def __init__(self, cfg: ModelConfig, text_dim: int) -> None:
+    def __init__(self, cfg: ModelConfig, text_dim: int, *, heads: str = "open_clip") -> None:
         super().__init__()
         trunk = getattr(torchvision.models, cfg.image_model)(weights=None)
         feat_dim = trunk.fc.in_features  # 512 (resnet18/34) or 2048 (resnet50/101)
         trunk.fc = nn.Identity()  # the trunk ends at global average pooling: [B, feat_dim]
         self.trunk = trunk
-        self.image_head = _head(feat_dim, cfg.embed_dim, cfg.head)
-        self.text_head = _head(text_dim, cfg.embed_dim, cfg.head)
+        self.image_head = _head(feat_dim, cfg.embed_dim, cfg.head, "image", heads)
+        self.text_head = _head(text_dim, cfg.embed_dim, cfg.head, "text", heads)
         # Learned in log space so the scale stays positive; CLIP's init is 1/0.07.
         self.log_logit_scale = nn.Parameter(torch.tensor(math.log(1 / cfg.init_temperature)))
         # SigLIP's learnable bias (init -10: the many negatives start near probability 0), only for its loss.

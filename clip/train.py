@@ -44,7 +44,7 @@ from clip.checkpoint import CHECKPOINT_DIR, LATEST, Checkpoint, list_checkpoints
 from clip.config import Config, OptimConfig
 from clip.image_features import FeatureLoader, ImageFeatures
 from clip.loss import clip_loss
-from clip.model import CLIP, build_model, trunk_sha256
+from clip.model import CLIP, build_model, head_form, trunk_sha256
 from clip.negatives import ExtraNegatives
 from pipeline.errors import Interrupted, UserError
 from pipeline.files import write_atomic
@@ -395,8 +395,9 @@ def rank_state(states: Tensor, rank: int) -> Tensor:
 
 def build_run(cfg: Config, out: Path, env: Runtime, inputs: Inputs, resume: Checkpoint | None) -> Run:
     torch.manual_seed(cfg.train.seed)
-    # A resumed model takes every weight from the checkpoint: no pretrained download.
-    model = build_model(cfg.model, inputs.text.dim) if resume is None else CLIP(cfg.model, inputs.text.dim)
+    # A resumed model takes every weight from the checkpoint, heads in its own form: no pretrained download.
+    model = (build_model(cfg.model, inputs.text.dim) if resume is None
+             else CLIP(cfg.model, inputs.text.dim, heads=head_form(resume.model)))
     # Batches arrive channels_last; weights in the same layout keep convs on the fast path (cuDNN/oneDNN) and
     # gradient strides equal to DDP's buckets.
     model = model.to(env.device, memory_format=torch.channels_last)

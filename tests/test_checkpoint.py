@@ -156,7 +156,7 @@ def test_weights_that_do_not_fit_the_model_are_one_line(tmp_path, cfg):
 def test_non_finite_weights_are_refused(tmp_path, cfg):
     state = _state(1, cfg)
     state.model["image_head.weight"][0, :2] = float("nan")
-    state.model["text_head.bias"][0] = float("inf")
+    state.model["text_head.weight"][0, 0] = float("inf")
     state.save(tmp_path, keep_last=1)
     with pytest.raises(UserError, match=r"holds non-finite weights \(3 NaN/Inf values in 2 of \d+ tensors, first: "
                                         r"image_head.weight\).*earlier checkpoint"):

@@ -347,7 +347,7 @@ def test_non_finite_weights_cache_or_embeddings_are_refused(loaded, eval_setup, 
     broken = build_model(load_config(None, CONFIG).model, TEXT_DIM).eval()
     broken.load_state_dict(model.state_dict())
     with torch.no_grad():
-        broken.text_head.bias[0] = math.inf
+        broken.text_head.weight[0, 0] = math.inf
     with pytest.raises(UserError, match=r"NaN/Inf for 0 of 13 image embeddings and 62 of 62 caption embeddings "
                                         r"\(its weights hold NaN/Inf"):
         embed((shards, cache, broken), 13)

@@ -339,7 +339,7 @@ def test_no_weight_decay_on_biases_norms_and_temperature():
     names = {id(p): n for n, p in model.named_parameters()}
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     skipped = {names[id(p)] for p in no_decay["params"]}
-    assert {"log_logit_scale", "trunk.bn1.weight", "trunk.bn1.bias", "image_head.bias", "text_head.bias"} <= skipped
+    assert {"log_logit_scale", "trunk.bn1.weight", "trunk.bn1.bias", "image_head.bias"} <= skipped
     assert {names[id(p)] for p in decay["params"]} == {n for n, p in model.named_parameters() if n not in skipped}
     assert "trunk.conv1.weight" not in skipped and "image_head.weight" not in skipped
 

@@ -6,14 +6,17 @@ import typer
 
 
 def command(
-    run: Path = typer.Argument(..., help="Run directory (its latest checkpoint, or --step) or a checkpoint .pt file."),
+    run: Path = typer.Argument(..., metavar="RUN",
+                               help="Run directory (its latest checkpoint, or --step) or a checkpoint .pt file."),
     out: Path = typer.Option(..., "--out", help="The folder to write (new, or empty)."),
     step: int | None = typer.Option(None, "--step", help="Export the run's checkpoint of this step."),
     hub_id: str | None = typer.Option(None, "--hub-id", help="The Hugging Face Hub repo (org/name) the folder is "
                                       "meant for: open_clip then reads the text tower's config from there."),
 ) -> None:
-    """Write a run as an open_clip model folder (open_clip_config.json, open_clip_model.safetensors, the text tower's
-    config and tokenizer, a model card): open_clip, CLIP_benchmark and the Hugging Face Hub use it as it is.
+    """Write a run as an open_clip model folder for open_clip, CLIP_benchmark and the Hugging Face Hub.
+
+    The folder holds open_clip_config.json, open_clip_model.safetensors, the text tower's config and tokenizer and a
+    model card; open_clip, CLIP_benchmark and the Hub use it as it is.
 
     Example: clipcoco export runs/coco-karpathy --out exports/coco-karpathy
     """

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.errors import UserError, require_extra
+from pipeline.progress import rule
 
 DEMO_CONFIG = "demo"  # the preset configs/demo.yaml, found in the installed package (clip/presets.py)
 RECALL_AT = (1, 5, 10)
@@ -97,7 +98,7 @@ class Stages:
         self.console, self.total, self.seconds = console, total, {}
 
     def run(self, name: str, fn: Callable[[], Any]) -> Any:
-        self.console.rule(f"[bold][{len(self.seconds) + 1}/{self.total}] {name}")
+        rule(self.console, f"[bold][{len(self.seconds) + 1}/{self.total}] {name}")
         started = time.perf_counter()
         result = fn()
         self.seconds[name] = time.perf_counter() - started

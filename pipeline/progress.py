@@ -13,6 +13,7 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+from rich.rule import Rule
 from rich.text import Text
 
 
@@ -39,6 +40,14 @@ def console(*, stderr: bool = False, highlight: bool = True) -> Console:
     if not out.is_terminal and "COLUMNS" not in os.environ:
         out = Console(stderr=stderr, highlight=highlight, soft_wrap=True, width=10_000)
     return out
+
+
+def rule(out: Console, title: str) -> None:
+    """A section header across the terminal, or 80 columns wide in a file or pipe (where `console()` has no width)."""
+    if out.is_terminal:
+        out.rule(title)
+    else:
+        out.print(Rule(title), width=80)
 
 
 def rate_bar(label: str, unit: str, *, enabled: bool = True) -> Progress:

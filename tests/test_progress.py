@@ -27,7 +27,8 @@ def test_a_file_or_pipe_gets_whole_lines():
 
     # A real process whose stdout and stderr are files (no terminal), as `clipcoco ... 2> log` makes them.
     long_path = "/".join(["a-rather-long-folder-name"] * 8) + "/shards-val2017"
-    script = ("from pipeline.progress import console, rate_bar\n"
+    script = ("from pipeline.progress import console, rate_bar, rule\n"
+              "rule(console(stderr=True), '[1/9] shards')\n"
               f"console().print('packed 79 images -> {long_path}')\n"
               f"console(stderr=True).print('wrote {long_path}: 400 captions')\n"
               f"with rate_bar('embedding {long_path}', 'captions') as bar:\n"
@@ -35,6 +36,7 @@ def test_a_file_or_pipe_gets_whole_lines():
     env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}  # an explicit width is obeyed
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, env=env)
     assert proc.stdout == f"packed 79 images -> {long_path}\n"
-    lines = proc.stderr.splitlines()
+    header, *lines = proc.stderr.splitlines()
+    assert len(header) == 80 and " [1/9] shards " in header  # a rule is not a whole line of 10,000 columns
     assert lines[0] == f"wrote {long_path}: 400 captions"
     assert len(lines) == 2 and lines[1].startswith(f"embedding {long_path} ") and "10/10" in lines[1]

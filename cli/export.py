@@ -23,4 +23,8 @@ def command(
     from clip.export import export  # here, not at the top: `clipcoco --help` should not import torch
 
     folder = export(run, out=out, step=step, hub_id=hub_id)
-    typer.echo(f"wrote {folder}: load it with open_clip.create_model_and_transforms('local-dir:{folder}')")
+    if hub_id:  # its text tower's config is read from the Hub repo: it loads once uploaded there
+        typer.echo(f"wrote {folder}: upload it with `huggingface-cli upload {hub_id} {folder} .`, then load it with "
+                   f"open_clip.create_model_and_transforms('hf-hub:{hub_id}')")
+    else:
+        typer.echo(f"wrote {folder}: load it with open_clip.create_model_and_transforms('local-dir:{folder}')")

@@ -66,13 +66,11 @@ def main() -> None:
         typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
         sys.exit(2)
     except Interrupted as stop:
-        from pipeline.runtime import world_size  # not at the top: `clipcoco --help` imports no torch
-
         if str(stop):  # under torchrun rank 0 says how to continue, the other ranks nothing
             typer.secho(str(stop), fg=typer.colors.YELLOW, err=True)
         # 128 + SIGINT, what a shell reports for a command stopped by Ctrl-C. Under torchrun every rank exits 0:
         # torchrun takes any other code for a failure (a ChildFailedError report, a restart with --max-restarts).
-        sys.exit(130 if world_size() == 1 else 0)
+        sys.exit(0 if "TORCHELASTIC_RUN_ID" in os.environ else 130)  # set by torchrun, even with one process
 
 
 if __name__ == "__main__":  # `python -m cli.main` runs the tool as the `clipcoco` script does

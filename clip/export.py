@@ -22,6 +22,7 @@ meant to be uploaded to the Hub as NAME.
 import json
 import math
 import os
+import shlex
 import shutil
 import tempfile
 from pathlib import Path
@@ -61,7 +62,7 @@ def export(run: Path, *, out: Path, step: int | None = None, hub_id: str | None 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
-        _write(tmp, path, ckpt, bert, tokenizer, name=hub_id or str(out.resolve()), out=out, step=step, hub_id=hub_id)
+        _write(tmp, path, ckpt, bert, tokenizer, name=hub_id or str(out.resolve()), out=out, hub_id=hub_id)
         os.replace(tmp, out)  # replaces an empty folder; one filled meanwhile makes it fail and stays as it was
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -196,7 +197,7 @@ def open_clip_state_dict(ckpt: Checkpoint, bert) -> dict[str, torch.Tensor]:
     return {k: v.detach().float().contiguous().clone() for k, v in state.items()}
 
 
-def _write(folder: Path, path: Path, ckpt: Checkpoint, bert, tokenizer, *, name: str, out: Path, step: int | None,
+def _write(folder: Path, path: Path, ckpt: Checkpoint, bert, tokenizer, *, name: str, out: Path,
            hub_id: str | None) -> None:
     from safetensors.torch import save_file
 
@@ -205,8 +206,9 @@ def _write(folder: Path, path: Path, ckpt: Checkpoint, bert, tokenizer, *, name:
     save_file(open_clip_state_dict(ckpt, bert), str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
     bert.config.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
-    command = f"clipcoco export {path}" + (f" --step {step}" if step is not None else "") + f" --out {out}"
-    command += f" --hub-id {hub_id}" if hub_id else ""
+    # The checkpoint file names its step: no --step (which goes with a run directory only).
+    command = shlex.join(["clipcoco", "export", str(path), "--out", str(out),
+                          *(["--hub-id", hub_id] if hub_id else [])])
     (folder / "README.md").write_text(model_card(path, ckpt, config, command=command, hub_id=hub_id))
     umask = os.umask(0)
     os.umask(umask)

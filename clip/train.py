@@ -158,9 +158,10 @@ def open_inputs(cfg: Config, origins: dict[str, str] | None = None) -> Inputs:
         try:
             return opener(Path(path))
         except UserError as err:
-            origin = (origins or {}).get(f"data.{key}", "the default")
-            raise UserError(f"{err} (data.{key} {path} came from {origin}: pass --{key.replace('_', '-')} "
-                            "to use another)") from None
+            origin = (origins or {}).get(f"data.{key}")
+            source = f" came from {origin}" if origin else ""
+            raise UserError(f"{err} (data.{key} {path}{source}: pass --{key.replace('_', '-')} to use another)") \
+                from None
 
     shards = opened(open_shards, "shards")
     text = opened(TextCache.load, "text")
@@ -584,6 +585,8 @@ def fit(run: Run, log: RunLog, *, progress: bool) -> dict:
                     stop_if_diverged(run, meter, weights=True)
                     scores = periodic_eval(run, log)
                 stopping = any_rank(stop.received is not None, run.env)  # every rank stops after the same step
+                if run.step >= run.total:  # the target may fall inside the pass that checks the shards' bytes
+                    run.loader.finish_check()
                 if stopping or _due(run.step, cfg.save_every, run.total):
                     stop_if_diverged(run, meter, weights=True)
                     saved = save(run)

@@ -22,6 +22,7 @@ import socket
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
+from urllib.request import getproxies
 
 import numpy as np
 import pyarrow as pa
@@ -55,6 +56,7 @@ class Encoder:
     def __init__(self, model: str, *, device: "str | torch.device" = "auto", dtype: str = "auto") -> None:
         self.device = device if isinstance(device, torch.device) else resolve_device(device)
         self.dtype = _resolve_dtype(dtype, self.device)
+        model = str(Path(model).expanduser()) if model.startswith("~") else model  # from_pretrained expands no ~
         self.tokenizer, self.model, folder = _load(model)
         # A portable name (the fingerprint holds it, with the sha256s) and where the model was found.
         self.name, self.path = (model_slug(model), str(folder)) if Path(model).is_dir() else (model, model)
@@ -117,6 +119,8 @@ def _hub_unreachable() -> str | None:
     if constants.HF_HUB_OFFLINE:
         return "HF_HUB_OFFLINE is set"
     url = urlsplit(constants.ENDPOINT)
+    if getproxies().get(url.scheme):  # reached through a proxy, which a direct connection would not use
+        return None
     try:
         socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=5).close()
     except OSError as err:
@@ -129,7 +133,7 @@ def _load(model: str):
     from transformers import AutoConfig, AutoModel, AutoTokenizer
     from transformers.utils import cached_file, logging
 
-    path = Path(model).expanduser()
+    path = Path(model)
     # A hub name is NAME or ORG/NAME; anything else that is not a folder is a path that does not exist.
     if path.exists() or model.startswith((".", "/", "~")) or model.count("/") > 1:
         if not path.is_dir():

@@ -146,12 +146,15 @@ def locked(folder: Path, what: str) -> Iterator[None]:
     try:
         yield
     finally:
-        path.unlink()  # removed while still held, so no other process can be holding this file
-        if created:
-            with suppress(OSError):  # a command that wrote nothing leaves no folder behind
-                folder.rmdir()
-        _held.discard(fd)
-        os.close(fd)  # lets go of the lock
+        try:
+            with suppress(FileNotFoundError):  # the folder removed under the command: nothing to clean up
+                path.unlink()  # removed while still held, so no other process can be holding this file
+            if created:
+                with suppress(OSError):  # a command that wrote nothing leaves no folder behind
+                    folder.rmdir()
+        finally:
+            _held.discard(fd)
+            os.close(fd)  # lets go of the lock
 def link_atomic(target: Path, path: Path) -> None:
     """Make `path` a second name of the finished file `target` (a hard link: no second copy of its bytes; a copy
     where the filesystem has no hard links), replacing what `path` was in one rename."""

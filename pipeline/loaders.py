@@ -155,6 +155,12 @@ class Loader:
         starts = np.cumsum([0, *counts])
         return [s for s in range(len(counts)) if starts[s] < end and starts[s + 1] > first]
 
+    def finish_check(self) -> None:
+        """Wait for the shard check of the first pass (UserError naming a damaged shard): for a caller that stops
+        mid-pass (a run whose target falls inside an epoch), which the end-of-pass wait never reaches."""
+        if self._check is not None:
+            self._check.wait()
+
     def _checked(self, items: Iterator) -> Iterator:
         """`items` of one pass, stopped by damage the shard check finds: at each item, at the end of the pass (which
         waits for the check), and in place of an error that damaged bytes cause (a JPEG that does not decode)."""

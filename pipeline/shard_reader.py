@@ -210,6 +210,10 @@ class ShardCheck:
             except OSError as err:
                 self.problem = f"{tar} cannot be read ({err.strerror}): {check_and_rebuild(shards.root)}"
                 return
+            except Exception as err:  # a manifest entry edited by hand, say: never reported as intact
+                self.problem = (f"{tar} cannot be checked ({type(err).__name__}: {err}): "
+                                f"{check_and_rebuild(shards.root)}")
+                return
             if damaged:
                 self.problem = (f"{tar} is damaged: its bytes are not the ones `clipcoco shards` wrote (sha256 differs "
                                 f"from its manifest entry): {check_and_rebuild(shards.root)}")

@@ -255,6 +255,15 @@ def test_a_model_folder_that_does_not_exist_is_named_as_such(tmp_path, monkeypat
     assert f"--model {model}: no such folder; pass a model folder" in err and "Repo id" not in err
 
 
+def test_a_model_folder_given_with_a_tilde_loads(tmp_path, tiny_model, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # as `--model=~/models/x` or a quoted "~/..." reaches us
+    (tmp_path / "home").mkdir()
+    (tmp_path / "home" / "tiny-distilbert").symlink_to(tiny_model)
+    write_captions(tmp_path / "shards", n_images=2)
+    cache = TextCache.load(embed_text(tmp_path / "shards", model="~/tiny-distilbert", device="cpu", progress=False))
+    assert cache.metadata["model"] == "tiny-distilbert"  # the folder's portable name, as for any local folder
+
+
 def test_an_unreachable_hub_is_one_line_without_retries(tmp_path, monkeypatch, capfd):
     import huggingface_hub.constants
 
@@ -270,6 +279,9 @@ def test_an_unreachable_hub_is_one_line_without_retries(tmp_path, monkeypatch, c
     assert "cannot load --model 'no-such-org/no-such-model': it is not in the Hugging Face cache and 127.0.0.1 " \
            "cannot be reached" in message
     assert "Retry" not in capfd.readouterr().err  # the hub client was never asked
+    # Behind a proxy a direct connection proves nothing: the hub client, which uses the proxy, is left to answer.
+    monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:3128")
+    assert et._hub_unreachable() is None
 
 
 def test_decoder_and_non_text_models_are_refused(tmp_path, tiny_model):

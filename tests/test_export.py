@@ -184,13 +184,17 @@ def test_readme_zero_shot_snippet_runs(demo_run, tmp_path):
 
 def test_hub_id_names_the_repo_and_the_card_says_how_to_load(coco_run, tmp_path):
     run, _, _, _ = coco_run
-    out = export_module.export(run, out=tmp_path / "hub", hub_id="someone/clipcoco-mini")
+    out = export_module.export(run, out=tmp_path / "hub", step=2, hub_id="someone/clipcoco-mini")
     text_cfg = json.loads((out / "open_clip_config.json").read_text())["model_cfg"]["text_cfg"]
     assert text_cfg["hf_model_name"] == text_cfg["hf_tokenizer_name"] == "someone/clipcoco-mini"
     assert json.loads((out / "config.json").read_text())["model_type"] == "bert"
     card = (out / "README.md").read_text()
     assert 'create_model_and_transforms("hf-hub:someone/clipcoco-mini")' in card
     assert "huggingface-cli upload someone/clipcoco-mini" in card
+    # The command that made it reruns as written: the checkpoint file names the step (--step goes with a run folder).
+    made = card.split("## How it was made")[1].split("```bash\n")[1].splitlines()[0]
+    assert made == (f"clipcoco export {run / 'checkpoints' / 'step_00000002.pt'} --out {out} "
+                    "--hub-id someone/clipcoco-mini")
 
 
 def test_distilbert_converts_to_the_same_bert():

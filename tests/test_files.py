@@ -72,6 +72,17 @@ def test_a_second_process_is_refused_naming_the_holder_and_a_kill_9_frees_the_lo
             assert b'"command": "clipcoco train"' in (folder / ".lock").read_bytes()
 
 
+def test_a_folder_removed_under_its_lock_keeps_the_error_and_releases(tmp_path):
+    import shutil
+
+    from pipeline import files
+
+    with pytest.raises(ValueError, match="the command's own error"), files.locked(tmp_path / "run", "clipcoco train"):
+        shutil.rmtree(tmp_path / "run")  # `rm -rf` of the run while it runs
+        raise ValueError("the command's own error")
+    assert not files._held  # the descriptor was closed: the lock is free
+
+
 def test_a_lock_leaves_nothing_behind(tmp_path):
     from pipeline.errors import UserError
     from pipeline.files import locked

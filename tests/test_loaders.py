@@ -419,6 +419,26 @@ def test_a_shard_damaged_without_a_change_of_size_stops_a_train_epoch(generated,
     gc.collect()  # the traceback held a DALI pipeline
 
 
+def test_a_run_that_stops_inside_the_first_pass_still_hears_of_the_damage(generated, tmp_path, monkeypatch):
+    """train's target can fall inside an epoch: it stops reading mid-pass and asks for the check before its last
+    checkpoint, as clip/train.py's fit does. The hash is held until then, as a large shard's would still run."""
+    import threading
+
+    import pipeline.shard_reader as shard_reader
+
+    root = _copy(generated, tmp_path)
+    _overwrite_jpeg(root, "shard-000003.tar", _smallest_jpeg(generated))
+    stopped, real = threading.Event(), shard_reader.sha256_file
+    monkeypatch.setattr(shard_reader, "sha256_file", lambda path: stopped.wait(60) and real(path))
+    reader = loader(open_shards(root), "torch", train=True, threads=1)
+    for _, _batch in zip(range(2), reader, strict=False):
+        pass  # two steps, then the run is at its target
+    stopped.set()
+    with pytest.raises(UserError, match="shard-000003.tar is damaged"):
+        reader.finish_check()
+    reader.close()
+
+
 def test_a_process_hashes_a_shard_once_unless_it_changes(generated, tmp_path, monkeypatch):
     """A train run's periodic eval makes a new loader over the eval shards each time: they are hashed once."""
     import pipeline.shard_reader as shard_reader

@@ -19,6 +19,7 @@ name must find this folder's `config.json`: the folder's absolute path as writte
 meant to be uploaded to the Hub as NAME.
 """
 
+import errno
 import json
 import math
 import os
@@ -35,7 +36,7 @@ from clip.model import head_form
 from pipeline import __version__
 from pipeline.embed_text import query_encoder
 from pipeline.errors import UserError
-from pipeline.files import sha256_file
+from pipeline.files import commit, sha256_file
 from pipeline.loaders import IMAGENET_MEAN, IMAGENET_STD
 
 CONFIG_NAME = "open_clip_config.json"
@@ -63,9 +64,12 @@ def export(run: Path, *, out: Path, step: int | None = None, hub_id: str | None 
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
         _write(tmp, path, ckpt, bert, tokenizer, name=hub_id or str(out.resolve()), out=out, hub_id=hub_id)
-        os.replace(tmp, out)  # replaces an empty folder; one filled meanwhile makes it fail and stays as it was
-    except BaseException:
+        # The folder's entries reach the disk, then the rename (which replaces an empty folder) and its parent's entry.
+        commit(tmp, out)
+    except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(err, OSError) and err.errno in (errno.ENOTEMPTY, errno.EEXIST):
+            raise UserError(f"--out {out} was filled while the export ran: pass a new folder") from None
         raise
     return out
 

@@ -44,7 +44,8 @@ def temporary_name(path: Path) -> Path:
 
 
 def commit(tmp: Path, path: Path) -> None:
-    """Make the finished file `tmp` become `path`: its bytes reach the disk before the rename makes them visible."""
+    """Make the finished file `tmp` become `path`: its bytes reach the disk before the rename makes them visible. A
+    folder works too (its entries are synced; `path` may be an empty folder it replaces)."""
     fd = os.open(tmp, os.O_RDONLY)
     try:
         os.fsync(fd)

@@ -2,6 +2,7 @@
 every command prints through."""
 
 import os
+import sys
 
 from rich.console import Console
 from rich.progress import (
@@ -33,18 +34,22 @@ class _Rate(ProgressColumn):
         return Text(f"{speed:,.0f} {self.unit}/s" if speed >= 10 else f"{speed:.1f} {self.unit}/s")
 
 
+NO_WRAP = 10_000  # the width of a console() that writes whole lines
+
+
 def console(*, stderr: bool = False, highlight: bool = True) -> Console:
     """A rich console on stdout (results) or stderr (progress, notes). Written to a file or a pipe, rich would wrap
     lines at 80 columns, mid-path: there each line is written whole (unless COLUMNS asks for a width)."""
-    out = Console(stderr=stderr, highlight=highlight)
-    if not out.is_terminal and "COLUMNS" not in os.environ:
-        out = Console(stderr=stderr, highlight=highlight, soft_wrap=True, width=10_000)
-    return out
+    stream = sys.stderr if stderr else sys.stdout
+    # The stream itself, not rich's is_terminal, which FORCE_COLOR (colours in a CI log) makes True.
+    if not (hasattr(stream, "isatty") and stream.isatty()) and "COLUMNS" not in os.environ:
+        return Console(stderr=stderr, highlight=highlight, soft_wrap=True, width=NO_WRAP)
+    return Console(stderr=stderr, highlight=highlight)
 
 
 def rule(out: Console, title: str) -> None:
     """A section header across the terminal, or 80 columns wide in a file or pipe (where `console()` has no width)."""
-    if out.is_terminal:
+    if out.width < NO_WRAP:  # a terminal's width, or COLUMNS
         out.rule(title)
     else:
         out.print(Rule(title), width=80)

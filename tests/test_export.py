@@ -273,3 +273,19 @@ def test_a_failed_write_leaves_no_folder(coco_run, tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
     with pytest.raises(UserError, match="not an empty folder"):
         export_module.export(run, out=REPO)
+
+
+def test_an_out_filled_while_exporting_is_one_line_and_kept(coco_run, tmp_path, monkeypatch):
+    run, _, _, _ = coco_run
+    out = tmp_path / "out"
+    out.mkdir()  # empty: allowed
+    card = export_module.model_card
+
+    def fill_then_card(*args, **kwargs):
+        (out / "theirs.txt").write_text("written by someone else meanwhile")
+        return card(*args, **kwargs)
+
+    monkeypatch.setattr(export_module, "model_card", fill_then_card)
+    with pytest.raises(UserError, match="was filled while the export ran: pass a new folder"):
+        export_module.export(run, out=out)
+    assert [p.name for p in tmp_path.iterdir()] == ["out"] and [p.name for p in out.iterdir()] == ["theirs.txt"]

@@ -22,6 +22,7 @@ def test_the_rate_is_the_mean_until_rich_has_an_estimate():
 
 def test_a_file_or_pipe_gets_whole_lines():
     import os
+    import re
     import subprocess
     import sys
 
@@ -34,6 +35,10 @@ def test_a_file_or_pipe_gets_whole_lines():
               f"with rate_bar('embedding {long_path}', 'captions') as bar:\n"
               "    bar.add_task('x', total=10, completed=10)\n")
     env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}  # an explicit width is obeyed
+    # FORCE_COLOR (colours in a CI log) makes rich call a pipe a terminal: the lines must stay whole all the same.
+    coloured = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                              env={**env, "FORCE_COLOR": "1"})
+    assert f"{long_path}: 400 captions" in re.sub(r"\x1b\[[0-9;]*m", "", coloured.stderr)
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, env=env)
     assert proc.stdout == f"packed 79 images -> {long_path}\n"
     header, *lines = proc.stderr.splitlines()

@@ -19,7 +19,7 @@ from typing import BinaryIO
 import torch
 
 from clip.config import Config, config_from_dict
-from clip.model import CLIP, head_form
+from clip.model import CLIP, fit_problems, head_form, non_finite
 from pipeline.errors import UserError
 from pipeline.files import replacing, write_atomic
 
@@ -128,17 +128,13 @@ def _check_weights(path: Path, ckpt: Checkpoint) -> None:
     with torch.device("meta"):  # the expected names and shapes, without allocating or initialising anything
         model = CLIP(ckpt.cfg.model, int(ckpt.text_dim), heads=head_form(weights))
         expected = {k: v.shape for k, v in model.state_dict().items()}
-    missing = sorted(expected.keys() - weights.keys())
-    unexpected = sorted(weights.keys() - expected.keys())
-    misshapen = sorted(k for k in expected.keys() & weights.keys()
-                       if not isinstance(weights[k], torch.Tensor) or weights[k].shape != expected[k])
+    missing, unexpected, misshapen = fit_problems(expected, weights)
     if missing or unexpected or misshapen:
         first = (missing or unexpected or misshapen)[0]
         raise UserError(f"{path} is damaged or not a clipcoco checkpoint: its model weights do not fit the model its "
                         f"config describes ({len(missing)} missing, {len(unexpected)} unexpected, {len(misshapen)} of "
                         f"another shape; first: {first}): pass another of the run's checkpoints/step_*.pt")
-    bad = {k: int((~torch.isfinite(v)).sum()) for k, v in weights.items() if v.is_floating_point()}
-    bad = {k: n for k, n in bad.items() if n}
+    bad = non_finite(weights)
     if bad:
         raise UserError(f"{path} holds non-finite weights ({sum(bad.values()):,} NaN/Inf values in {len(bad)} of "
                         f"{len(weights)} tensors, first: {next(iter(bad))}): the training had diverged when it was "

@@ -99,6 +99,22 @@ def trunk_sha256(model: CLIP) -> str:
     return h.hexdigest()
 
 
+def fit_problems(expected: dict[str, torch.Size], state: dict) -> tuple[list[str], list[str], list[str]]:
+    """The names of `state` that do not fit the `expected` shapes: (missing, unexpected, of another shape), sorted.
+    One rule for a checkpoint's weights and for `--image-weights`."""
+    missing = sorted(expected.keys() - state.keys())
+    unexpected = sorted(state.keys() - expected.keys())
+    misshapen = sorted(k for k in expected.keys() & state.keys()
+                       if not isinstance(state[k], torch.Tensor) or state[k].shape != expected[k])
+    return missing, unexpected, misshapen
+
+
+def non_finite(state: dict[str, Tensor]) -> dict[str, int]:
+    """{name: count of NaN/Inf values} of the floating-point tensors of `state` that hold any, in `state`'s order."""
+    counts = {k: int((~torch.isfinite(v)).sum()) for k, v in state.items() if v.is_floating_point()}
+    return {k: n for k, n in counts.items() if n}
+
+
 def _load_trunk_weights(model: CLIP, cfg: ModelConfig) -> None:
     if cfg.image_weights == "none":
         return
@@ -127,11 +143,7 @@ def _load_trunk_weights(model: CLIP, cfg: ModelConfig) -> None:
                             f"with torch.save({cfg.image_model}.state_dict())")
     # A classifier's fc layer does not belong to the trunk; everything else must match exactly.
     state = {k: v for k, v in state.items() if not k.startswith("fc.")}
-    expected = model.trunk.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    misshapen = [k for k in expected if k in state
-                 and not (isinstance(state[k], torch.Tensor) and state[k].shape == expected[k].shape)]
+    missing, unexpected, misshapen = fit_problems({k: v.shape for k, v in model.trunk.state_dict().items()}, state)
     if missing or unexpected or misshapen:
         raise UserError(
             f"image weights {cfg.image_weights} do not fit torchvision {cfg.image_model}: "
@@ -140,10 +152,11 @@ def _load_trunk_weights(model: CLIP, cfg: ModelConfig) -> None:
             "torchvision model"
         )
     # Here, before any step: a NaN in a BatchNorm buffer would train, and only its checkpoints would be refused.
-    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(v.isfinite().all())]
+    bad = non_finite(state)
     if bad:
         raise UserError(f"image weights {cfg.image_weights} hold NaN/Inf values in {len(bad)} of {len(state)} tensors "
-                        f"(first: {bad[0]}): the file is damaged or was saved from a diverged model; pass another")
+                        f"(first: {next(iter(bad))}): the file is damaged or was saved from a diverged model; pass "
+                        "another")
     model.trunk.load_state_dict(state)
 
 

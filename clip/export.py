@@ -226,9 +226,8 @@ def _write(folder: Path, path: Path, ckpt: Checkpoint, bert, tokenizer, *, name:
             os.close(fd)
 
 
-def eval_reports(path: Path, ckpt: Checkpoint) -> list[dict]:
-    """The `clipcoco eval` reports of exactly this checkpoint (its step's files, same sha256)."""
-    sha = sha256_file(path)
+def eval_reports(path: Path, ckpt: Checkpoint, sha: str) -> list[dict]:
+    """The `clipcoco eval` reports of exactly this checkpoint (its step's files, its sha256 `sha`)."""
     reports = []
     for file in sorted(run_dir_of(path).glob(f"eval-*-step{int(ckpt.step):08d}.json")):
         try:
@@ -250,7 +249,8 @@ def model_card(path: Path, ckpt: Checkpoint, config: dict, *, command: str, hub_
     text = config["model_cfg"]["text_cfg"]
     rows = ["| split | images | captions | i2t R@1 | i2t R@5 | i2t R@10 | t2i R@1 | t2i R@5 | t2i R@10 | folds |",
             "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in eval_reports(path, ckpt):
+    sha = sha256_file(path)  # hundreds of MB for a ResNet-50 run: read once
+    for r in eval_reports(path, ckpt, sha):
         recalls = " | ".join(f"{100 * r[f'{d}_r{k}']:.2f}" for d in ("i2t", "t2i") for k in (1, 5, 10))
         rows.append(f"| {r['split']} | {r['n_images']:,} | {r['n_captions']:,} | {recalls} | {r['folds']} |")
     evals = "\n".join(rows) if len(rows) > 2 else "No `clipcoco eval` report of this checkpoint was found in its run."
@@ -285,7 +285,7 @@ for [open_clip](https://github.com/mlfoundations/open_clip) by `clipcoco export`
 
 Shards fingerprint: `{ckpt.shards_fingerprint}`. Text cache fingerprint: weights `{fingerprint['weights_sha256']}`,
 tokenizer `{fingerprint['tokenizer_sha256']}`, pooling {fingerprint['pooling']}, max length
-{int(fingerprint['max_length'])}, dim {int(fingerprint['dim'])}. Checkpoint sha256: `{sha256_file(path)}`.
+{int(fingerprint['max_length'])}, dim {int(fingerprint['dim'])}. Checkpoint sha256: `{sha}`.
 
 Trained with `clipcoco train --config config.yaml`, this resolved config:
 

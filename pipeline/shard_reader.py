@@ -189,7 +189,9 @@ class ShardCheck:
     `open_shards` compares only sizes, and damage of the same size (bit rot, a member overwritten) decodes as
     another image. Hashing reads each shard once more, on this thread (hashlib and file reads release the GIL), while
     the loader's first pass reads the samples; a loader polls it at every batch and waits for it at the end of the
-    pass, so nothing a pass yields is used before the bytes it came from are checked.
+    pass (or, for a run whose target falls inside that pass, before its final checkpoint): damage stops the run at
+    the next batch once found, and no result is reported from unchecked bytes, though batches read before the hash
+    ends are trained on.
     """
 
     def __init__(self, shards: ShardSet, which: Iterable[int]) -> None:

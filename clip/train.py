@@ -146,7 +146,7 @@ class Inputs:
 
 def open_inputs(cfg: Config, origins: dict[str, str] | None = None) -> Inputs:
     """Open and cross-check the shards and text caches before any work starts. A path that does not open is named
-    with where it came from (`origins`: the flag, --set or the --config file; else the default)."""
+    with where it came from (`origins`: the flag, --set or the --config file), where that is known."""
     missing = [what for key, what in (("shards", "--shards DIR (from `clipcoco shards`)"),
                                       ("text", "--text FILE (from `clipcoco embed-text`)"))
                if not getattr(cfg.data, key)]

@@ -47,12 +47,14 @@ class Sizes:
     train: tuple[tuple[str, int, int, int], ...]  # (image model, image size, batch size, steps)
     cost_images: int  # images per step of the loaders' CPU-cost split
     distil_captions: int  # captions for the DistilBERT-sized embed-text row (4x MiniLM's compute per caption)
+    vs_open_clip: tuple[tuple[str, int, int], ...]  # (shape, warm-up steps, counted steps) of scripts/vs_open_clip.py
 
 
 FULL = Sizes(rounds=3, copy_repeats=10, resize_repeats=6, generated=160, loader_batch=32, loader_batches=12,
-             train=(("resnet18", 64, 64, 6), ("resnet50", 224, 16, 3)), cost_images=256, distil_captions=1600)
+             train=(("resnet18", 64, 64, 6), ("resnet50", 224, 16, 3)), cost_images=256, distil_captions=1600,
+             vs_open_clip=(("demo", 2, 8), ("coco", 2, 8)))
 QUICK = Sizes(rounds=1, copy_repeats=1, resize_repeats=1, generated=24, loader_batch=8, loader_batches=2,
-              train=(("resnet18", 64, 8, 1),), cost_images=16, distil_captions=32)
+              train=(("resnet18", 64, 8, 1),), cost_images=16, distil_captions=32, vs_open_clip=(("demo", 1, 1),))
 
 
 def run(cmd: list[str]) -> tuple[float, dict | None]:
@@ -105,6 +107,25 @@ def alternate(row: Row, key: str, rounds: int, before=lambda: None) -> Row:
 
 def bench(*args) -> list[str]:
     return [CLIPCOCO, "bench", *map(str, args)]
+
+
+def vs_open_clip(coco: Path, work: Path, sizes: Sizes) -> list[Row]:
+    """`clipcoco train` against open_clip's trainer with --lock-text on the same model, images and settings
+    (scripts/vs_open_clip.py, which installs the peer's webdataset under $WORK/vs-open-clip; coco-mini's images)."""
+    rows = []
+    for shape, warmup, steps in sizes.vs_open_clip:
+        common = [sys.executable, str(REPO / "scripts" / "vs_open_clip.py"), "side", "--shape", shape, "--warmup",
+                  str(warmup), "--steps", str(steps), "--coco-mini", str(coco), "--out", str(work / "vs-open-clip")]
+        model = {"coco": "ResNet-50 224 px, batch 16, DistilBERT-sized text",
+                 "demo": "ResNet-18 64 px, batch 64, all-MiniLM-L6-v2 text"}[shape]
+        for peer, data in (("open_clip-shards", "clipcoco's shards (first caption)"),
+                           ("open_clip-per-caption", "one sample per caption")):
+            row = alternate(Row(f"train vs open_clip, {model}", "`clipcoco train` (cached text, all captions)",
+                                f"`open_clip_train --lock-text`, {data}", "images/s", "clipcoco / open_clip images/s",
+                                ">= 1.0", [[*common, "--side", "clipcoco"], [*common, "--side", peer]]), "images_per_s",
+                            sizes.rounds)
+            rows.append(row)
+    return rows
 
 
 def measure(src: list[tuple[Path, Path]], work: Path, sizes: Sizes, minilm: Path, show) -> list[Row]:
@@ -241,9 +262,12 @@ def main(argv: list[str] | None = None) -> None:
 
         def show(cmd: list[str]) -> str:  # the scratch folder as $WORK, the MiniLM folder as $MINILM
             text = " ".join(cmd).replace(CLIPCOCO, "clipcoco").replace(str(work), "$WORK")
-            return text.replace(str(args.minilm), "$MINILM")
+            text = text.replace(f"{sys.executable} {REPO}/", "python ")
+            return text.replace(str(args.minilm), "$MINILM").replace(str(args.coco), "$CLIPCOCO_COCO_MINI")
 
         rows = measure(src, work, sizes, args.minilm, show)
+        if args.coco is not None:  # its data sets are scripts/ablate.py's, made of coco-mini's two splits
+            rows += vs_open_clip(args.coco, work, sizes)
         generated = render(rows, env=env, data=data, sizes=sizes, date=date, show=show,
                            minutes=(time.perf_counter() - started) / 60)
     args.out.write_text(splice(generated, previous))

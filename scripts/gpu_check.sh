@@ -9,7 +9,8 @@
 # Steps: generated COCO-size data (`clipcoco bench data`) sharded; `pytest -m gpu` (on coco-mini when
 # CLIPCOCO_COCO_MINI points at it, else on 80 generated images); `clipcoco bench loader` with DALI and with the
 # torch loader; `clipcoco bench embed-text` over about as many captions as COCO has (616,767) with a random
-# DistilBERT-sized model; `clipcoco bench train` fed by DALI against synthetic batches. Each step's JSON line and
+# DistilBERT-sized model; `clipcoco bench train` fed by DALI against synthetic batches; clipcoco's training against
+# open_clip's trainer with --lock-text (scripts/vs_open_clip.py side, bf16). Each step's JSON line and
 # log go to $OUT; a failed step is reported and the others still run. A summary table is printed last.
 #
 # Sizes (environment): IMAGES (2048), CAPTIONS_PER_IMAGE (300), BATCH (256), STEPS (30), LOADER_BATCHES (40),
@@ -65,6 +66,16 @@ step embed-text clipcoco bench embed-text --shards "$WORK/shards" --model "$WORK
 step train clipcoco bench train --shards "$WORK/shards" --text "$WORK/text.parquet" --image-model "$MODEL" \
   --image-size "$IMAGE_SIZE" --batch-size "$BATCH" --steps "$STEPS" --loader dali --threads "$THREADS" \
   --device "$DEVICE" --precision bf16
+# clipcoco against open_clip's own trainer with --lock-text on the same model, images and settings
+# (scripts/vs_open_clip.py; it installs the webdataset open_clip's loader needs under $WORK/vs-open-clip): clipcoco
+# fed by DALI (nvJPEG), open_clip by its webdataset loader, on these shards as they are and one sample per caption.
+PRECISION=$([ "$DEVICE" = cuda ] && echo bf16 || echo fp32)
+VS=("${PYTHON:-python}" scripts/vs_open_clip.py side --shape coco --shards "$WORK/shards" --text "$WORK/text.parquet"
+    --device "$DEVICE" --precision "$PRECISION" --batch-size "$BATCH" --threads "$THREADS" --warmup 3
+    --steps "$STEPS" --out "$WORK/vs-open-clip")
+step vs-clipcoco "${VS[@]}" --side clipcoco --loader dali
+step vs-open-clip "${VS[@]}" --side open_clip-shards
+step vs-open-clip-per-caption "${VS[@]}" --side open_clip-per-caption
 
 "${PYTHON:-python}" - "$OUT" <<'EOF'
 import json, pathlib, sys
@@ -83,6 +94,7 @@ def fmt(value, spec=",.0f"):
 
 
 env, dali, torch, embed, train = (result(n) for n in ("env", "loader-dali", "loader-torch", "embed-text", "train"))
+ours, peer, per_caption = (result(n) for n in ("vs-clipcoco", "vs-open-clip", "vs-open-clip-per-caption"))
 tests = (out / "pytest.out").read_text().strip().splitlines() if (out / "pytest.out").is_file() else []
 versions = env.get("versions", {})
 dali_version = versions.get("nvidia-dali-cuda130") or versions.get("nvidia-dali-cuda120")
@@ -97,6 +109,9 @@ rows = [
                            f"{train.get('image_size')} px, {train.get('precision')}, batch {train.get('batch_size')})"),
     ("train, synthetic", f"{fmt(train.get('synthetic_images_per_s'))} images/s"),
     ("real / synthetic", f"{fmt(train.get('ratio'), '.3f')}; data wait {fmt(train.get('data_wait_fraction'), '.1%')}"),
+    ("vs open_clip", f"clipcoco {fmt(ours.get('images_per_s'))} images/s; open_clip --lock-text "
+                     f"{fmt(peer.get('images_per_s'))} (its shards), {fmt(per_caption.get('images_per_s'))} (one "
+                     "sample per caption)"),
     ("failed steps", ", ".join(f"{name} (exit {rc})" for name, rc in steps.items() if rc != "0") or "none"),
 ]
 print("\n== GPU check ==")

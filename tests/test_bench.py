@@ -315,6 +315,8 @@ def test_driver_refuses_a_doc_without_markers_before_measuring(tmp_path, monkeyp
 def _canned(cmd: list[str]) -> tuple[float, dict | None]:
     """What each `clipcoco bench ...` prints last, without running it: ours 1 s / 100 images/s, peers 2 s / 50."""
     args = [str(a) for a in cmd[1:]]
+    if args[0].endswith("vs_open_clip.py"):  # one trainer's images/s: clipcoco 100, open_clip 50
+        return 1.0, {"images_per_s": 100.0 if args[args.index("--side") + 1] == "clipcoco" else 50.0}
     if args[0] != "bench":
         return 0.25, None  # `clipcoco shards --help`: timed by its wall time
     peer = "--peer" in args or "torch" in args or args[-1] == "1"  # the peer side, or 1 resize worker
@@ -354,8 +356,17 @@ def test_quick_run_writes_every_row_alternating(tmp_path, monkeypatch):
                 "`encode`: 2.00 s | 2.00 (peer / ours time) | >= 1.0 | yes |",
                 "| embed-text, DistilBERT-sized (random weights), 32 captions |",
                 "| train step, resnet18 64 px, batch 8, dali loader | real loader: 90.0 images/s | synthetic batches: "
-                "100.0 images/s | 0.90 (real / synthetic images/s) |", "| train step, resnet18 64 px, batch 8, torch"):
+                "100.0 images/s | 0.90 (real / synthetic images/s) |", "| train step, resnet18 64 px, batch 8, torch",
+                "| train vs open_clip, ResNet-18 64 px, batch 64, all-MiniLM-L6-v2 text | `clipcoco train` (cached text, "
+                "all captions): 100.0 images/s | `open_clip_train --lock-text`, clipcoco's shards (first caption): 50.0 "
+                "images/s | 2.00 (clipcoco / open_clip images/s) | >= 1.0 | yes |",
+                "| train vs open_clip, ResNet-18 64 px, batch 64, all-MiniLM-L6-v2 text | `clipcoco train` (cached text, "
+                "all captions): 100.0 images/s | `open_clip_train --lock-text`, one sample per caption: 50.0 images/s"):
         assert row in doc
+    vs = [c for c in calls if str(c[1]).endswith("vs_open_clip.py")]  # clipcoco, then the peer, in each round
+    assert [c[c.index("--side") + 1] for c in vs] == ["clipcoco", "open_clip-shards"] * 2 + [
+        "clipcoco", "open_clip-per-caption"] * 2
+    assert "python scripts/vs_open_clip.py side --shape demo --warmup 1 --steps 1 --coco-mini $CLIPCOCO_COCO_MINI" in doc
     assert "`clipcoco bench embed-text --shards $WORK/shards-copy --model $MINILM --device cpu" in doc
     assert "coco: real COCO JPEGs and captions, val2017" in doc and "CPU ms per image, one thread" in doc
     assert "dali_decode 2.00, torchvision_decode 1.50" in doc

@@ -7,6 +7,7 @@ checkpoint.py) and `tensorboard/`.
 
 import json
 import shutil
+import sys
 from pathlib import Path
 
 from clip.checkpoint import CHECKPOINT_DIR, LATEST, Checkpoint
@@ -67,6 +68,18 @@ def find_resume(out: Path, cfg: Config, inputs: Inputs, world_size: int, *, over
         raise UserError(f"{out} was trained with {ckpt.world_size} processes and this run has {world_size}: "
                         f"resume with torchrun --nproc_per_node {ckpt.world_size}, or {start_over}")
     return ckpt
+
+
+def warn_about_start(out: Path, cfg: Config, step: int, total: int, changes: dict[str, list]) -> None:
+    """A warmup that never ends, and the config keys a resume changes (config.yaml is rewritten with them, so the
+    printed resume command uses these values)."""
+    if cfg.optim.warmup_steps >= total:
+        sys.stderr.write(f"warning: optim.warmup_steps {cfg.optim.warmup_steps} >= the run's {total} steps: the "
+                         f"learning rate never leaves warmup; pass --warmup-steps below {total}\n")
+    if changes:
+        sys.stderr.write(f"resuming {out} at step {step} with " + ", ".join(
+            f"{key} {old!r} -> {new!r}" for key, (old, new) in changes.items())
+            + f"; {out / 'config.yaml'} now holds them\n")
 
 
 def prepare_run_dir(out: Path, cfg: Config, resume: Checkpoint | None, *, overwrite: bool) -> None:

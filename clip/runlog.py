@@ -1,7 +1,13 @@
 """What a training run reports: `metrics.jsonl` (and TensorBoard scalars when tensorboard is installed) through
 `RunLog`, the logging window's loss, throughput and data wait through `Meter`, and the progress bar.
 
-The lines of metrics.jsonl are listed in clip/train.py's docstring; rank 0 alone writes them.
+metrics.jsonl holds one JSON object per line: `{"kind": "train", "step", "epoch", "loss", "lr", "temperature",
+"images_per_s", "data_wait", "peak_mem_gb"}` every `train.log_every` steps (data_wait: the fraction of wall time
+spent waiting for the next batch; peak_mem_gb: GPU memory on CUDA, the process's peak RSS on a CPU),
+`{"kind": "eval", "step", ...scores}` after each eval, and `{"kind": "start", "step", "world_size",
+"steps_per_epoch", "dropped_per_epoch", "target_step"}` each time a run starts or resumes (a resume adds
+`"changed"`: the config keys that differ from the checkpoint's, as [before, now]).
+Rank 0 alone writes them.
 """
 
 import json

@@ -30,6 +30,12 @@ class StopSignals:
         for sig, handler in self._saved.items():
             signal.signal(sig, handler)
 
+    def message(self, step: int, total: int, saved: Path, out: Path, world_size: int) -> str:
+        """What a run stopped after `step` (and checkpointed to `saved`) tells the user."""
+        signal_name = self.received or "a stop signal on another rank"
+        return (f"stopped by {signal_name} after step {step} of {total}: saved {saved}; to continue exactly where it "
+                f"stopped, run: {resume_command(out, world_size)}")
+
     def _note(self, signum: int, frame) -> None:
         if self.received is None:
             self.received = signal.Signals(signum).name

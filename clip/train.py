@@ -2,13 +2,8 @@
 
 Inputs: a shard directory (`clipcoco shards`), its text cache (`clipcoco embed-text`), a `Config`.
 Output: a run directory: `config.yaml` (resolved), `metrics.jsonl`, `checkpoints/step_XXXXXXXX.pt` +
-`checkpoints/latest`, and TensorBoard events under `tensorboard/` when tensorboard is installed.
-metrics.jsonl holds one JSON object per line: `{"kind": "train", "step", "epoch", "loss", "lr", "temperature",
-"images_per_s", "data_wait", "peak_mem_gb"}` every `train.log_every` steps (data_wait: the fraction of wall time
-spent waiting for the next batch; peak_mem_gb: GPU memory on CUDA, the process's peak RSS on a CPU),
-`{"kind": "eval", "step", ...scores}` after each eval, and `{"kind": "start", "step", "world_size",
-"steps_per_epoch", "dropped_per_epoch", "target_step"}` each time a run starts or resumes (a resume adds
-`"changed"`: the config keys that differ from the checkpoint's, as [before, now]).
+`checkpoints/latest`, and TensorBoard events under `tensorboard/` when tensorboard is installed (the lines of
+metrics.jsonl: clip/runlog.py).
 
     clipcoco train --shards data/shards/train --text data/shards/train/text.parquet --out runs/r1
     torchrun --nproc_per_node 8 $(which clipcoco) train ...      # DDP, one process per GPU
@@ -28,7 +23,6 @@ by adding it. The run directory, the metrics log and the stop signals live in cl
 clip/signals.py; one step in clip/step.py.
 """
 
-
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,9 +40,9 @@ from clip.model import CLIP, build_model, head_form, trunk_sha256
 from clip.negatives import ExtraNegatives
 from clip.optim import OptimizerState, Schedule, make_optimizer
 from clip.parts import PerRank, RandomStreams, Stateful
-from clip.rundir import config_changes, find_resume, prepare_run_dir
+from clip.rundir import config_changes, find_resume, prepare_run_dir, warn_about_start
 from clip.runlog import Meter, RunLog, peak_memory_gb, train_progress
-from clip.signals import StopSignals, resume_command
+from clip.signals import StopSignals
 from clip.step import TextStream, train_step
 from pipeline.errors import Interrupted, UserError
 from pipeline.loaders import Loader, make_loader
@@ -213,12 +207,6 @@ def stop_if_diverged(run: Run, meter: Meter, *, weights: bool) -> None:
                     f"(now {optim.grad_clip:g}) (the text cache holds only finite vectors)")
 
 
-def _stopped(run: Run, stop: StopSignals, saved: Path) -> str:
-    signal_name = stop.received or "a stop signal on another rank"
-    return (f"stopped by {signal_name} after step {run.step} of {run.total}: saved {saved}; to continue exactly "
-            f"where it stopped, run: {resume_command(run.out, run.env.world_size)}")
-
-
 def _due(step: int, every: int, total: int) -> bool:
     return step == total or (every > 0 and step % every == 0)
 
@@ -253,7 +241,8 @@ def fit(run: Run, log: RunLog, *, progress: bool) -> dict:
                     stop_if_diverged(run, meter, weights=True)
                     saved = save(run)
                 if stopping and run.step < run.total:
-                    raise Interrupted(_stopped(run, stop, saved) if run.env.main else "")
+                    raise Interrupted(stop.message(run.step, run.total, saved, run.out, run.env.world_size)
+                                      if run.env.main else "")
                 if run.step >= run.total:
                     break
     return {"run": str(run.out), "step": run.step, "epoch": run.step // run.loader.steps_per_epoch,
@@ -287,15 +276,9 @@ def train(cfg: Config, *, out: Path, overwrite: bool = False, progress: bool = T
         run = build_run(cfg, out, env, inputs, resume)
         if run.step >= run.total:  # a finished run rerun: nothing to train, nothing rewritten
             return already_done(run)
-        if env.main and cfg.optim.warmup_steps >= run.total:
-            sys.stderr.write(f"warning: optim.warmup_steps {cfg.optim.warmup_steps} >= the run's {run.total} steps: "
-                             f"the learning rate never leaves warmup; pass --warmup-steps below {run.total}\n")
         changes = {} if resume is None else config_changes(resume.cfg, cfg)
-        if env.main and changes:  # config.yaml is rewritten: the printed resume command will use these values
-            sys.stderr.write(f"resuming {out} at step {run.step} with " + ", ".join(
-                f"{key} {old!r} -> {new!r}" for key, (old, new) in changes.items())
-                + f"; {out / 'config.yaml'} now holds them\n")
         if env.main:
+            warn_about_start(out, cfg, run.step, run.total, changes)
             prepare_run_dir(out, cfg, resume, overwrite=overwrite)
         barrier()  # the run directory is ready before any rank writes into it
         log = RunLog(out, enabled=env.main)

@@ -230,6 +230,47 @@ def test_a_checkpoint_with_one_global_rng_state_resumes(data, tmp_path, monkeypa
     assert resumed.step == 3 and resumed.state["rng"]["torch"].shape == (1, *restored[0].shape)
 
 
+class StepCounter:
+    """A toy stateful part of a run: how many steps it has seen."""
+
+    def __init__(self) -> None:
+        self.steps = 0
+
+    def state_dict(self) -> dict:
+        return {"steps": self.steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.steps = state["steps"]
+
+
+def test_a_part_added_to_the_run_is_saved_and_restored(data, tmp_path, monkeypatch):
+    """A new stateful part needs only `Run.add`, nothing in the checkpoint code or save/resume: every checkpoint holds
+    its state and a resume restores it; a checkpoint saved without it is refused in one line naming it."""
+    plain, run = tmp_path / "plain", tmp_path / "run"
+    train_module.train(config(data, **{"train.steps": 2}), out=plain, progress=False)
+    counters, build_run, step = [], train_module.build_run, train_module.train_step
+
+    def with_counter(*args, **kwargs):
+        built = build_run(*args, **kwargs)
+        counters.append(built.add("counter", StepCounter()))
+        return built
+
+    def counted_step(*args, **kwargs):
+        counters[-1].steps += 1
+        return step(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "build_run", with_counter)
+    monkeypatch.setattr(train_module, "train_step", counted_step)
+    train_module.train(config(data, **{"train.steps": 3}), out=run, progress=False)
+    assert Checkpoint.load(run).state["counter"] == {"steps": 3}
+    train_module.train(config(data, **{"train.steps": 5}), out=run, progress=False)
+    assert counters[-1].steps == 5  # restored to 3, then two more steps
+    assert Checkpoint.load(run).state["counter"] == {"steps": 5}
+    with pytest.raises(UserError, match=f"{plain}'s checkpoint holds no counter state") as err:
+        train_module.train(config(data, **{"train.steps": 3}), out=plain)
+    assert len(str(err.value).splitlines()) == 1
+
+
 @pytest.fixture(scope="module")
 def finished_run(data) -> Path:
     out = data["root"] / "finished"

@@ -1,5 +1,6 @@
 """The run directory of `clipcoco train`: whether the checkpoint in it can be resumed by this config, data and process
-count (`find_resume`), and its files made ready for a (re)start (`prepare_run_dir`: config.yaml, metrics.jsonl).
+count (`find_resume`), what a (re)start warns about (`warn_about_start`), and its files made ready for it
+(`prepare_run_dir`: config.yaml, metrics.jsonl).
 
 A run directory holds RUN_FILES: `config.yaml` (the resolved config), `metrics.jsonl`, `checkpoints/` (clip/
 checkpoint.py) and `tensorboard/`.

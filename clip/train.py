@@ -26,6 +26,7 @@ clip/signals.py; one step in clip/step.py.
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from torch import nn
@@ -48,6 +49,8 @@ from pipeline.errors import Interrupted, UserError
 from pipeline.loaders import Loader, make_loader
 from pipeline.runtime import Runtime, any_rank, barrier, distributed, main_locked
 
+Part = TypeVar("Part", bound=Stateful)
+
 
 @dataclass
 class Run:
@@ -69,7 +72,7 @@ class Run:
     schedule: Schedule = field(init=False)
     step_model: nn.Module = field(init=False)  # the model as stepped: wrapped in DDP and/or torch.compile when asked
 
-    def add(self, name: str, part: Stateful) -> Stateful:
+    def add(self, name: str, part: Part) -> Part:
         """Make `part` a part of the run: every checkpoint saves its `state_dict()` under `name`, and on a resume it
         is restored now, from the checkpoint's."""
         if self.resume is not None:

@@ -21,8 +21,10 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from clip.config import config_from_flat
+from clip.loss import create_loss
 from clip.model import build_model
-from clip.train import make_optimizer, make_scheduler, train_step
+from clip.optim import make_optimizer, make_scheduler
+from clip.step import train_step
 from pipeline.errors import UserError, require_extra
 from pipeline.loaders import (
     ASPECT_RATIO,
@@ -181,12 +183,14 @@ def bench_train(shards_dir: Path, *, text: Path, synthetic: bool = False, image_
     model = model.to(dev, memory_format=torch.channels_last if on_cuda else torch.contiguous_format)
     optimizer = make_optimizer(model, cfg.optim)
     scheduler = make_scheduler(optimizer, warmup=cfg.optim.warmup_steps, total=2 * (warmup + steps))
+    loss = create_loss(cfg.model.loss)
     bf16 = on_cuda and cfg.train.precision == "bf16"
-    captions = torch.Generator().manual_seed(seed)
+    caption_rng = torch.Generator().manual_seed(seed)
 
     def step(batch: Batch) -> None:
-        text_batch = cache.sample(batch.image_ids, captions).to(dev, non_blocking=True)
-        train_step(model, optimizer, scheduler, batch.images, text_batch, grad_clip=cfg.optim.grad_clip, bf16=bf16)
+        text_batch = cache.sample(batch.image_ids, caption_rng).to(dev, non_blocking=True)
+        train_step(model, optimizer, scheduler, batch.images, text_batch, loss=loss, grad_clip=cfg.optim.grad_clip,
+                   bf16=bf16)
 
     real_seconds = real_wait = None
     with _progress(progress) as bar:
@@ -199,7 +203,8 @@ def bench_train(shards_dir: Path, *, text: Path, synthetic: bool = False, image_
             # The loader's threads must not compete with the synthetic block for the same cores.
             del ldr
         images = torch.randn(batch_size, 3, image_size, image_size, device=dev)
-        ids = torch.from_numpy(cache.image_ids)[torch.randint(len(cache.image_ids), (batch_size,), generator=captions)]
+        picks = torch.randint(len(cache.image_ids), (batch_size,), generator=caption_rng)
+        ids = torch.from_numpy(cache.image_ids)[picks]
         fixed = Batch(images=images.contiguous(memory_format=torch.channels_last), image_ids=ids)
         synth_seconds, _ = _timed_steps(step, iter(lambda: fixed, None), warmup=warmup, steps=steps,
                                         batch_size=batch_size, device=dev, bar=bar, label="synthetic")

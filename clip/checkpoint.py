@@ -2,8 +2,10 @@
 
 Written by `clipcoco train` into `RUN/checkpoints/step_XXXXXXXX.pt`, with `RUN/checkpoints/latest` (one line naming
 the newest); read by train (resume), eval, search and `clip.load`. A checkpoint is a plain dict of tensors, numbers,
-strings, lists and dicts whose keys are the fields of `Checkpoint`, so it loads with `torch.load(weights_only=True)`
-and nothing but this module knows the keys. Files are written through `pipeline.files.replacing` (temporary name,
+strings, lists and dicts, so it loads with `torch.load(weights_only=True)`: the fields of `Checkpoint` (what a
+trained model is, which every reader needs) and, beside them, the state of each component of the training run by its
+name (what a resume restores; clip/train.py). The keys are those earlier versions wrote, so their checkpoints load as
+they are. Files are written through `pipeline.files.replacing` (temporary name,
 fsync, rename), so a killed save never leaves a half-written checkpoint behind `latest`.
 
     ckpt = Checkpoint.load(Path("runs/r1"))        # a run directory (its latest) or a .pt file
@@ -12,7 +14,7 @@ fsync, rename), so a killed save never leaves a half-written checkpoint behind `
 
 import dataclasses
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
@@ -38,19 +40,16 @@ class Checkpoint:
     step: int  # optimisation steps taken
     shards_fingerprint: str  # ShardSet.fingerprint of the training shards
     train_image_ids: torch.Tensor  # [N] int64: what eval counts as overlap with the training set
-    # The training state a resume restores (absent from a checkpoint written only to be scored).
-    optimizer: dict | None = None
-    scheduler: dict | None = None
-    # {"torch": [world, N] each rank's global RNG state ([N], every rank's, in older checkpoints), "captions":
-    # [world, N] each rank's caption generator state}
-    rng: dict | None = None
-    loader: list[dict] | None = None  # each rank's Loader.state_dict(), in rank order
-    negatives: list[dict] | None = None  # each rank's ExtraNegatives.state_dict() (runs with --extra-negatives)
     epoch: int = 0
     samples_seen: int = 0
     # Where the training cache's text model was found (TextCache.model_path; not in the fingerprint, so a run moved
     # elsewhere still matches its caches): `clip.load` loads it from there to embed queries. "" in older checkpoints.
     text_model_path: str = ""
+    # The training state a resume restores: each run component's state_dict() by the component's name (clip/train.py's
+    # `Run.parts`: "optimizer", "scheduler", "rng", "loader", "negatives" with --extra-negatives), saved as keys of the
+    # same dict beside the fields above, so a new component needs no change here. Empty in a checkpoint written only
+    # to be scored.
+    state: dict = field(default_factory=dict)
 
     @property
     def cfg(self) -> Config:
@@ -59,7 +58,7 @@ class Checkpoint:
     @property
     def world_size(self) -> int:
         """How many processes trained it (one loader state per rank)."""
-        return len(self.loader or ())
+        return len(self.state.get("loader", ()))
 
     def build_model(self) -> CLIP:
         """The CLIP with its trained weights, in eval mode on the CPU (no pretrained download)."""
@@ -68,9 +67,12 @@ class Checkpoint:
         return model.eval()
 
     def to_dict(self) -> dict:
-        """The saved dict: every field, less the optional ones this run does not have (None)."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-                if getattr(self, f.name) is not None or f.default is dataclasses.MISSING}
+        """The saved dict: every field, and each component's state under its name."""
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "state"}
+        clash = fields.keys() & self.state.keys()
+        if clash:
+            raise ValueError(f"run parts named like checkpoint fields: {sorted(clash)}")
+        return {**fields, **self.state}
 
     def save(self, run_dir: Path, *, keep_last: int) -> Path:
         """Write checkpoints/step_<step>.pt, point `latest` at it, keep the newest `keep_last`."""
@@ -97,13 +99,15 @@ class Checkpoint:
             raise UserError(f"{path} is not a clipcoco checkpoint or run (torch.load cannot read it: "
                             f"{type(err).__name__}): pass a run directory written by `clipcoco train` or one of its "
                             "checkpoints/step_*.pt") from None
-        fields = {f.name for f in dataclasses.fields(cls)}
-        required = {f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING}
-        if not isinstance(state, dict) or not required <= state.keys() or not state.keys() <= fields:
+        fields = {f.name for f in dataclasses.fields(cls)} - {"state"}
+        required = {f.name for f in dataclasses.fields(cls)
+                    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
+        if not isinstance(state, dict) or not required <= state.keys():
             keys = sorted(state) if isinstance(state, dict) else type(state).__name__
             raise UserError(f"{path} is not a clipcoco checkpoint (it holds {keys}): pass a run directory written "
                             "by `clipcoco train` or one of its checkpoints/step_*.pt")
-        ckpt = cls(**state)
+        ckpt = cls(**{k: v for k, v in state.items() if k in fields},
+                   state={k: v for k, v in state.items() if k not in fields})
         _check_weights(path, ckpt)
         return ckpt
 

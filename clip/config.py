@@ -119,7 +119,7 @@ class TrainConfig:
     steps: int = 0  # total target step count; 0 = epochs x steps per epoch
     device: str = "auto"  # auto (cuda when available) | cpu | cuda (cuda:LOCAL_RANK under torchrun) | cuda:N
     precision: str = "bf16"  # bf16 autocast on CUDA (fp32 on CPU) | fp32
-    compile: bool = False  # torch.compile the image tower
+    compile: bool = False  # torch.compile the whole model as stepped (its DDP wrapper under torchrun)
     seed: int = 0  # seeds model init, shuffling, caption choice and extra negatives
     captions: str = "all"  # all (every caption of each image, each step: docs/recipes.md) | one (a random one)
     extra_negatives: int = 0  # captions of other images drawn from the training cache each step (global count)

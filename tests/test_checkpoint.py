@@ -17,7 +17,7 @@ from pipeline.errors import UserError, os_error_message
 
 def _state(step: int, cfg: Config) -> Checkpoint:
     model = build_model(cfg.model, 6)
-    return Checkpoint(model=model.state_dict(), step=step, rng={"torch": torch.get_rng_state()},
+    return Checkpoint(model=model.state_dict(), step=step, state={"rng": {"torch": torch.get_rng_state()}},
                       config=cfg.to_dict(), text_dim=6, text_fingerprint={"model": "m"}, shards_fingerprint="s",
                       train_image_ids=torch.arange(3))
 
@@ -32,7 +32,7 @@ def test_round_trip_and_model_from_checkpoint(tmp_path, cfg):
     path = state.save(tmp_path, keep_last=2)
     assert path.name == "step_00000005.pt" and resolve_checkpoint(tmp_path) == path
     loaded = Checkpoint.load(tmp_path)
-    torch.testing.assert_close(loaded.rng["torch"], state.rng["torch"])
+    torch.testing.assert_close(loaded.state["rng"]["torch"], state.state["rng"]["torch"])
     assert torch.load(path, weights_only=True).keys() == state.to_dict().keys()  # a plain dict on disk
     model = loaded.build_model()
     torch.testing.assert_close(model.state_dict()["image_head.weight"], state.model["image_head.weight"])

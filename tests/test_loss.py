@@ -1,5 +1,5 @@
-"""clip_loss against float64 hand computations (InfoNCE and sigmoid, one or several captions per image, extra
-negatives), and under 2-rank DDP against one process on the global batch."""
+"""The losses of create_loss against float64 hand computations (InfoNCE and sigmoid, one or several captions per
+image, extra negatives), and under 2-rank DDP against one process on the global batch."""
 
 import math
 import os
@@ -12,7 +12,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from clip.loss import clip_loss
+from clip.loss import create_loss
 
 
 def _reference(img: np.ndarray, txt: np.ndarray, scale: float) -> float:
@@ -68,15 +68,16 @@ def _feats(n: int, dim: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
 def test_loss_matches_float64_hand_computation():
     img, txt = _feats(7, 16, seed=0)
     scale = torch.tensor(1 / 0.07)
-    got = clip_loss(img.float(), txt.float(), scale)
+    got = create_loss("infonce")(img.float(), txt.float(), scale)
     assert got.item() == pytest.approx(_reference(img.numpy(), txt.numpy(), 1 / 0.07), rel=1e-5)
 
 
 def test_perfect_pairs_give_low_loss_and_swapped_pairs_high():
     img, _ = _feats(8, 32, seed=1)
     scale = torch.tensor(100.0)
-    assert clip_loss(img.float(), img.float(), scale).item() < 0.05
-    assert clip_loss(img.float(), img.float().roll(1, dims=0), scale).item() > 5
+    loss = create_loss("infonce")
+    assert loss(img.float(), img.float(), scale).item() < 0.05
+    assert loss(img.float(), img.float().roll(1, dims=0), scale).item() > 5
 
 
 @pytest.mark.parametrize("kind", ["infonce", "sigmoid"])
@@ -90,14 +91,14 @@ def test_several_captions_and_extra_negatives_match_float64_hand_computation(kin
     extra_owner = [10, 2, 11, 12, 0]  # two of them belong to batch images 2 and 0: they must not count
     slots, valid = _slots(counts, txt)
     scale, bias = 1 / 0.07, -3.0
-    got = clip_loss(img.float(), slots.float(), torch.tensor(scale), valid=valid, extra=extra.float(),
-                    image_ids=torch.arange(4), extra_ids=torch.tensor(extra_owner), kind=kind,
-                    bias=torch.tensor(bias))
+    got = create_loss(kind)(img.float(), slots.float(), torch.tensor(scale), valid=valid, extra=extra.float(),
+                            image_ids=torch.arange(4), extra_ids=torch.tensor(extra_owner), bias=torch.tensor(bias))
     want = _reference_multi(img.numpy(), txt.numpy(), owner, scale, extra.numpy(), extra_owner, kind=kind, bias=bias)
     assert got.item() == pytest.approx(want, rel=1e-5)
     # Without extras, and with one caption per image, the InfoNCE form is CLIP's loss exactly.
     if kind == "infonce":
-        one = clip_loss(img.float(), txt[[0, 2, 5, 6]].float(), torch.tensor(scale), valid=torch.ones(4, 1).bool())
+        one = create_loss(kind)(img.float(), txt[[0, 2, 5, 6]].float(), torch.tensor(scale),
+                                valid=torch.ones(4, 1).bool())
         assert one.item() == pytest.approx(_reference(img.numpy(), txt[[0, 2, 5, 6]].numpy(), scale), rel=1e-5)
 
 
@@ -116,16 +117,16 @@ def _ddp_worker(rank: int, world: int, port: int, img: torch.Tensor, txt: torch.
         local_img = img[rank * b:(rank + 1) * b].clone().requires_grad_()
         if extras is None:
             local_txt = txt[rank * b:(rank + 1) * b].clone().requires_grad_()
-            loss = clip_loss(local_img, local_txt, torch.tensor(1 / 0.07))
+            loss = create_loss("infonce")(local_img, local_txt, torch.tensor(1 / 0.07))
         else:  # several caption slots per image, a share of the extra negatives, the sigmoid or InfoNCE form
             k, x = extras["valid"].shape[1], extras["extra"].shape[0] // world
             local_txt = txt[rank * b * k:(rank + 1) * b * k].clone().requires_grad_()
             local_extra = extras["extra"][rank * x:(rank + 1) * x].clone().requires_grad_()
-            loss = clip_loss(local_img, local_txt, torch.tensor(1 / 0.07),
-                             valid=extras["valid"][rank * b:(rank + 1) * b], extra=local_extra,
-                             image_ids=extras["ids"][rank * b:(rank + 1) * b],
-                             extra_ids=extras["extra_ids"][rank * x:(rank + 1) * x], kind=extras["kind"],
-                             bias=torch.tensor(-2.0))
+            loss = create_loss(extras["kind"])(local_img, local_txt, torch.tensor(1 / 0.07),
+                                               valid=extras["valid"][rank * b:(rank + 1) * b], extra=local_extra,
+                                               image_ids=extras["ids"][rank * b:(rank + 1) * b],
+                                               extra_ids=extras["extra_ids"][rank * x:(rank + 1) * x],
+                                               bias=torch.tensor(-2.0))
         loss.backward()
         out[rank] = (loss.detach(), local_img.grad, local_txt.grad)
     finally:
@@ -142,7 +143,7 @@ def test_ddp_loss_equals_single_process_loss_on_global_batch():
         out = dict(out)
 
     ref_img, ref_txt = img.clone().requires_grad_(), txt.clone().requires_grad_()
-    ref = clip_loss(ref_img, ref_txt, torch.tensor(1 / 0.07))
+    ref = create_loss("infonce")(ref_img, ref_txt, torch.tensor(1 / 0.07))
     ref.backward()
     b = img.shape[0] // world
     for rank in range(world):
@@ -169,8 +170,8 @@ def test_ddp_multi_caption_loss_with_extras_equals_single_process(kind):
         mp.spawn(_ddp_worker, args=(world, _free_port(), img, txt, out, extras), nprocs=world, join=True)
         out = dict(out)
     ref_img, ref_txt = img.clone().requires_grad_(), txt.clone().requires_grad_()
-    ref = clip_loss(ref_img, ref_txt, torch.tensor(1 / 0.07), valid=valid, extra=extras["extra"],
-                    image_ids=extras["ids"], extra_ids=extras["extra_ids"], kind=kind, bias=torch.tensor(-2.0))
+    ref = create_loss(kind)(ref_img, ref_txt, torch.tensor(1 / 0.07), valid=valid, extra=extras["extra"],
+                            image_ids=extras["ids"], extra_ids=extras["extra_ids"], bias=torch.tensor(-2.0))
     ref.backward()
     b = 3
     for rank in range(world):

@@ -24,6 +24,7 @@ from cli.main import app
 from clip.checkpoint import Checkpoint, list_checkpoints
 from clip.config import ModelConfig, load_config
 from clip.model import build_model
+from clip.optim import lr_factor, param_groups
 from pipeline.errors import UserError
 from pipeline.shards import build_shards
 
@@ -120,7 +121,7 @@ def test_exact_resume_after_a_kill(data, tmp_path, record_steps, loader):
     assert [m["step"] for m in logged if m["kind"] == "train"] == list(range(1, 7))
     assert [(m["step"], m["dropped_per_epoch"]) for m in logged if m["kind"] == "start"] == [(0, 0), (3, 0)]
     ckpt = Checkpoint.load(tmp_path / "resumed")
-    assert ckpt.step == 6 and ckpt.samples_seen == 24 and ckpt.loader[0]["epoch"] == 1
+    assert ckpt.step == 6 and ckpt.samples_seen == 24 and ckpt.state["loader"][0]["epoch"] == 1
     assert sorted(ckpt.to_dict()) == sorted(["model", "optimizer", "scheduler", "step", "epoch", "samples_seen", "rng",
                                    "loader", "config", "text_fingerprint", "text_dim", "shards_fingerprint",
                                    "train_image_ids", "text_model_path"])
@@ -199,9 +200,10 @@ def test_two_rank_run_stopped_mid_epoch_resumes_exactly(data, tmp_path, options)
         del ckpt["scheduler"]["_step_count"]
     assert differences(a, b) == []
     ckpt = Checkpoint.load(tmp_path / "resumed")
-    assert len(ckpt.loader) == 2 and ckpt.samples_seen == 6 * 2 * 2
-    assert ckpt.rng["torch"].shape[0] == ckpt.rng["captions"].shape[0] == 2
-    assert not torch.equal(ckpt.rng["captions"][0], ckpt.rng["captions"][1])  # each rank's own stream
+    assert len(ckpt.state["loader"]) == 2 and ckpt.samples_seen == 6 * 2 * 2
+    rng = ckpt.state["rng"]
+    assert rng["torch"].shape[0] == rng["captions"].shape[0] == 2
+    assert not torch.equal(rng["captions"][0], rng["captions"][1])  # each rank's own stream
 
 
 def test_a_checkpoint_with_one_global_rng_state_resumes(data, tmp_path, monkeypatch):
@@ -224,7 +226,49 @@ def test_a_checkpoint_with_one_global_rng_state_resumes(data, tmp_path, monkeypa
     monkeypatch.setattr(train_module, "build_run", recording_build_run)
     train_module.train(config(data, **{"train.steps": 3}), out=run, progress=False)
     assert torch.equal(restored[0], saved["rng"]["torch"])
-    assert Checkpoint.load(run).step == 3 and Checkpoint.load(run).rng["torch"].shape == (1, *restored[0].shape)
+    resumed = Checkpoint.load(run)
+    assert resumed.step == 3 and resumed.state["rng"]["torch"].shape == (1, *restored[0].shape)
+
+
+class StepCounter:
+    """A toy stateful part of a run: how many steps it has seen."""
+
+    def __init__(self) -> None:
+        self.steps = 0
+
+    def state_dict(self) -> dict:
+        return {"steps": self.steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.steps = state["steps"]
+
+
+def test_a_part_added_to_the_run_is_saved_and_restored(data, tmp_path, monkeypatch):
+    """A new stateful part needs only `Run.add`, nothing in the checkpoint code or save/resume: every checkpoint holds
+    its state and a resume restores it; a checkpoint saved without it is refused in one line naming it."""
+    plain, run = tmp_path / "plain", tmp_path / "run"
+    train_module.train(config(data, **{"train.steps": 2}), out=plain, progress=False)
+    counters, build_run, step = [], train_module.build_run, train_module.train_step
+
+    def with_counter(*args, **kwargs):
+        built = build_run(*args, **kwargs)
+        counters.append(built.add("counter", StepCounter()))
+        return built
+
+    def counted_step(*args, **kwargs):
+        counters[-1].steps += 1
+        return step(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "build_run", with_counter)
+    monkeypatch.setattr(train_module, "train_step", counted_step)
+    train_module.train(config(data, **{"train.steps": 3}), out=run, progress=False)
+    assert Checkpoint.load(run).state["counter"] == {"steps": 3}
+    train_module.train(config(data, **{"train.steps": 5}), out=run, progress=False)
+    assert counters[-1].steps == 5  # restored to 3, then two more steps
+    assert Checkpoint.load(run).state["counter"] == {"steps": 5}
+    with pytest.raises(UserError, match=f"{plain}'s checkpoint holds no counter state") as err:
+        train_module.train(config(data, **{"train.steps": 3}), out=plain)
+    assert len(str(err.value).splitlines()) == 1
 
 
 @pytest.fixture(scope="module")
@@ -327,7 +371,7 @@ def test_a_path_that_does_not_open_names_where_it_came_from(data, tmp_path, monk
 
 
 def test_lr_schedule_warms_up_linearly_then_decays_by_cosine():
-    factors = [train_module.lr_factor(s, warmup=4, total=12) for s in range(12)]
+    factors = [lr_factor(s, warmup=4, total=12) for s in range(12)]
     assert factors[:4] == [0.25, 0.5, 0.75, 1.0]
     assert factors[4] == 1.0 and factors[8] == pytest.approx(0.5) and factors[11] == pytest.approx(0.0380602)
     assert all(a >= b for a, b in zip(factors[3:], factors[4:], strict=False))
@@ -335,7 +379,7 @@ def test_lr_schedule_warms_up_linearly_then_decays_by_cosine():
 
 def test_no_weight_decay_on_biases_norms_and_temperature():
     model = build_model(ModelConfig(image_model="resnet18", image_weights="none", embed_dim=8), DIM)
-    decay, no_decay = train_module.param_groups(model, 0.1)
+    decay, no_decay = param_groups(model, 0.1)
     names = {id(p): n for n, p in model.named_parameters()}
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     skipped = {names[id(p)] for p in no_decay["params"]}
@@ -415,13 +459,13 @@ def test_resume_applies_a_new_lr_and_weight_decay_and_refuses_an_initial_setting
     cfg = config(data, **{"train.steps": 4, "optim.lr": 5e-4, "optim.weight_decay": 0.05})
     train_module.train(cfg, out=out, progress=False)
     lrs = {m["step"]: m["lr"] for m in metrics(out) if m["kind"] == "train"}
-    want = [5e-4 * train_module.lr_factor(s - 1, warmup=2, total=4) for s in (3, 4)]
+    want = [5e-4 * lr_factor(s - 1, warmup=2, total=4) for s in (3, 4)]
     assert [lrs[s] for s in (3, 4)] == pytest.approx(want, rel=1e-12)
-    assert [lrs[s] for s in (1, 2)] == pytest.approx([1e-3 * train_module.lr_factor(s - 1, warmup=2, total=2)
+    assert [lrs[s] for s in (1, 2)] == pytest.approx([1e-3 * lr_factor(s - 1, warmup=2, total=2)
                                                       for s in (1, 2)], rel=1e-12)
-    groups = Checkpoint.load(out).optimizer["param_groups"]
+    groups = Checkpoint.load(out).state["optimizer"]["param_groups"]
     assert [(g["initial_lr"], g["weight_decay"]) for g in groups] == [(5e-4, 0.05), (5e-4, 0.0)]
-    assert groups[0]["lr"] == pytest.approx(5e-4 * train_module.lr_factor(4, warmup=2, total=4), abs=1e-15)
+    assert groups[0]["lr"] == pytest.approx(5e-4 * lr_factor(4, warmup=2, total=4), abs=1e-15)
     assert load_config(out / "config.yaml") == cfg  # config.yaml says what the optimizer used
     starts = [m for m in metrics(out) if m["kind"] == "start"]
     assert "changed" not in starts[0]
@@ -651,7 +695,7 @@ def test_a_second_ctrl_c_stops_a_single_process_at_once(world_size):
     """The first SIGINT is noted (the loop saves and stops after the step); a second one aborts a single process at
     once, while with several processes (a rank aborting alone would leave the others waiting) it means the same
     stop."""
-    from clip.train import StopSignals
+    from clip.signals import StopSignals
 
     torchrun = world_size > 1
     with StopSignals(announce=False, world_size=world_size) as stop:

@@ -61,11 +61,11 @@ def test_exact_resume_with_each_option(data, tmp_path, record_steps, options):
     if options.get("train.extra_negatives"):
         # 16 images x 5 captions = 80 rows; 6 steps of 24 (or 8) rows: the stream's position is saved per rank.
         count = options["train.extra_negatives"]
-        position = (b.negatives[0]["cycle"], b.negatives[0]["position"])
-        assert b.negatives == a.negatives and position == divmod(6 * count, 80)
+        position = (b.state["negatives"][0]["cycle"], b.state["negatives"][0]["position"])
+        assert b.state["negatives"] == a.state["negatives"] and position == divmod(6 * count, 80)
     else:
-        assert b.negatives is None and "negatives" not in torch.load(list_checkpoints(tmp_path / "resumed")[-1],
-                                                                     weights_only=True)
+        last = torch.load(list_checkpoints(tmp_path / "resumed")[-1], weights_only=True)
+        assert b.state.get("negatives") is None and "negatives" not in last
 
 
 def test_resume_refuses_a_changed_option(data, tmp_path):
@@ -151,7 +151,7 @@ def test_locked_run_trains_the_heads_on_cached_features_without_decoding(data, t
     train_module.train(cfg, out=tmp_path / "resumed", progress=False)
     train_module.train(cfg, out=tmp_path / "straight", progress=False)
     a, b = Checkpoint.load(tmp_path / "straight"), Checkpoint.load(tmp_path / "resumed")
-    assert a.step == b.step == 6 and a.loader[0]["signature"]["kind"] == "features"
+    assert a.step == b.step == 6 and a.state["loader"][0]["signature"]["kind"] == "features"
     source = torch.load(trunk_file, weights_only=True)
     for name, tensor in a.model.items():
         torch.testing.assert_close(b.model[name], tensor, msg=name)  # the resume is exact

@@ -55,8 +55,8 @@ def main(shards: str, text: str, out: str, options: str) -> None:
     def state() -> dict:
         run = runs[-1]
         return {"steps": steps[:], "global_rng": _digest(torch.get_rng_state()),
-                "captions": _digest(run.captions.get_state()), "loader": run.loader.state_dict(),
-                "negatives": run.negatives.state_dict() if run.negatives is not None else None}
+                "captions": _digest(run.text.caption_rng.get_state()), "loader": run.loader.state_dict(),
+                "negatives": run.text.negatives.state_dict() if run.text.negatives is not None else None}
 
     train_module.build_run, train_module.train_step = recording_build_run, recording_step
     train_module.train(cfg, out=Path(out, "straight"), progress=False)

@@ -1,6 +1,6 @@
 """`clipcoco bench ...`: each stage against its peer, and the inputs the benchmarks need; thin wrappers over
-clip/bench.py (loader, decode-cost, train), clip/bench_peers.py (shards, embed-text, env) and clip/bench_data.py
-(data, text-model). Each command prints one JSON line last.
+clip/apps/bench.py (loader, decode-cost, train), clip/apps/bench_peers.py (shards, embed-text, env) and
+clip/apps/bench_data.py (data, text-model). Each command prints one JSON line last.
 
 `make bench` (scripts/bench.py) runs these in alternating rounds and writes docs/benchmarks.md.
 """
@@ -19,7 +19,7 @@ app = typer.Typer(help="Measure each stage against its peer; each command prints
 @app.command("env")
 def env() -> None:
     """The machine (CPU, cores, GPU, OS, load average) and the versions of the libraries the benchmarks use."""
-    from clip.bench_peers import environment
+    from clip.apps.bench_peers import environment
 
     typer.echo(json.dumps(environment()))
 
@@ -39,7 +39,7 @@ def data(
     Example: clipcoco bench data gen --images 2048 && clipcoco shards --annotations
     gen/annotations/captions_val2017.json --images gen/val2017 --out gen/shards
     """
-    from clip.bench_data import make_coco
+    from clip.apps.bench_data import make_coco
 
     typer.echo(json.dumps(make_coco(out, n_images=images, captions_per_image=captions_per_image, width=width,
                                     height=height, workers=workers)))
@@ -57,7 +57,7 @@ def text_model(
 
     Example: clipcoco bench text-model distilbert-sized && clipcoco embed-text SHARDS --model distilbert-sized
     """
-    from clip.bench_data import make_text_model
+    from clip.apps.bench_data import make_text_model
 
     typer.echo(json.dumps(make_text_model(out, dim=dim, layers=layers, tokenizer=tokenizer)))
 
@@ -77,7 +77,7 @@ def shards(
     Example: clipcoco bench shards --annotations coco/annotations/captions_val2017.json --images coco/val2017
     --peer tar
     """
-    from clip.bench_peers import bench_shards
+    from clip.apps.bench_peers import bench_shards
 
     typer.echo(json.dumps(bench_shards(annotations=annotations, images=images, peer=peer,
                                        resize_shorter=resize_shorter, workers=workers, out=out)))
@@ -98,7 +98,7 @@ def embed_text(
     Example: clipcoco bench embed-text --shards data/shards/val2017 --model sentence-transformers/all-MiniLM-L6-v2
     --peer sentence-transformers
     """
-    from clip.bench_peers import bench_embed_text
+    from clip.apps.bench_peers import bench_embed_text
 
     typer.echo(json.dumps(bench_embed_text(shards_dir, model=model, peer=peer, captions=captions, device=device,
                                            out=out)))
@@ -118,7 +118,7 @@ def loader(
 
     Example: clipcoco bench loader --shards data/shards/karpathy-test --loader torch --image-size 64
     """
-    from clip.bench import bench_loader
+    from clip.apps.bench import bench_loader
 
     result = bench_loader(shards, loader=kind, batch_size=batch_size, batches=batches, image_size=image_size,
                           threads=threads, device=device)
@@ -135,7 +135,7 @@ def decode_cost(
 
     Example: clipcoco bench decode-cost --shards data/shards/karpathy-test --image-size 64
     """
-    from clip.bench import decode_cost as measure
+    from clip.apps.bench import decode_cost as measure
 
     typer.echo(json.dumps(measure(shards, image_size=image_size, images=images)))
 
@@ -161,7 +161,7 @@ def train(
     Example: clipcoco bench train --shards data/shards/karpathy-test --text data/shards/karpathy-test/text.parquet
     --image-model resnet18 --image-size 64 --steps 5
     """
-    from clip.bench import bench_train
+    from clip.apps.bench import bench_train
 
     result = bench_train(shards, text=text, synthetic=synthetic, image_model=image_model, image_size=image_size,
                          batch_size=batch_size, steps=steps, loader=kind, device=device, precision=precision,

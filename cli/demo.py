@@ -1,4 +1,4 @@
-"""`clipcoco demo`: the command-line wrapper of `clip.demo.run_demo`."""
+"""`clipcoco demo`: the command-line wrapper of `clip.apps.demo.run_demo`."""
 
 from pathlib import Path
 
@@ -22,6 +22,6 @@ def command(
 
     Example: clipcoco demo --out demo-out
     """
-    from clip.demo import run_demo
+    from clip.apps.demo import run_demo
 
     run_demo(out, text_model=text_model, size="small" if small else "full", progress=progress)

@@ -14,6 +14,6 @@ def command(
 
     Example: clipcoco plot runs/coco-karpathy --out curves.png
     """
-    from clip.plot import plot_run  # here, not at the top: `clipcoco --help` should not import torch
+    from clip.apps.plot import plot_run  # here, not at the top: `clipcoco --help` should not import torch
 
     typer.echo(plot_run(run, out=out))

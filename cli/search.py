@@ -1,4 +1,4 @@
-"""`clipcoco search`: find a run's eval images by a sentence or by an image (see clip/search.py)."""
+"""`clipcoco search`: find a run's eval images by a sentence or by an image (see clip/apps/search.py)."""
 
 from pathlib import Path
 
@@ -21,6 +21,6 @@ def command(
 
     Example: clipcoco search "a dog on a couch" --run runs/coco-karpathy --shards data/shards/karpathy-test --k 8
     """
-    from clip.search import search  # here, not at the top: `clipcoco --help` should not import torch
+    from clip.apps.search import search  # here, not at the top: `clipcoco --help` should not import torch
 
     search(query, run=run, shards=shards, image_id=image_id, k=k, out=out, device=device)

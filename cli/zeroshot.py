@@ -1,4 +1,4 @@
-"""`clipcoco zeroshot`: classify a folder of class folders with the class names alone (see clip/zeroshot.py)."""
+"""`clipcoco zeroshot`: classify a folder of class folders with the class names alone (see clip/apps/zeroshot.py)."""
 
 from pathlib import Path
 
@@ -30,7 +30,7 @@ def command(
 
     Example: clipcoco zeroshot demo-out/run --images demo-out/test-by-shapes
     """
-    from clip.zeroshot import zeroshot  # here, not at the top: `clipcoco --help` should not import torch
+    from clip.apps.zeroshot import zeroshot  # here, not at the top: `clipcoco --help` should not import torch
 
     zeroshot(run, images=images, out=out, classes=classes, templates=templates, device=device,
              batch_size=batch_size, progress=progress)

@@ -3,7 +3,7 @@
 Input: a seed and the split sizes (nothing is shipped as files; the same arguments give the same bytes).
 Output, under `out`: `annotations/captions_{train,test}.json` in the official COCO captions layout and
 `{train,test}/NNNNNNNNNNNN.jpg`, ready for `clipcoco shards --annotations ... --images ...`.
-Command: `clipcoco demo` (clip/demo.py) generates it before running the real pipeline on it.
+Command: `clipcoco demo` (clip/apps/demo.py) generates it before running the real pipeline on it.
 
     data = generate_demo_data(Path("demo-out/data"), n_train=3000, n_test=250)
 

@@ -40,7 +40,7 @@ VARIANTS = {
 
 
 def build_demo(root: Path) -> dict:
-    from clip.demo import default_text_model
+    from clip.apps.demo import default_text_model
     from pipeline.demo_data import generate_demo_data
     from pipeline.embed_text import embed_text
     from pipeline.shards import build_shards
@@ -58,7 +58,7 @@ def build_demo(root: Path) -> dict:
 
 
 def build_coco_mini(root: Path, coco_mini: Path) -> dict:
-    from clip.demo import default_text_model
+    from clip.apps.demo import default_text_model
     from pipeline.embed_text import embed_text
     from pipeline.shards import build_shards
 

@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from clip.bench_data import make_coco, repeated_coco
+from clip.apps.bench_data import make_coco, repeated_coco
 
 REPO = Path(__file__).resolve().parents[1]
 CLIPCOCO = str(Path(sys.executable).parent / "clipcoco")
@@ -238,7 +238,7 @@ def main(argv: list[str] | None = None) -> None:
     if previous is not None and not (BEGIN in previous and END in previous.partition(BEGIN)[2]):
         raise SystemExit(f"{args.out} lacks the marker lines between which the numbers go: add\n{BEGIN}\n{END}")
     if args.minilm is None:
-        from clip.demo import default_text_model
+        from clip.apps.demo import default_text_model
 
         args.minilm = default_text_model()
     sizes, started = (QUICK if args.quick else FULL), time.perf_counter()

@@ -126,7 +126,7 @@ def per_caption_shards(shards: Path, out: Path) -> str:
 
 def distil_text(out: Path, shards: Path) -> Path:
     """A DistilBERT-sized text cache (random DistilBertConfig() weights, MiniLM's uncased tokenizer) of `shards`."""
-    from clip.demo import default_text_model
+    from clip.apps.demo import default_text_model
 
     model, cache = out / "distilbert-sized", Path(shards) / "text-distilbert-sized-mean.parquet"
     if not model.is_dir():
@@ -196,7 +196,7 @@ def train_peer(settings: dict, *, folder: Path, data: str, seed: int, steps: int
     in)."""
     from clip.config import load_config
 
-    cfg = load_config(None, config_sets(settings))
+    cfg = load_config(None, {**config_sets(settings), "train.steps": steps})
     batch, o = cfg.train.batch_size, cfg.optim
     shutil.rmtree(out, ignore_errors=True)
     cmd = [sys.executable, "-m", "open_clip_train.main", "--model", f"local-dir:{folder}", "--lock-text",
@@ -275,64 +275,91 @@ def rate(step_s: list[float], batch: int, warmup: int) -> float:
 SIDES = {"clipcoco": ROWS[0], "open_clip-shards": ROWS[2], "open_clip-per-caption": ROWS[3]}
 
 
-def side(args: argparse.Namespace, name: str) -> dict:
-    """One speed measurement: `name` (a key of SIDES) trains `--warmup + --steps` steps at `--shape` (rounded up to a
-    multiple of the loader workers, as open_clip rounds its step count); images/s over the steps after the warm-up.
-    Data: coco-mini's training split, or `--shards` with its `--text` cache (the GPU check's)."""
-    settings = {**SHAPES[args.shape], "train.device": args.device, "train.precision": args.precision,
-                "data.loader": args.loader, "data.threads": args.threads}
-    if args.batch_size:
-        settings["train.batch_size"] = args.batch_size
-    out = args.out
-    if args.shards:
-        shards, text = args.shards, args.text
-        per_caption = out / f"per-caption-{shards.name}"
-        if not per_caption.is_dir():
-            per_caption_shards(shards, per_caption.with_suffix(".tmp"))
-            per_caption.with_suffix(".tmp").rename(per_caption)
-    else:
-        data = datasets(out, "coco-mini", args.coco_mini)
-        shards, per_caption = Path(data["paths"]["train"][0]), Path(data["per_caption"])
-        text = distil_text(out, shards) if args.shape == "coco" else Path(data["paths"]["train"][1])
-    work = out / f"speed-{args.shape}"
-    batch, steps = settings["train.batch_size"], args.warmup + args.steps
-    steps += -steps % args.threads
+def measure(name: str, settings: dict, *, shards: Path, text: Path, per_caption: Path, work: Path, site: Path,
+            warmup: int, steps: int) -> dict:
+    """One speed measurement of `name` (a key of SIDES): `warmup + steps` steps, rounded up to a multiple of the
+    loader workers (open_clip rounds its step count so); images/s over the steps after the warm-up."""
+    batch, steps = settings["train.batch_size"], warmup + steps
+    steps += -steps % config_sets(settings)["data.threads"]
     if name == "clipcoco":
         result = train_ours(settings, shards=shards, text=text, seed=0, steps=steps, captions="all", out=work / name)
         seen = captions_per_image(shards)
     else:
         result = train_peer(settings, folder=start_folder(settings, shards, text, 0, work), seed=0, steps=steps,
                             data=tar_urls(shards if name == "open_clip-shards" else per_caption), out=work / name,
-                            site=peer_site(out))
+                            site=site)
         seen = 1.0
-    images_per_s = rate(result["step_s"], batch, args.warmup)
-    row = {"bench": "speed", "shape": args.shape, "row": SIDES[name], "images_per_s": round(images_per_s, 3),
-           "ms_per_caption_seen": round(1000 / (images_per_s * seen), 2), "step_s": result["step_s"],
-           "device": args.device, "batch_size": batch, "command": " ".join(map(str, result["command"]))}
-    record(out, row)
+    images_per_s = rate(result["step_s"], batch, warmup)
+    return {"row": SIDES[name], "images_per_s": round(images_per_s, 3),
+            "ms_per_caption_seen": round(1000 / (images_per_s * seen), 2), "step_s": result["step_s"],
+            "batch_size": batch, "command": " ".join(map(str, result["command"]))}
+
+
+def alternate(settings: dict, rounds: int, **where) -> dict[str, list[dict]]:
+    """A B C A B C ...: clipcoco, open_clip on clipcoco's shards, open_clip one sample per caption."""
+    results: dict[str, list[dict]] = {k: [] for k in SIDES}
+    for r in range(rounds):
+        for name in SIDES:
+            results[name].append(measure(name, settings, **where))
+            print(f"round {r + 1}: {SIDES[name]}: {results[name][-1]['images_per_s']:.2f} images/s", file=sys.stderr,
+                  flush=True)
+    return results
+
+
+def ratios(results: dict[str, list[dict]]) -> dict[str, float]:
+    """clipcoco's images/s over each side's: the median of the per-round ratios."""
+    ours = [r["images_per_s"] for r in results["clipcoco"]]
+    return {name: statistics.median(a / b["images_per_s"] for a, b in zip(ours, rows, strict=True))
+            for name, rows in results.items()}
+
+
+def speed_data(args: argparse.Namespace) -> dict:
+    """Where a speed measurement trains: coco-mini's training split, or `--shards` with its `--text` cache."""
+    out = args.out
+    if args.shards:
+        per_caption = out / f"per-caption-{args.shards.name}"
+        if not per_caption.is_dir():
+            per_caption_shards(args.shards, per_caption.with_suffix(".tmp"))
+            per_caption.with_suffix(".tmp").rename(per_caption)
+        return {"shards": args.shards, "text": args.text, "per_caption": per_caption}
+    data = datasets(out, "coco-mini", args.coco_mini)
+    shards = Path(data["paths"]["train"][0])
+    text = distil_text(out, shards) if args.shape == "coco" else Path(data["paths"]["train"][1])
+    return {"shards": shards, "text": text, "per_caption": Path(data["per_caption"])}
+
+
+def shape_settings(args: argparse.Namespace) -> dict:
+    settings = {**SHAPES[args.shape], "train.device": args.device, "train.precision": args.precision,
+                "data.loader": args.loader, "data.threads": args.threads}
+    return {**settings, "train.batch_size": args.batch_size} if args.batch_size else settings
+
+
+def side(args: argparse.Namespace, name: str) -> dict:
+    """One measurement (`make bench` and the GPU check alternate these as processes of their own)."""
+    row = {"bench": "speed", "shape": args.shape, "device": args.device,
+           **measure(name, shape_settings(args), **speed_data(args), work=args.out / f"speed-{args.shape}",
+                     site=peer_site(args.out), warmup=args.warmup, steps=args.steps)}
+    record(args.out, row)
     return row
 
 
 def speed(args: argparse.Namespace) -> None:
-    """A B C A B C ...: clipcoco, open_clip on clipcoco's shards, open_clip one sample per caption; medians."""
-    rounds: dict[str, list[dict]] = {k: [] for k in SIDES}
-    for r in range(args.rounds):
-        for name in SIDES:
-            rounds[name].append(side(args, name))
-            print(f"round {r + 1}: {SIDES[name]}: {rounds[name][-1]['images_per_s']:.2f} images/s", file=sys.stderr,
-                  flush=True)
-    settings = SHAPES[args.shape]
-    ours = [r["images_per_s"] for r in rounds["clipcoco"]]
+    """The three sides alternated for --rounds rounds; medians."""
+    settings = shape_settings(args)
+    measured = alternate(settings, args.rounds, **speed_data(args), work=args.out / f"speed-{args.shape}",
+                         site=peer_site(args.out), warmup=args.warmup, steps=args.steps)
+    for rows in measured.values():
+        for r, row in enumerate(rows, 1):
+            record(args.out, {"bench": "speed", "shape": args.shape, "device": args.device, "round": r, **row})
     print(f"\nspeed, {args.shape} shape ({settings['model.image_model']} {settings['data.image_size']} px, "
           f"batch {settings['train.batch_size']}, {args.steps} steps after {args.warmup}), {args.rounds} rounds, "
           f"{platform.processor() or 'cpu'}:")
     print("| side | images/s (median) | every round | clipcoco / side (median of rounds) | ms per caption seen |")
     print("|---|---|---|---|---|")
-    for name, rows in rounds.items():
-        values = [r["images_per_s"] for r in rows]
-        ratio = statistics.median(a / b for a, b in zip(ours, values, strict=True))
+    for name, ratio in ratios(measured).items():
+        values = [r["images_per_s"] for r in measured[name]]
         print(f"| {SIDES[name]} | {statistics.median(values):.2f} | {', '.join(f'{v:.2f}' for v in values)} | "
-              f"{ratio:.2f} | {statistics.median(r['ms_per_caption_seen'] for r in rows):.1f} |")
+              f"{ratio:.2f} | {statistics.median(r['ms_per_caption_seen'] for r in measured[name]):.1f} |")
 
 
 def captions_per_image(shards: Path) -> float:
@@ -343,45 +370,57 @@ def captions_per_image(shards: Path) -> float:
 
 
 def quality(args: argparse.Namespace) -> None:
-    """Equal steps (every row), then equal wall time (the peer's steps scaled by clipcoco's measured speed)."""
+    """Equal steps: every row trains the recipe's steps. Equal time: open_clip trains as many steps as fit in the time
+    clipcoco's default row takes, from the speed ratio of --rounds alternated short runs at the recipe's settings
+    (a ratio of medians, not one run's clock: a shared machine's load moves single runs by several times). Rows
+    already in OUT/results.jsonl are not rerun."""
     recipe, out, site = RECIPES[args.data], args.out, peer_site(args.out)
     data = datasets(out, args.data, args.coco_mini)
     (shards, text), (test_shards, test_text) = ([Path(p) for p in data["paths"][s]] for s in ("train", "test"))
+    per_caption = Path(data["per_caption"])
     steps = args.steps or recipe["steps"]
     images, annotations = test_images(out / args.data, args.data)
     work = out / f"quality-{args.data}"
+    done = {(r["row"], r["seed"], r["budget"]) for r in results(out) if r["bench"] == "quality" and
+            r["data"] == args.data}
+    budgets = {"steps": ("equal steps",), "time": ("equal time",), "both": ("equal steps", "equal time")}[args.budget]
+    speedup = None
     for seed in args.seeds:
         start = start_folder(recipe, shards, text, seed, work)
-        step_s = {}
-        for name, captions in ((ROWS[0], "all"), (ROWS[1], "one")):
-            run = work / f"{name.replace(' ', '').replace('-', '')}-s{seed}"
-            result = train_ours(recipe, shards=shards, text=text, seed=seed, steps=steps, captions=captions, out=run)
-            step_s[name] = statistics.median(result["step_s"][2:])
-            sh([BIN / "clipcoco", "export", run, "--out", run / "export"]) if not (run / "export").is_dir() else None
-            scores = clip_benchmark(run / "export", images, annotations, run)
-            record(out, {"bench": "quality", "data": args.data, "row": name, "seed": seed, "steps": steps,
-                         "budget": "equal steps", "train_s": result["wall_s"], "step_s": step_s[name],
-                         "clip_benchmark": scores, "clipcoco_eval": clipcoco_eval(run, test_shards, test_text)})
-        for name, urls in ((ROWS[2], tar_urls(shards)), (ROWS[3], tar_urls(Path(data["per_caption"])))):
-            tag = "shards" if name == ROWS[2] else "per-caption"
-            result = train_peer(recipe, folder=start, data=urls, seed=seed, steps=steps,
-                                out=work / f"peer-{tag}-s{seed}", site=site)
-            peer_step = statistics.median(result["step_s"][2:])
-            scores = clip_benchmark(peer_folder(start, result["checkpoint"], work / f"peer-{tag}-s{seed}-model"),
-                                    images, annotations, work / f"peer-{tag}-s{seed}")
-            record(out, {"bench": "quality", "data": args.data, "row": name, "seed": seed, "steps": steps,
-                         "budget": "equal steps", "train_s": result["wall_s"], "step_s": peer_step,
-                         "clip_benchmark": scores})
-            # Equal time: as many peer steps as fit in clipcoco's (default recipe's) training time.
-            short = max(2, 2 * round(steps * step_s[ROWS[0]] / peer_step / 2))
-            result = train_peer(recipe, folder=start, data=urls, seed=seed, steps=short,
-                                out=work / f"peer-{tag}-time-s{seed}", site=site)
-            scores = clip_benchmark(peer_folder(start, result["checkpoint"], work / f"peer-{tag}-time-s{seed}-model"),
-                                    images, annotations, work / f"peer-{tag}-time-s{seed}")
-            record(out, {"bench": "quality", "data": args.data, "row": name, "seed": seed, "steps": short,
-                         "budget": "equal time", "train_s": result["wall_s"], "step_s": peer_step,
-                         "clip_benchmark": scores})
+        rows = [(name, budget) for name in ROWS for budget in budgets
+                if (name, seed, budget) not in done and (budget == "equal steps" or name in ROWS[2:])]
+        for name, budget in rows:
+            tag = re.sub(r"[^a-z]+", "-", name.lower()).strip("-") + ("-time" if budget == "equal time" else "")
+            run, n = work / f"{tag}-s{seed}", steps
+            if budget == "equal time":
+                if speedup is None:
+                    measured = alternate(recipe, args.rounds, shards=shards, text=text, per_caption=per_caption,
+                                         work=work / "speed", site=site, warmup=args.warmup, steps=8)
+                    speedup = ratios(measured)
+                    record(out, {"bench": "quality-speed", "data": args.data, "ratios": speedup,
+                                 "images_per_s": {k: [r["images_per_s"] for r in v] for k, v in measured.items()}})
+                side_key = "open_clip-shards" if name == ROWS[2] else "open_clip-per-caption"
+                n = max(2, 2 * round(steps / speedup[side_key] / 2))
+            if name in ROWS[:2]:
+                result = train_ours(recipe, shards=shards, text=text, seed=seed, steps=n, out=run,
+                                    captions="all" if name == ROWS[0] else "one")
+                shutil.rmtree(run / "export", ignore_errors=True)
+                sh([BIN / "clipcoco", "export", run, "--out", run / "export"])
+                extra = {"clipcoco_eval": clipcoco_eval(run, test_shards, test_text)}
+                folder = run / "export"
+            else:
+                result = train_peer(recipe, folder=start, seed=seed, steps=n, out=run, site=site,
+                                    data=tar_urls(shards if name == ROWS[2] else per_caption))
+                folder, extra = peer_folder(start, result["checkpoint"], work / f"{tag}-s{seed}-model"), {}
+            record(out, {"bench": "quality", "data": args.data, "row": name, "seed": seed, "steps": n,
+                         "budget": budget, "train_s": result["wall_s"],
+                         "clip_benchmark": clip_benchmark(folder, images, annotations, run), **extra})
     table(out, args.data)
+
+
+def results(out: Path) -> list[dict]:
+    path = out / "results.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
 
 
 def test_images(root: Path, name: str) -> tuple[Path, Path]:
@@ -392,11 +431,10 @@ def test_images(root: Path, name: str) -> tuple[Path, Path]:
 
 
 def table(out: Path, data: str) -> None:
-    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
-    rows = [r for r in rows if r["bench"] == "quality" and r["data"] == data]
+    rows = [r for r in results(out) if r["bench"] == "quality" and r["data"] == data]
     print(f"\nquality on {data} (CLIP_benchmark, %, mean over seeds; each seed in brackets):")
-    print("| side | budget | steps | seeds | t2i R@1 | t2i R@5 | i2t R@1 | i2t R@5 | train s | s/step |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| side | budget | steps | seeds | t2i R@1 | t2i R@5 | i2t R@1 | i2t R@5 | train s |")
+    print("|---|---|---|---|---|---|---|---|---|")
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         groups.setdefault((r["row"], r["budget"]), []).append(r)
@@ -406,7 +444,7 @@ def table(out: Path, data: str) -> None:
             values = [r["clip_benchmark"][key] for r in rs]
             cells.append(f"{statistics.mean(values):.1f} ({'/'.join(f'{v:.1f}' for v in values)})")
         print(f"| {name} | {budget} | {'/'.join(str(r['steps']) for r in rs)} | {len(rs)} | {' | '.join(cells)} "
-              f"| {statistics.mean(r['train_s'] for r in rs):.0f} | {statistics.mean(r['step_s'] for r in rs):.3f} |")
+              f"| {statistics.mean(r['train_s'] for r in rs):.0f} |")
 
 
 def flops(args: argparse.Namespace) -> None:
@@ -503,10 +541,11 @@ def main() -> None:
                                                                               "../shared/coco-mini")))
     parser.add_argument("--shape", choices=tuple(SHAPES), default="coco")
     parser.add_argument("--data", choices=tuple(RECIPES), default="coco-mini")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=3, help="speed, and quality's equal-time ratio: A B C rounds")
     parser.add_argument("--warmup", type=int, default=2, help="speed: steps not counted")
     parser.add_argument("--steps", type=int, default=0, help="speed: steps counted (default 8); quality: the steps")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--budget", choices=("steps", "time", "both"), default="both", help="quality: which rows")
     parser.add_argument("--shards", type=Path, help="side: training shards (default: coco-mini's training split)")
     parser.add_argument("--text", type=Path, help="side: the text cache of --shards")
     parser.add_argument("--device", default="cpu", help="side/speed: cpu or cuda")

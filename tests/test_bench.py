@@ -16,7 +16,7 @@ from conftest import cache_metadata, write_coco, write_random_text_cache
 from typer.testing import CliRunner
 
 from cli.main import app
-from clip.bench_data import make_text_model, repeated_coco
+from clip.apps.bench_data import make_text_model, repeated_coco
 from pipeline.shards import build_shards
 
 REPO = Path(__file__).resolve().parents[1]
@@ -164,7 +164,7 @@ def test_bench_shards_user_errors(coco, extra, message):
 
 def test_bench_shards_tar_peer_archives_the_listed_files(coco, tmp_path, monkeypatch):
     """The tar peer archives what the annotations list, the files `clipcoco shards` reads."""
-    import clip.bench_peers as peers
+    import clip.apps.bench_peers as peers
 
     archives = []
     real_run = peers.subprocess.run
@@ -357,16 +357,18 @@ def test_quick_run_writes_every_row_alternating(tmp_path, monkeypatch):
                 "| embed-text, DistilBERT-sized (random weights), 32 captions |",
                 "| train step, resnet18 64 px, batch 8, dali loader | real loader: 90.0 images/s | synthetic batches: "
                 "100.0 images/s | 0.90 (real / synthetic images/s) |", "| train step, resnet18 64 px, batch 8, torch",
-                "| train vs open_clip, ResNet-18 64 px, batch 64, all-MiniLM-L6-v2 text | `clipcoco train` (cached text, "
-                "all captions): 100.0 images/s | `open_clip_train --lock-text`, clipcoco's shards (first caption): 50.0 "
-                "images/s | 2.00 (clipcoco / open_clip images/s) | >= 1.0 | yes |",
-                "| train vs open_clip, ResNet-18 64 px, batch 64, all-MiniLM-L6-v2 text | `clipcoco train` (cached text, "
-                "all captions): 100.0 images/s | `open_clip_train --lock-text`, one sample per caption: 50.0 images/s"):
+                "| train vs open_clip, ResNet-18 64 px, batch 64, all-MiniLM-L6-v2 text | `clipcoco train` (cached "
+                "text, all captions): 100.0 images/s | `open_clip_train --lock-text`, clipcoco's shards (first "
+                "caption): 50.0 images/s | 2.00 (clipcoco / open_clip images/s) | >= 1.0 | yes |",
+                "| train vs open_clip, ResNet-18 64 px, batch 64, all-MiniLM-L6-v2 text | `clipcoco train` (cached "
+                "text, all captions): 100.0 images/s | `open_clip_train --lock-text`, one sample per caption: 50.0 "
+                "images/s"):
         assert row in doc
     vs = [c for c in calls if str(c[1]).endswith("vs_open_clip.py")]  # clipcoco, then the peer, in each round
     assert [c[c.index("--side") + 1] for c in vs] == ["clipcoco", "open_clip-shards"] * 2 + [
         "clipcoco", "open_clip-per-caption"] * 2
-    assert "python scripts/vs_open_clip.py side --shape demo --warmup 1 --steps 1 --coco-mini $CLIPCOCO_COCO_MINI" in doc
+    assert ("python scripts/vs_open_clip.py side --shape demo --warmup 1 --steps 1 --coco-mini $CLIPCOCO_COCO_MINI "
+            "--out $WORK/vs-open-clip --side clipcoco") in doc
     assert "`clipcoco bench embed-text --shards $WORK/shards-copy --model $MINILM --device cpu" in doc
     assert "coco: real COCO JPEGs and captions, val2017" in doc and "CPU ms per image, one thread" in doc
     assert "dali_decode 2.00, torchvision_decode 1.50" in doc

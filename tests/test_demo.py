@@ -10,7 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from cli.main import app
-from clip.demo import chance_recall, default_text_model, offline, run_demo
+from clip.apps.demo import chance_recall, default_text_model, offline, run_demo
 from pipeline.errors import UserError
 
 

@@ -107,7 +107,7 @@ def coco_run(coco_mini, tmp_path_factory):
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
     """(run, export folder, image files, captions) of `clipcoco demo --small` (all-MiniLM-L6-v2, a BERT)."""
-    from clip.demo import run_demo
+    from clip.apps.demo import run_demo
 
     root = tmp_path_factory.mktemp("export-demo")
     run_demo(root / "demo", size="small", progress=False)

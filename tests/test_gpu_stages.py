@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import write_coco
 
-from clip.bench_data import make_captions, make_text_model
+from clip.apps.bench_data import make_captions, make_text_model
 from clip.config import load_config
 from clip.embeddings import embed_split, score_model
 from clip.model import build_model

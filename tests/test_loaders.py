@@ -286,7 +286,7 @@ def many(tmp_path_factory):
 def test_train_order_is_a_global_shuffle_every_epoch(many, kind):
     """Batches as a fresh global permutation per epoch makes them: batch-mates rarely meet again, a batch spans the
     split (not a run of neighbours in the tars), the first batch changes."""
-    from clip.bench import batch_mate_repetition, order_statistics
+    from clip.apps.bench import batch_mate_repetition, order_statistics
 
     ldr = loader(many, kind, train=True, batch_size=8, seed=0, threads=1)
     epochs = [[b.image_ids.tolist() for b in ldr] for _ in range(3)]
@@ -302,7 +302,7 @@ def test_train_order_is_a_global_shuffle_every_epoch(many, kind):
 
 
 def test_repetition_statistic_against_a_hand_count():
-    from clip.bench import batch_mate_repetition
+    from clip.apps.bench import batch_mate_repetition
 
     # Image 1's mates {2, 3} -> {2}: 1 of 2 again; 2: {1, 3} -> {1}: 1 of 2; 3: {1, 2} -> {4}: 0; 4, 5, 6 likewise.
     assert batch_mate_repetition([[1, 2, 3], [4, 5, 6]], [[1, 2, 4], [3, 5, 6]]) == pytest.approx(4 / 12)

@@ -9,7 +9,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from cli.main import app
-from clip.plot import curves_figure, figure_class, plot_run, read_metrics, series
+from clip.apps.plot import curves_figure, figure_class, plot_run, read_metrics, series
 from pipeline.errors import UserError
 
 

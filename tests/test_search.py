@@ -15,10 +15,10 @@ from test_evaluate import TEXT_DIM, make_run
 from typer.testing import CliRunner
 
 from cli.main import app
+from clip.apps.search import Hit, search
 from clip.checkpoint import Checkpoint
 from clip.embeddings import load_image_embeddings
 from clip.evaluate import evaluate
-from clip.search import Hit, search
 from pipeline.embed_text import embed_text, encode_queries
 from pipeline.errors import UserError
 from pipeline.shard_reader import SampleIndex, open_shards
@@ -148,7 +148,7 @@ def test_a_caption_query_marks_its_image_and_the_grid_wraps_captions(run, tmp_pa
     assert not any(h.correct for h in dog)  # no caption says so, and no one named an answer
     assert [h.correct for h in search("a dog", run=run_dir, shards=shards, k=3, out=tmp_path / "d.png",
                                       correct=[dog[1].image_id])] == [False, True, False]
-    from clip.search import grid_figure
+    from clip.apps.search import grid_figure
 
     long = "a very long caption that goes on and on about a dog on a couch next to a cat under a lamp by the door"
     grid = grid_figure([Hit(rank=1, image_id=503, score=0.5, file_name="f.jpg", caption=long, jpeg=hits[0].jpeg,

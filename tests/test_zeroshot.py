@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from cli.main import app
 from clip import load
-from clip.zeroshot import DEFAULT_TEMPLATES, class_names, find_images, read_templates, score, zeroshot
+from clip.apps.zeroshot import DEFAULT_TEMPLATES, class_names, find_images, read_templates, score, zeroshot
 from pipeline.errors import UserError
 
 
@@ -201,7 +201,7 @@ def test_the_confusion_matrix_keeps_every_label_inside_and_counts_in_view(n):
     pytest.importorskip("matplotlib")
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
-    from clip.zeroshot import confusion_figure
+    from clip.apps.zeroshot import confusion_figure
 
     rng = np.random.default_rng(n)
     matrix = rng.integers(0, 3, size=(n, n)) + 10 * np.eye(n, dtype=int)

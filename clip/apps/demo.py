@@ -115,7 +115,7 @@ def search_queries(annotations: Path) -> list[tuple[str, str]]:
 
 def run_searches(annotations: Path, *, run: Path, shards: Path, out: Path) -> list[dict]:
     """`clipcoco search` for each query of `search_queries`; notes whether the top hit is the scene described."""
-    from clip.search import search
+    from clip.apps.search import search
 
     scenes = {image["id"]: image["scene"] for image in json.loads(annotations.read_text())["images"]}
     results = []
@@ -174,9 +174,9 @@ def run_demo(out: Path = Path("demo-out"), *, text_model: str | None = None, siz
     if text_model is not None and str(text_model).startswith(("/", ".", "~")) and not Path(text_model).is_dir():
         raise UserError(f"--text-model {text_model}: no such folder; pass a folder holding a Hugging Face model "
                         "(config.json, weights, tokenizer) or leave --text-model out for all-MiniLM-L6-v2")
+    from clip.apps.plot import plot_run
     from clip.config import load_config
     from clip.evaluate import evaluate
-    from clip.plot import plot_run
     from clip.train import train
     from pipeline.demo_data import CLASS_SETS, generate_demo_data, write_image_folder
     from pipeline.embed_text import embed_text

@@ -31,8 +31,8 @@ from rich.console import Console
 from rich.table import Table
 
 from clip.api import CLIPModel, load
+from clip.apps.plot import figure_class
 from clip.checkpoint import run_dir_of
-from clip.plot import figure_class
 from pipeline import __version__
 from pipeline.errors import UserError
 from pipeline.files import write_atomic

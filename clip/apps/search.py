@@ -26,8 +26,8 @@ from rich.console import Console
 from rich.table import Table
 
 from clip.api import load
+from clip.apps.plot import figure_class
 from clip.embeddings import load_image_embeddings
-from clip.plot import figure_class
 from pipeline.errors import UserError
 from pipeline.progress import console as make_console
 from pipeline.runtime import resolve_device

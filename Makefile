@@ -22,11 +22,10 @@ EVAL      ?= $(DATA)/$(if $(filter 2017,$(SPLIT)),val2017,karpathy-test)
 TEXT_MODEL ?= distilbert-base-uncased
 ## POOLING     mean or cls pooling of the text tower's tokens
 POOLING   ?= mean
-# The cache's name, by pipeline/text_cache.py's model_slug rule (a hub name with / -> --, a local model folder -> its
-# name, or its parent's when it is called "model"); embed-text is given it with --out, so train and eval always find
-# the file embed-text wrote.
-TEXT_DIR  := $(abspath $(TEXT_MODEL))
-TEXT_SLUG ?= $(if $(wildcard $(TEXT_MODEL)/config.json),$(notdir $(if $(filter model,$(notdir $(TEXT_DIR))),$(patsubst %/,%,$(dir $(TEXT_DIR))),$(TEXT_DIR))),$(subst /,--,$(TEXT_MODEL)))-$(POOLING)
+# The cache's name: pipeline/text_cache.py's model_slug, the one rule (embed-text is given it with --out, so train and
+# eval always find the file embed-text wrote); worked out once, when a target that names a cache runs (after `install`).
+TEXT_SLUG ?= $(eval TEXT_SLUG := $(shell $(BIN)/python -c 'import sys; from pipeline.text_cache import model_slug; \
+	print(model_slug(sys.argv[1]))' '$(TEXT_MODEL)')-$(POOLING))$(TEXT_SLUG)
 ## CONFIG      the training preset (a name of configs/ or a YAML path); TRAIN, EVAL and their caches override its paths
 CONFIG    ?= configs/coco-karpathy.yaml
 ## RUN         the run folder train writes and eval scores

@@ -5,16 +5,19 @@ from pathlib import Path
 import typer
 
 from cli import DEVICE_HELP
+from pipeline import defaults
 
 
 def command(
     shards_dir: Path = typer.Argument(..., metavar="SHARDS_DIR",
                                       help="Shard directory written by `clipcoco shards` (its captions.parquet "
                                       "is read)."),
-    model: str = typer.Option("distilbert-base-uncased", "--model", help="Hugging Face encoder-only model: a hub "
+    model: str = typer.Option(defaults.TEXT_MODEL, "--model", help="Hugging Face encoder-only model: a hub "
                               "name or a local folder."),
-    pooling: str = typer.Option("mean", "--pooling", help="mean (masked mean over tokens) or cls (first token)."),
-    max_length: int = typer.Option(77, "--max-length", help="Tokens per caption; longer captions are truncated."),
+    pooling: str = typer.Option(defaults.POOLING, "--pooling", help="mean (masked mean over tokens) or cls (first "
+                                "token)."),
+    max_length: int = typer.Option(defaults.MAX_LENGTH, "--max-length", help="Tokens per caption; longer captions "
+                                   "are truncated."),
     batch_size: int = typer.Option(None, "--batch-size", help="Captions per forward pass (default: 256 on CUDA, "
                                    "64 on a CPU, where small batches stay in cache)."),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),

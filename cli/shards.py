@@ -4,6 +4,7 @@ from pathlib import Path
 
 import typer
 
+from pipeline import defaults
 from pipeline.errors import UserError
 
 
@@ -16,14 +17,16 @@ def command(
     karpathy: Path = typer.Option(None, "--karpathy", help="Karpathy's dataset_coco.json instead of --annotations."),
     split: str = typer.Option(None, "--split", help="With --karpathy: train, restval, val, test or trainval "
                               "(= train + restval)."),
-    resize_shorter: int = typer.Option(0, "--resize-shorter", help="Resize the shorter side to N pixels (never "
-                                       "upscaled) and re-encode; 0 keeps the original JPEG bytes where valid."),
-    quality: int = typer.Option(95, "--quality", help="JPEG quality when re-encoding."),
-    samples_per_shard: int = typer.Option(1000, "--samples-per-shard", help="Images per tar."),
-    workers: int = typer.Option(0, "--workers", help="Decoding processes; 0 = all cores. The bytes do not "
-                                "depend on it."),
-    max_failure_rate: float = typer.Option(0.01, "--max-failure-rate", help="Exit non-zero (after writing "
-                                           "everything) when more than this fraction of listed images is left out."),
+    resize_shorter: int = typer.Option(defaults.RESIZE_SHORTER, "--resize-shorter", help="Resize the shorter side "
+                                       "to N pixels (never upscaled) and re-encode; 0 keeps the original JPEG bytes "
+                                       "where valid."),
+    quality: int = typer.Option(defaults.QUALITY, "--quality", help="JPEG quality when re-encoding."),
+    samples_per_shard: int = typer.Option(defaults.SAMPLES_PER_SHARD, "--samples-per-shard", help="Images per tar."),
+    workers: int = typer.Option(defaults.WORKERS, "--workers", help="Decoding processes; 0 = all cores. The bytes "
+                                "do not depend on it."),
+    max_failure_rate: float = typer.Option(defaults.MAX_FAILURE_RATE, "--max-failure-rate", help="Exit non-zero "
+                                           "(after writing everything) when more than this fraction of listed images "
+                                           "is left out."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace shards built with other inputs or options."),
     allow_outside_images: bool = typer.Option(False, "--allow-outside-images", help="Accept file names that lead "
                                               "outside --images (absolute, or through ..); refused otherwise."),

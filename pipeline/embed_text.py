@@ -29,7 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from pipeline import __version__
+from pipeline import __version__, defaults
 from pipeline.errors import UserError
 from pipeline.files import replacing, sha256_file
 from pipeline.progress import console, rate_bar
@@ -282,9 +282,10 @@ def _say(message: str) -> None:
 # The stage
 
 
-def embed_text(shards_dir: Path, *, model: str = "distilbert-base-uncased", pooling: str = "mean",
-               max_length: int = 77, batch_size: int | None = None, device: str = "auto", dtype: str = "auto",
-               out: Path | None = None, progress: bool = True, chunk_size: int = CHUNK_SIZE) -> Path:
+def embed_text(shards_dir: Path, *, model: str = defaults.TEXT_MODEL, pooling: str = defaults.POOLING,
+               max_length: int = defaults.MAX_LENGTH, batch_size: int | None = None, device: str = "auto",
+               dtype: str = "auto", out: Path | None = None, progress: bool = True,
+               chunk_size: int = CHUNK_SIZE) -> Path:
     """Write the text cache of `shards_dir`'s captions and return its path (see the module docstring)."""
     shards_dir = Path(shards_dir)
     if pooling not in POOLINGS:

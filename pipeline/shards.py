@@ -34,7 +34,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline import __version__
+from pipeline import __version__, defaults
 from pipeline.coco import Annotations, ImageRecord, read_coco_captions, read_karpathy
 from pipeline.errors import UserError
 from pipeline.files import commit, locked, replacing, sha256_file, temporary_name, write_atomic
@@ -440,8 +440,9 @@ def _check_accounted(records: list[ImageRecord], packed_ids: list[int], failures
 
 
 def build_shards(*, out: Path, images: Path, annotations: Path | None = None, karpathy: Path | None = None,
-                 split: str | None = None, resize_shorter: int = 0, quality: int = 95,
-                 samples_per_shard: int = 1000, workers: int = 0, max_failure_rate: float = 0.01,
+                 split: str | None = None, resize_shorter: int = defaults.RESIZE_SHORTER,
+                 quality: int = defaults.QUALITY, samples_per_shard: int = defaults.SAMPLES_PER_SHARD,
+                 workers: int = defaults.WORKERS, max_failure_rate: float = defaults.MAX_FAILURE_RATE,
                  overwrite: bool = False, allow_outside_images: bool = False, progress: bool = True) -> dict:
     """Pack the listed images into shards under `out`; returns the manifest.
 

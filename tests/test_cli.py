@@ -186,7 +186,7 @@ def test_search_on_cuda_without_a_gpu_is_an_error_not_a_fallback(tmp_path, monke
 
 
 @pytest.mark.parametrize("text_model", ["distilbert-base-uncased", "sentence-transformers/all-MiniLM-L6-v2", "local",
-                                        "local/model"])
+                                        "local/model", "local/models--org--bert/snapshots/0123abcd"])
 def test_make_recipe_reads_the_caches_embed_text_writes(tmp_path, text_model):
     """`make -n`: train and eval read exactly the files embed-text was told to write, for hub names and folders,
     named by model_slug, the one rule."""
@@ -205,8 +205,9 @@ def test_make_recipe_reads_the_caches_embed_text_writes(tmp_path, text_model):
     read = set(re.findall(r"--text (\S+)", lines))
     assert len(written) == 2 and read == written, lines
     assert all(p.endswith(f"/text-{model_slug(text_model)}-mean.parquet") for p in written), written
-    if text_model.startswith(str(tmp_path)):
-        assert all(p.endswith("/text-my-bert-mean.parquet") for p in written)
+    if text_model.startswith(str(tmp_path)):  # a folder; one in the Hugging Face cache is named by its model
+        name = "org--bert" if "snapshots" in text_model else "my-bert"
+        assert all(p.endswith(f"/text-{name}-mean.parquet") for p in written)
 
 
 def _train_options():
@@ -371,3 +372,21 @@ def test_every_writing_command_stops_while_another_holds_its_folder(tmp_path):
         assert after == [n for n in before or [] if n != ".lock"], args
     # The holders were killed (SIGKILL): their locks went with them, and the same command now runs.
     assert CliRunner().invoke(app, [*commands[shards], "--no-progress"]).exit_code == 0
+
+
+@pytest.mark.parametrize("command, function", [("shards", "pipeline.shards:build_shards"),
+                                               ("embed-text", "pipeline.embed_text:embed_text")])
+def test_a_commands_defaults_are_its_stage_functions(command, function):
+    """Every option of the command that the stage function also takes defaults to the function's default (both read
+    pipeline/defaults.py): a default changed in one place is the default everywhere."""
+    import importlib
+    import inspect
+
+    import typer.main
+
+    module, name = function.split(":")
+    parameters = inspect.signature(getattr(importlib.import_module(module), name)).parameters
+    options = {p.name: p.default for p in typer.main.get_command(app).commands[command].params}
+    shared = {n for n in options if n in parameters and parameters[n].default is not inspect.Parameter.empty}
+    assert len(shared) >= 4, shared
+    assert {n: options[n] for n in shared} == {n: parameters[n].default for n in shared}

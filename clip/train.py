@@ -402,9 +402,8 @@ def build_run(cfg: Config, out: Path, env: Runtime, inputs: Inputs, resume: Chec
     # Batches arrive channels_last; weights in the same layout keep convs on the fast path (cuDNN/oneDNN) and
     # gradient strides equal to DDP's buckets.
     model = model.to(env.device, memory_format=torch.channels_last)
-    options = dict(batch_size=cfg.train.batch_size, image_size=cfg.data.image_size, train=True, device=env.device,
-                   seed=cfg.train.seed, rank=env.rank, world_size=env.world_size, threads=cfg.data.threads,
-                   crop_scale_min=cfg.data.crop_scale_min)
+    options = dict(batch_size=cfg.train.batch_size, transform=cfg.data.transform(), train=True, device=env.device,
+                   seed=cfg.train.seed, rank=env.rank, world_size=env.world_size, threads=cfg.data.threads)
     if inputs.image_features is not None:
         loader = FeatureLoader(inputs.shards, inputs.image_features, **options)
     else:

@@ -379,7 +379,7 @@ def quality(args: argparse.Namespace) -> None:
     (shards, text), (test_shards, test_text) = ([Path(p) for p in data["paths"][s]] for s in ("train", "test"))
     per_caption = Path(data["per_caption"])
     steps = args.steps or recipe["steps"]
-    images, annotations = test_images(out / args.data, args.data)
+    images, annotations = held_out_files(out / args.data, args.data)
     work = out / f"quality-{args.data}"
     done = {(r["row"], r["seed"], r["budget"]) for r in results(out) if r["bench"] == "quality" and
             r["data"] == args.data}
@@ -423,7 +423,7 @@ def results(out: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
 
 
-def test_images(root: Path, name: str) -> tuple[Path, Path]:
+def held_out_files(root: Path, name: str) -> tuple[Path, Path]:
     """The test split's image folder and COCO captions JSON, as scripts/ablate.py wrote them."""
     if name == "demo":
         return root / "data" / "test", root / "data" / "annotations" / "captions_test.json"

@@ -457,11 +457,8 @@ def flops(args: argparse.Namespace) -> None:
 
     from clip.checkpoint import Checkpoint
 
-    settings, out = SHAPES[args.shape], args.out
-    data = datasets(out, "coco-mini", args.coco_mini)
-    shards = Path(data["paths"]["train"][0])
-    text = distil_text(out, shards) if args.shape == "coco" else Path(data["paths"]["train"][1])
-    start = start_folder(settings, shards, text, 0, out / f"speed-{args.shape}")
+    settings, out, where = SHAPES[args.shape], args.out, speed_data(args)
+    start = start_folder(settings, where["shards"], where["text"], 0, out / f"speed-{args.shape}")
     batch, size = settings["train.batch_size"], settings["data.image_size"]
     images = torch.randn(batch, 3, size, size)
     ckpt = Checkpoint.load(out / f"speed-{args.shape}" / "start-0-run")

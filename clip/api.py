@@ -12,8 +12,9 @@ on the CPU, so `images @ texts.T` are cosine similarities. This interface is kep
 
 Image files are read as `clipcoco shards` packs them (a plain JPEG decoded as the loaders decode it; any other
 file turned upright by its EXIF orientation and brought to 8 bits by `pipeline.images.upright_8bit`), then go
-through exactly the eval transform of `clipcoco eval` (`pipeline.loaders.eval_image`: the center square resized
-to the run's image size, ImageNet mean/std), so an eval image embeds as eval embedded it.
+through exactly the eval transform of `clipcoco eval` (the run's `pipeline.transforms.ImageTransform`, from its
+config: the center square resized to the run's image size, then normalised), so an eval image embeds as eval
+embedded it.
 Texts go through the frozen text encoder the run's text cache was made with (named with its weights' and
 tokenizer's sha256 in the checkpoint's text fingerprint, which holds everything `embed-text` pooled with:
 model, pooling, max_length), loaded on the first `encode_texts` only and kept, then the run's text head.
@@ -34,8 +35,8 @@ from clip.model import CLIP
 from pipeline.embed_text import BATCH_SIZE, encode_queries, query_encoder
 from pipeline.errors import UserError
 from pipeline.images import kept_as_is, upright_8bit
-from pipeline.loaders import eval_image, normalize
 from pipeline.runtime import resolve_device
+from pipeline.transforms import ImageTransform
 
 ImageLike = str | Path | Image.Image | torch.Tensor  # one item of what encode_images takes
 
@@ -87,10 +88,11 @@ def _as_tensors(item) -> Iterator[torch.Tensor]:
 class CLIPModel:
     """A trained CLIP ready to embed images and texts. Make one with `clip.load`."""
 
-    def __init__(self, module: CLIP, *, image_size: int, embed_dim: int, text_fingerprint: dict, device: torch.device,
-                 batch_size: int | None, checkpoint: Path, step: int, text_model_path: str | None = None) -> None:
+    def __init__(self, module: CLIP, *, transform: ImageTransform, embed_dim: int, text_fingerprint: dict,
+                 device: torch.device, batch_size: int | None, checkpoint: Path, step: int,
+                 text_model_path: str | None = None) -> None:
         self.module = module  # in eval mode on `device`
-        self.image_size = image_size  # the run's image size: the eval transform's S
+        self.transform = transform  # the run's: its eval crop and normalisation turn an image into input
         self.embed_dim = embed_dim  # E, the width of every embedding
         self.text_fingerprint = text_fingerprint  # names the frozen text encoder and how it pooled
         self.text_model_path = text_model_path  # where it was found (None: the fingerprint's model names it)
@@ -99,6 +101,11 @@ class CLIPModel:
         self.checkpoint = checkpoint
         self.step = step
         self._encoder = None  # the frozen text encoder, loaded by the first encode_texts
+
+    @property
+    def image_size(self) -> int:
+        """The run's image size: the side of the square every image is resized to."""
+        return self.transform.size
 
     @property
     def logit_scale(self) -> float:
@@ -122,7 +129,7 @@ class CLIPModel:
         """
         size = self._batch_size(batch_size)
         single = isinstance(images, (str, Path, Image.Image, torch.Tensor))
-        pixels = (eval_image(t, self.image_size) for item in ([images] if single else images)
+        pixels = (self.transform.eval_image(t) for item in ([images] if single else images)
                   for t in _as_tensors(item))
         feats, batch = [], []
         for image in pixels:
@@ -137,7 +144,8 @@ class CLIPModel:
         return torch.cat(feats)
 
     def _encode_batch(self, batch: list[torch.Tensor]) -> torch.Tensor:
-        return self.module.encode_image(normalize(torch.stack(batch).to(self.device))).float().cpu()
+        images = self.transform.normalize(torch.stack(batch).to(self.device))
+        return self.module.encode_image(images).float().cpu()
 
     @torch.inference_mode()
     def encode_texts(self, texts: str | Iterable[str], *, batch_size: int | None = None) -> torch.Tensor:
@@ -176,7 +184,7 @@ def load(run_or_checkpoint: str | Path, *, device: str = "auto", batch_size: int
     # channels_last as in `clipcoco eval`, so the convolutions take the same kernels.
     module = ckpt.build_model().to(torch_device).to(memory_format=torch.channels_last)
     cfg = ckpt.cfg
-    return CLIPModel(module, image_size=cfg.data.image_size, embed_dim=cfg.model.embed_dim,
+    return CLIPModel(module, transform=cfg.data.transform(), embed_dim=cfg.model.embed_dim,
                      text_fingerprint=dict(ckpt.text_fingerprint), text_model_path=ckpt.text_model_path or None,
                      device=torch_device, batch_size=batch_size,
                      checkpoint=path, step=int(ckpt.step))

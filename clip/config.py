@@ -17,12 +17,15 @@ import typing
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from clip.presets import read_config
 from pipeline.errors import UserError
+
+if TYPE_CHECKING:
+    from pipeline.transforms import ImageTransform
 
 LOSSES = ("infonce", "sigmoid")  # clip/loss.py implements each
 RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101")
@@ -87,6 +90,12 @@ class DataConfig:
         _check(self.loader in LOADER_KINDS, f"data.loader must be one of {', '.join(LOADER_KINDS)}")
         _check(self.threads >= 1, "data.threads must be >= 1")
         _check(bool(self.eval_shards) == bool(self.eval_text), "data.eval_shards and data.eval_text go together")
+
+    def transform(self) -> "ImageTransform":
+        """The image transform of this config (train and eval): what the loaders and `clip.api` apply."""
+        from pipeline.transforms import ImageTransform  # here: reading the defaults (--help) needs no torch
+
+        return ImageTransform(size=self.image_size, crop_scale_min=self.crop_scale_min)
 
 
 CAPTIONS = ("one", "all")

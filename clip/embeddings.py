@@ -18,6 +18,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
+from clip.config import DataConfig
 from clip.model import CLIP
 from clip.retrieval import retrieval_metrics
 from pipeline.errors import UserError
@@ -46,7 +47,9 @@ def embed_images(encode: Callable[[torch.Tensor], torch.Tensor], dim: int, *, sh
     """(sorted image ids [I], `encode`(images) [I, dim] float32 on the CPU) of every image of `shards` once, with the
     eval crop; under torchrun each rank encodes a share and every rank gets all back."""
     ids, feats = [], []
-    with make_loader(shards, kind=loader, batch_size=batch_size, image_size=image_size, train=False, device=device,
+    # The eval crop is all of the transform that applies here: the config's other values are its defaults.
+    transform = DataConfig(image_size=image_size).transform()
+    with make_loader(shards, kind=loader, batch_size=batch_size, transform=transform, train=False, device=device,
                      rank=rank, world_size=world, threads=threads) as batches, \
             rate_bar(label, "images", enabled=progress and rank == 0) as bar:
         task = bar.add_task("images", total=shards.n_images)

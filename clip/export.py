@@ -37,7 +37,6 @@ from pipeline import __version__
 from pipeline.embed_text import query_encoder
 from pipeline.errors import UserError
 from pipeline.files import commit, sha256_file
-from pipeline.loaders import IMAGENET_MEAN, IMAGENET_STD
 
 CONFIG_NAME = "open_clip_config.json"
 WEIGHTS_NAME = "open_clip_model.safetensors"
@@ -175,10 +174,11 @@ def open_clip_config(ckpt: Checkpoint, name: str) -> dict:
     }
     if cfg.model.loss == "sigmoid":
         model_cfg["init_logit_bias"] = cfg.model.init_logit_bias
-    # clipcoco's eval transform: the center square resized to image_size (bilinear, antialiased), ImageNet mean/std;
-    # open_clip's `shortest` resizes the shorter side then center-crops: the same square to within resampling.
-    preprocess_cfg = {"size": cfg.data.image_size, "mode": "RGB", "mean": list(IMAGENET_MEAN),
-                      "std": list(IMAGENET_STD), "interpolation": "bilinear", "resize_mode": "shortest"}
+    # clipcoco's eval transform: the center square resized to its size (antialiased), then normalised; open_clip's
+    # `shortest` resizes the shorter side then center-crops: the same square to within resampling.
+    transform = cfg.data.transform()
+    preprocess_cfg = {"size": transform.size, "mode": "RGB", "mean": list(transform.mean), "std": list(transform.std),
+                      "interpolation": transform.interpolation, "resize_mode": "shortest"}
     return {"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg}
 
 

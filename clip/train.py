@@ -94,9 +94,8 @@ class Run:
 
 def open_loader(cfg: Config, inputs: Inputs, env: Runtime) -> Loader:
     """This rank's train loader: over the cached trunk features, or decoding the shards' images."""
-    options = dict(batch_size=cfg.train.batch_size, image_size=cfg.data.image_size, train=True, device=env.device,
-                   seed=cfg.train.seed, rank=env.rank, world_size=env.world_size, threads=cfg.data.threads,
-                   crop_scale_min=cfg.data.crop_scale_min)
+    options = dict(batch_size=cfg.train.batch_size, transform=cfg.data.transform(), train=True, device=env.device,
+                   seed=cfg.train.seed, rank=env.rank, world_size=env.world_size, threads=cfg.data.threads)
     if inputs.image_features is not None:
         return FeatureLoader(inputs.shards, inputs.image_features, **options)
     return make_loader(inputs.shards, kind=cfg.data.loader, **options)

@@ -1,15 +1,17 @@
-"""Loaders: stream a shard directory as batches of ImageNet-normalised images and their COCO image ids.
+"""Loaders: stream a shard directory as batches of normalised images and their COCO image ids.
 
-Input: a `ShardSet` (`pipeline.shard_reader.open_shards`: WebDataset tars with DALI `.idx` files). Output:
-`Batch`es (images [B, 3, S, S] float32 channels_last on the target device, image ids [B] int64 on the CPU). Not a
-command of its own: `clipcoco train`, `eval` and `bench` pick one with `--loader auto|dali|torch` (auto: dali on
-CUDA, torch on a CPU).
+Input: a `ShardSet` (`pipeline.shard_reader.open_shards`: WebDataset tars with DALI `.idx` files) and the
+`ImageTransform` to apply (`pipeline.transforms`; a run's is `DataConfig.transform()`). Output: `Batch`es (images
+[B, 3, S, S] float32 channels_last on the target device, image ids [B] int64 on the CPU). Not a command of its own:
+`clipcoco train`, `eval` and `bench` pick one with `--loader auto|dali|torch` (auto: dali on CUDA, torch on a CPU).
 
-    loader = make_loader(open_shards(Path("shards/train")), kind="dali", batch_size=256, image_size=224,
-                         train=True, device=torch.device("cuda"), seed=0, rank=0, world_size=1)
-    for epoch in range(epochs):
-        for batch in loader:          # one epoch; `loader.state_dict()` at any point resumes exactly there
-            ...
+    loader = make_loader(open_shards(Path("shards/train")), kind="dali", batch_size=256, threads=4, train=True,
+                         transform=ImageTransform(size=224, crop_scale_min=0.9), device=torch.device("cuda"),
+                         seed=0, rank=0, world_size=1)
+    with loader:                      # the torch loader's workers end with the block, however it ends
+        for epoch in range(epochs):
+            for batch in loader:      # one epoch; `loader.state_dict()` at any point resumes exactly there
+                ...
 
 Both loaders read each sample at the byte offsets the `.idx` files give (`SampleIndex`), in one order and with one
 crop per sample that the base class fixes: a seeded global permutation of the whole split per (seed, epoch), cut
@@ -19,11 +21,10 @@ kind="dali": the JPEG bytes and boxes go to DALI through an external source; it 
 (`fn.decoders.image_slice`, "mixed" = nvJPEG on CUDA, the CPU otherwise), resizes and normalises.
 kind="torch": the baseline for machines without DALI: `torchvision.io.decode_jpeg` in `threads` DataLoader workers.
 
-Train: random-resized-crop (area scale [crop_scale_min, 1], aspect ratio [3/4, 4/3]) to S x S and
-`steps_per_epoch` full batches per rank, the same count on every rank (so DDP ranks step together); the images no
-rank sees in an epoch are counted in `dropped_per_epoch`. Eval: the center square of each image (side = its
-shorter side) resized to S x S, which is resize-shorter-then-center-crop without rounding an intermediate size;
-file order, every image exactly once across ranks, the last batch partial.
+Train: the transform's random-resized crop to S x S and `steps_per_epoch` full batches per rank, the same count on
+every rank (so DDP ranks step together); the images no rank sees in an epoch are counted in `dropped_per_epoch`.
+Eval: the transform's center square resized to S x S; file order, every image exactly once across ranks, the last
+batch partial.
 
 Damage: the first pass also hashes the shards of this rank's share against their manifest (`ShardCheck`, on a thread
 of its own) and stops at the first batch after a mismatch, or at the end of the pass, with one line naming the
@@ -31,26 +32,24 @@ shard; the .idx files are checked against the tar layout before anything is read
 """
 
 import atexit
+import functools
 import json
 import math
-import multiprocessing.util  # noqa: F401 (its exit handler is registered before ours: _close_live_loaders)
+import multiprocessing
+import os
 import signal
-import weakref
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torchvision.transforms.v2.functional as F
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from pipeline.errors import UserError, require_extra
 from pipeline.shard_reader import SampleIndex, ShardCheck, ShardSet
+from pipeline.transforms import Box, ImageTransform, center_square_box
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-ASPECT_RATIO = (3 / 4, 4 / 3)  # torchvision's RandomResizedCrop default, also DALI's random_aspect_ratio default
-CROP_ATTEMPTS = 10  # tries at a crop that fits before falling back to a center crop (both libraries use 10)
 KINDS = ("auto", "dali", "torch")
 
 
@@ -75,20 +74,18 @@ def resolve_kind(kind: str, device: torch.device) -> str:
     return kind
 
 
-def make_loader(shards: ShardSet, *, kind: str, batch_size: int, image_size: int, train: bool,
-                device: torch.device, seed: int = 0, rank: int = 0, world_size: int = 1, threads: int = 2,
-                crop_scale_min: float = 0.9) -> "Loader":
-    """The `kind` loader over `shards` for this rank; iterate it once per epoch."""
+def make_loader(shards: ShardSet, *, kind: str, batch_size: int, transform: ImageTransform, train: bool,
+                device: torch.device, threads: int, seed: int = 0, rank: int = 0, world_size: int = 1) -> "Loader":
+    """The `kind` loader over `shards` for this rank, applying `transform` (its train or eval crop, as `train`
+    says) with `threads` decoding threads; iterate it once per epoch."""
     kind = resolve_kind(kind, device)
-    if batch_size < 1 or image_size < 1 or threads < 1:
-        raise UserError("batch_size, image_size and threads must all be >= 1")
+    if batch_size < 1 or threads < 1:
+        raise UserError("batch_size and threads must both be >= 1")
     if not 0 <= rank < world_size:
         raise UserError(f"rank {rank} is outside world size {world_size}")
-    if not 0 < crop_scale_min <= 1:
-        raise UserError(f"crop_scale_min must be in (0, 1], got {crop_scale_min}")
     cls = DaliLoader if kind == "dali" else TorchLoader
-    return cls(shards, batch_size=batch_size, image_size=image_size, train=train, device=torch.device(device),
-               seed=seed, rank=rank, world_size=world_size, threads=threads, crop_scale_min=crop_scale_min)
+    return cls(shards, batch_size=batch_size, transform=transform, train=train, device=torch.device(device),
+               seed=seed, rank=rank, world_size=world_size, threads=threads)
 
 
 @dataclass(frozen=True)
@@ -96,16 +93,15 @@ class Crops:
     """Each sample's crop box: a function of (seed, epoch, row) alone, so both loaders crop alike and a resumed run
     crops as an uninterrupted one."""
 
+    transform: ImageTransform
     train: bool
     seed: int
-    scale_min: float
 
-    def box(self, epoch: int, row: int, height: int, width: int) -> tuple[int, int, int, int]:
-        """(top, left, h, w): random-resized-crop when training, the center square for eval."""
+    def box(self, epoch: int, row: int, height: int, width: int) -> Box:
+        """(top, left, h, w): the transform's random-resized crop when training, the center square for eval."""
         if not self.train:
             return center_square_box(height, width)
-        rng = np.random.default_rng([self.seed, epoch, row])
-        return random_resized_crop_box(height, width, scale=(self.scale_min, 1.0), rng=rng)
+        return self.transform.train_box(height, width, np.random.default_rng([self.seed, epoch, row]))
 
 
 class Loader:
@@ -113,11 +109,10 @@ class Loader:
 
     kind = ""
 
-    def __init__(self, shards: ShardSet, *, batch_size: int, image_size: int, train: bool, device: torch.device,
-                 seed: int, rank: int, world_size: int, threads: int, crop_scale_min: float) -> None:
-        self.shards, self.batch_size, self.image_size, self.train = shards, batch_size, image_size, train
-        self.device, self.seed, self.rank, self.world_size = device, seed, rank, world_size
-        self.threads, self.crop_scale_min = threads, crop_scale_min
+    def __init__(self, shards: ShardSet, *, batch_size: int, transform: ImageTransform, train: bool,
+                 device: torch.device, seed: int, rank: int, world_size: int, threads: int) -> None:
+        self.shards, self.batch_size, self.transform, self.train = shards, batch_size, transform, train
+        self.device, self.seed, self.rank, self.world_size, self.threads = device, seed, rank, world_size, threads
         n = shards.n_images
         # Ranks get contiguous shares that differ by at most one image; DALI splits the same way.
         self.rank_images = n * (rank + 1) // world_size - n * rank // world_size
@@ -142,7 +137,7 @@ class Loader:
                             f"{n}" + (f" ({'; '.join(wrong[:3])})" if wrong else "") + ": check the folder with "
                             f"`clipcoco shards --verify "
                             f"{shards.root}` and rebuild it with `clipcoco shards ... --overwrite`")
-        self.crops = Crops(train=train, seed=seed, scale_min=crop_scale_min)
+        self.crops = Crops(transform, train=train, seed=seed)
         self.epoch = 0  # epochs finished
         self.batch = 0  # batches yielded in the current epoch
         self._check: ShardCheck | None = None  # the shards' sha256, started by the first pass
@@ -164,8 +159,7 @@ class Loader:
     def _checked(self, items: Iterator) -> Iterator:
         """`items` of one pass, stopped by damage the shard check finds: at each item, at the end of the pass (which
         waits for the check), and in place of an error that damaged bytes cause (a JPEG that does not decode)."""
-        items = iter(items)  # first, so the torch loader's workers fork before the check's thread starts
-        if self._check is None:
+        if self._check is None:  # after the torch loader's workers fork (its __iter__): none forks mid-read
             self._check = ShardCheck(self.shards, self.shards_to_check())
         try:
             for item in items:
@@ -192,11 +186,12 @@ class Loader:
         return [rows[k: k + self.batch_size] for k in range(self.batch * self.batch_size, len(rows), self.batch_size)]
 
     def _signature(self) -> dict:
-        """What fixes the sequence of batches: a saved position only means something for the same values."""
+        """What fixes the sequence of batches: a saved position only means something for the same values (the
+        transform's size and crop scale, the two a run's config sets, under the keys positions were saved with)."""
         return {"kind": self.kind, "shards": self.shards.fingerprint, "n_images": self.shards.n_images,
-                "batch_size": self.batch_size, "image_size": self.image_size, "train": self.train,
+                "batch_size": self.batch_size, "image_size": self.transform.size, "train": self.train,
                 "seed": self.seed, "rank": self.rank, "world_size": self.world_size,
-                "crop_scale_min": self.crop_scale_min}
+                "crop_scale_min": self.transform.crop_scale_min}
 
     def state_dict(self) -> dict:
         return {"signature": self._signature(), "epoch": self.epoch, "batch": self.batch}
@@ -241,8 +236,8 @@ class DaliLoader(Loader):
 
         cuda = self.device.type == "cuda"
         gpu = (self.device.index if self.device.index is not None else torch.cuda.current_device()) if cuda else None
-        # The float32 constants `normalize` uses, so both loaders normalise with the same numbers.
-        mean, std = ((torch.tensor(v) * 255).tolist() for v in (IMAGENET_MEAN, IMAGENET_STD))
+        size, mean, std = self.transform.size, *self.transform.scaled_mean_std()
+        interp = getattr(types, self.transform.dali_interpolation)
 
         @pipeline_def(batch_size=self.batch_size, num_threads=self.threads, device_id=gpu, seed=self.seed)
         def pipeline():
@@ -251,7 +246,7 @@ class DaliLoader(Loader):
             # Integer anchor and shape are absolute pixels: the crop box is decoded, nothing else.
             images = fn.decoders.image_slice(jpegs, anchors, shapes, axis_names="HW",
                                              device="mixed" if cuda else "cpu", output_type=types.RGB)
-            images = fn.resize(images, size=[self.image_size, self.image_size])
+            images = fn.resize(images, size=[size, size], interp_type=interp, antialias=True)
             # HWC output: permuted to NCHW below it is already channels_last in memory, no copy needed.
             return fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="HWC", mean=mean, std=std)
 
@@ -311,147 +306,132 @@ class TorchLoader(Loader):
 
     def __init__(self, shards: ShardSet, **options) -> None:
         super().__init__(shards, **options)
-        self._samples = _TarSamples(self.index, crops=self.crops, image_size=self.image_size)
-        self._loader: torch.utils.data.DataLoader | None = None  # built on first use, kept across epochs
-
-    def _remaining_batches(self) -> list[list[tuple[int, int]]]:
-        """The batch sampler's pass: (epoch, row) items of the batches still to come in the current epoch."""
-        return [[(self.epoch, int(r)) for r in rows] for rows in self.remaining_batches()]
+        self._samples = _TarSamples(self.index, crops=self.crops)
+        self._workers: _Workers | None = None  # started by the first pass, kept for the next ones until `close`
 
     def __iter__(self) -> Iterator[Batch]:
-        if self._loader is None:
-            # Persistent workers: forking them costs more than a small epoch takes; the sampler re-reads the
-            # position at every pass, so one DataLoader serves every epoch and every resume.
-            self._loader = torch.utils.data.DataLoader(
-                self._samples, batch_sampler=_Sampler(weakref.WeakMethod(self._remaining_batches)),
-                num_workers=self.threads, worker_init_fn=_leave_stop_signals_to_the_main_process,
-                persistent_workers=True, pin_memory=self.device.type == "cuda",
-                # Its workers' base seed from a generator of its own, not a draw from the global RNG, which a
-                # checkpoint saves: a resumed run would hold the global RNG one draw past an uninterrupted one.
-                generator=torch.Generator().manual_seed(self.seed))
-            _LIVE.add(self)  # closed at exit if still alive then
-        # The ids are read here, not in the workers, so a damaged id member stops the run with the shard's name in
-        # one line (an error raised in a worker comes back wrapped in its traceback).
-        try:
-            for rows, images in zip(self.remaining_batches(), self._checked(self._loader), strict=True):
-                self.batch += 1
-                ids = torch.tensor([self.index.image_id(row) for row in rows.tolist()], dtype=torch.int64)
-                yield Batch(images=normalize(images.to(self.device, non_blocking=True)), image_ids=ids)
-        except Exception:
-            # torch re-raises a worker's error from a frame that holds it: a reference cycle that leaves the workers
-            # to the garbage collector, whose shutdown of them hangs (they ignore SIGTERM). End them now.
-            self.close()
-            raise
+        batches = self.remaining_batches()
+        if batches:
+            self._start_pass(batches)  # before the shard check's thread starts (`_checked`): no fork mid-read
+            first = self.batch
+            try:
+                # The ids are read here, not in the workers, so a damaged id member stops the run with the shard's
+                # name in one line (an error raised in a worker comes back wrapped in its traceback).
+                for images in self._checked(self._images(len(batches), first)):
+                    rows = batches[self.batch - first]
+                    self.batch += 1
+                    ids = torch.tensor([self.index.image_id(row) for row in rows.tolist()], dtype=torch.int64)
+                    yield Batch(images=self.transform.normalize(images.to(self.device, non_blocking=True)),
+                                image_ids=ids)
+            except Exception:
+                self.close()  # a failed pass ends its workers now rather than whenever the loader goes
+                raise
         self.epoch, self.batch = self.epoch + 1, 0
 
+    def _start_pass(self, batches: list[np.ndarray]) -> None:
+        """Have the workers (started now if none run) serve `batches` of the current epoch next."""
+        if self._workers is None:
+            self._workers = _Workers(self._samples, threads=self.threads, seed=self.seed,
+                                     pin_memory=self.device.type == "cuda")
+        self._workers.start_pass([[(self.epoch, int(r)) for r in rows] for rows in batches])
+
+    def _images(self, count: int, first: int) -> Iterator[torch.Tensor]:
+        """The uint8 [B, 3, S, S] batches of a pass of `count` batches that started at batch `first`, from the
+        workers (new ones, at the loader's position, for a pass resumed after `close`)."""
+        while self.batch - first < count:
+            if self._workers is None:
+                self._start_pass(self.remaining_batches())
+            try:
+                images = next(self._workers.batches)
+            except BaseException as err:
+                # torch raises a worker's error (and a Ctrl-C that lands while it waits) from frames that refer to
+                # its iterator, and through it to the workers: without them, `close` ends the workers at once
+                # (a worker's error carries its own traceback in its message).
+                raise err.with_traceback(None)  # noqa: B904 (the same error, not a new one)
+            yield images
+
     def close(self) -> None:
-        # Persistent workers live as long as the DataLoader's iterator: shut them down now rather than whenever the
-        # loader is collected (a traceback that holds the loader would keep them until the interpreter exits).
-        loader, self._loader = self._loader, None
-        iterator = getattr(loader, "_iterator", None)
-        if iterator is not None:
-            iterator._shutdown_workers()
+        workers, self._workers = self._workers, None
+        if workers is not None:
+            workers.close()
 
 
-def _leave_stop_signals_to_the_main_process(worker_id: int) -> None:
-    """A DataLoader worker ignores SIGINT and SIGTERM: a terminal's Ctrl-C reaches the whole process group, and a
-    scheduler's stop (Slurm, systemd's control group) every process, while the main process is the one that acts
-    on them, finishing its step and checkpointing (clip/train.py). The workers end with the loader (`close`), or
-    on their own within seconds once the main process is gone (torch's worker watchdog)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+class _Workers:
+    """The torch loader's worker processes: one DataLoader with persistent workers, serving pass after pass.
 
-
-_LIVE: "weakref.WeakSet[TorchLoader]" = weakref.WeakSet()  # torch loaders that have started workers
-
-
-def _close_live_loaders() -> None:
-    """At exit, close every torch loader still alive (one a traceback holds, say) before multiprocessing's own exit
-    handler, which ends the workers with the SIGTERM they ignore and would wait for them forever. atexit runs the
-    last registered first, and this registers after torch's and multiprocessing.util's handlers (both imported
-    above)."""
-    for loader in list(_LIVE):
-        loader.close()
-
-
-atexit.register(_close_live_loaders)
-
-
-class _Sampler:
-    """A batch sampler whose batches are computed afresh each time a pass starts.
-
-    It holds the loader weakly and hands out a plain list: a reference cycle (loader -> DataLoader -> sampler
-    -> loader) would leave the workers to the garbage collector, which may close their queues first and then
-    wait 5 s per worker for them to exit.
+    Only its loader refers to it and nothing in it refers back, so it goes as soon as the loader lets go of it
+    (`close`, or the loader itself going), and torch shuts the workers down with its iterator. A live one at
+    interpreter exit is ended by an exit hook: multiprocessing's own exit handler ends workers with the SIGTERM these
+    ignore, and would wait for them forever, so the hook has them exit first (it is registered once the workers run,
+    so after multiprocessing's handler, and atexit runs the last registered first).
     """
 
-    def __init__(self, batches: weakref.WeakMethod) -> None:
-        self.batches = batches
+    def __init__(self, samples: "_TarSamples", *, threads: int, seed: int, pin_memory: bool) -> None:
+        self.passes = _Passes()
+        # Released once per worker by the exit hook: each worker then exits. A semaphore, not an Event, whose `set`
+        # waits for every waiter to wake, forever for workers already gone (a loader dropped without `close`).
+        exiting = multiprocessing.Semaphore(0)
+        self.exit_hook = functools.partial(_release, exiting, times=threads)
+        self.loader = torch.utils.data.DataLoader(
+            samples, batch_sampler=self.passes, num_workers=threads, persistent_workers=True, pin_memory=pin_memory,
+            worker_init_fn=functools.partial(_init_worker, exiting=exiting),
+            # Its workers' base seed from a generator of its own, not a draw from the global RNG, which a
+            # checkpoint saves: a resumed run would hold the global RNG one draw past an uninterrupted one.
+            generator=torch.Generator().manual_seed(seed))
+        self.batches: Iterator[torch.Tensor] | None = None
+
+    def start_pass(self, items: list[list[tuple[int, int]]]) -> None:
+        """Serve the (epoch, row) items of each batch of `items` next (dropping what a pass left half-read)."""
+        self.passes.items = items
+        started = self.batches is not None
+        self.batches = iter(self.loader)
+        if not started:
+            atexit.register(self.exit_hook)
+
+    def close(self) -> None:
+        """End the workers: torch shuts them down as their iterator goes (unless a traceback still refers to it,
+        which `TorchLoader._images` sees to)."""
+        atexit.unregister(self.exit_hook)
+        self.loader = self.batches = None
+
+
+class _Passes:
+    """The DataLoader's batch sampler: the batches of the pass about to start (a plain list, set by `_Workers`)."""
+
+    def __init__(self) -> None:
+        self.items: list[list[tuple[int, int]]] = []
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        return iter(self.batches()())
+        return iter(self.items)
 
 
-def random_resized_crop_box(height: int, width: int, *, scale: tuple[float, float], rng: np.random.Generator,
-                            ratio: tuple[float, float] = ASPECT_RATIO) -> tuple[int, int, int, int]:
-    """(top, left, h, w) of a random crop: area fraction in `scale`, aspect ratio log-uniform in `ratio`.
-
-    torchvision's RandomResizedCrop.get_params, drawing from `rng` so a sample's crop depends only on its seed.
-    """
-    area = height * width
-    log_ratio = np.log(ratio)
-    for _ in range(CROP_ATTEMPTS):
-        target = area * rng.uniform(*scale)
-        aspect = math.exp(rng.uniform(*log_ratio))
-        w, h = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
-        if 0 < w <= width and 0 < h <= height:
-            return int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1)), h, w
-    aspect = width / height
-    if aspect < ratio[0]:
-        w, h = width, round(width / ratio[0])
-    elif aspect > ratio[1]:
-        w, h = round(height * ratio[1]), height
-    else:
-        w, h = width, height
-    return (height - h) // 2, (width - w) // 2, h, w
+def _release(semaphore: "multiprocessing.synchronize.Semaphore", *, times: int) -> None:
+    for _ in range(times):
+        semaphore.release()
 
 
-def center_square_box(height: int, width: int) -> tuple[int, int, int, int]:
-    """(top, left, h, w) of the centered square whose side is the shorter side (the eval crop)."""
-    side = min(height, width)
-    return (height - side) // 2, (width - side) // 2, side, side
+def _init_worker(worker_id: int, *, exiting: "multiprocessing.synchronize.Semaphore") -> None:
+    """A DataLoader worker ignores SIGINT and SIGTERM: a terminal's Ctrl-C reaches the whole process group, and a
+    scheduler's stop (Slurm, systemd's control group) every process, while the main process is the one that acts
+    on them, finishing its step and checkpointing (clip/train.py). The workers end with their DataLoader
+    (`_Workers`), when the main process exits (`exiting`), or on their own within seconds once it is gone without
+    exiting (killed: torch's worker watchdog)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    threading.Thread(target=_exit_when_released, args=(exiting,), name="exit-with-the-main-process",
+                     daemon=True).start()
 
 
-def crop_resize(image: torch.Tensor, box: tuple[int, int, int, int], size: int) -> torch.Tensor:
-    """uint8 [3, size, size]: the (top, left, h, w) box of a uint8 [3, H, W] image, resized with antialiasing."""
-    top, left, h, w = box
-    # decode_jpeg returns HWC memory; keeping the crop HWC-contiguous keeps resize on its fast uint8 path
-    # (a strided or CHW-contiguous crop is ~40x slower).
-    crop = image[:, top: top + h, left: left + w].permute(1, 2, 0).contiguous().permute(2, 0, 1)
-    return F.resize(crop, [size, size], antialias=True)
-
-
-def eval_image(image: torch.Tensor, size: int) -> torch.Tensor:
-    """The eval transform of one uint8 [3, H, W] image: its center square resized to uint8 [3, size, size].
-
-    The torch loader's eval path and `clip.api` (embedding a user's images) both call this; DALI computes the
-    same box in its pipeline.
-    """
-    return crop_resize(image, center_square_box(*image.shape[1:]), size)
-
-
-def normalize(images: torch.Tensor) -> torch.Tensor:
-    """float32 [B, 3, S, S] channels_last, ImageNet-normalised, of uint8 [B, 3, S, S] images (on their device)."""
-    mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1) * 255
-    std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1) * 255
-    return images.float().sub_(mean).div_(std).contiguous(memory_format=torch.channels_last)
+def _exit_when_released(exiting: "multiprocessing.synchronize.Semaphore") -> None:
+    exiting.acquire()
+    os._exit(0)  # at once: the main process is exiting and reads nothing more
 
 
 class _TarSamples(torch.utils.data.Dataset):
-    """dataset[(epoch, row)] -> uint8 [3, S, S] image, cropped by the loader's `Crops`."""
+    """dataset[(epoch, row)] -> uint8 [3, S, S] image, cropped by the loader's `Crops`, resized by its transform."""
 
-    def __init__(self, index: SampleIndex, *, crops: Crops, image_size: int) -> None:
-        self.index, self.crops, self.image_size = index, crops, image_size
+    def __init__(self, index: SampleIndex, *, crops: Crops) -> None:
+        self.index, self.crops = index, crops
 
     def __len__(self) -> int:
         return len(self.index)
@@ -460,4 +440,4 @@ class _TarSamples(torch.utils.data.Dataset):
         epoch, row = item
         data = torch.frombuffer(bytearray(self.index.read(row, "jpg")), dtype=torch.uint8)
         image = decode_jpeg(data, mode=ImageReadMode.RGB)
-        return crop_resize(image, self.crops.box(epoch, row, *image.shape[1:]), self.image_size)
+        return self.crops.transform.resize(image, self.crops.box(epoch, row, *image.shape[1:]))

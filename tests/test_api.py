@@ -1,6 +1,7 @@
 """`clip.load`: the API embeds an eval image as `clipcoco eval` did and a caption as its cached vector through the
 text head; paths, PIL images and uint8 tensors embed alike; the frozen text encoder loads only for texts."""
 
+import dataclasses
 import io
 import struct
 import subprocess
@@ -23,6 +24,7 @@ import clip.api as api_module
 from clip import CLIPModel, load
 from clip.embeddings import load_image_embeddings
 from pipeline.errors import UserError
+from pipeline.loaders import make_loader
 from pipeline.shard_reader import SampleIndex, open_shards
 from pipeline.text_cache import TextCache
 
@@ -56,6 +58,30 @@ def test_image_embedding_is_the_one_eval_saved(run):
     assert got.shape == saved.shape == (6, model.embed_dim) and got.dtype == torch.float32
     assert cosine(got, saved).min() >= 0.9999
     torch.testing.assert_close(got.norm(dim=1), torch.ones(6))
+
+
+def test_one_transform_reaches_both_loaders_and_the_api(run):
+    """The run's `ImageTransform` is the one description the torch loader, the DALI loader and the API apply: a
+    change of it (the size and the normalisation here) reaches all three alike."""
+    run_dir, shards, _, files = run
+    model = load(run_dir, device="cpu")
+    model.transform = dataclasses.replace(model.transform, size=model.transform.size + 8, mean=(0.1, 0.9, 0.5),
+                                          std=(0.5, 0.1, 0.3))
+    transform, ids = model.transform, sorted(files)
+    api = model.encode_images([files[i] for i in ids])
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) * 255 for v in (transform.mean, transform.std))
+    for kind, agreement in [("torch", 0.9999), ("dali", 0.999)]:  # DALI: another JPEG decoder and resampler
+        with make_loader(open_shards(shards), kind=kind, batch_size=64, transform=transform, train=False,
+                         device=torch.device("cpu"), threads=1) as loader:
+            batches = list(loader)
+        images = torch.cat([b.images for b in batches])
+        order = torch.cat([b.image_ids for b in batches]).tolist()
+        assert images.shape[1:] == (3, transform.size, transform.size)
+        pixels = images * std + mean  # whole 8-bit levels only when undone with this transform's mean and std
+        torch.testing.assert_close(pixels, pixels.round(), atol=2e-3, rtol=0)
+        with torch.inference_mode():
+            embedded = model.module.encode_image(images[[order.index(i) for i in ids]]).float()
+        assert cosine(embedded, api).min() >= agreement, kind
 
 
 def png16(pixels: np.ndarray) -> bytes:

@@ -4,6 +4,7 @@ import pytest
 import torch
 from conftest import take
 
+from clip.config import DataConfig
 from pipeline.loaders import make_loader
 
 pytestmark = pytest.mark.gpu
@@ -11,7 +12,8 @@ CUDA = torch.device("cuda", 0)
 
 
 def epoch(shards, kind, device, *, train=False, size=224):
-    batches = list(make_loader(shards, kind=kind, batch_size=16, image_size=size, train=train, device=device))
+    batches = list(make_loader(shards, kind=kind, batch_size=16, transform=DataConfig(image_size=size).transform(),
+                               train=train, device=device, threads=2))
     return torch.cat([b.image_ids for b in batches]), torch.cat([b.images.cpu() for b in batches])
 
 
@@ -27,7 +29,8 @@ def test_dali_mixed_decoding_matches_cpu_decoding(mini, size):
 
 @pytest.mark.parametrize("kind", ["dali", "torch"])
 def test_batches_land_on_the_gpu_channels_last(mini, kind):
-    batch = next(iter(make_loader(mini, kind=kind, batch_size=16, image_size=224, train=True, device=CUDA)))
+    batch = next(iter(make_loader(mini, kind=kind, batch_size=16, transform=DataConfig().transform(), train=True,
+                                  device=CUDA, threads=2)))
     assert batch.images.device.type == "cuda" and batch.images.shape == (16, 3, 224, 224)
     assert batch.images.is_contiguous(memory_format=torch.channels_last)
     assert batch.image_ids.device.type == "cpu" and batch.image_ids.dtype == torch.int64
@@ -43,7 +46,8 @@ def test_torch_loader_on_cuda_matches_cpu(mini):
 def test_dali_mixed_resume_is_exact(mini, tmp_path):
     """Stop mid-epoch, save, restore in a new loader: the same next batches, into the next epoch too."""
     def fresh():
-        return make_loader(mini, kind="dali", batch_size=8, image_size=64, train=True, device=CUDA, seed=2)
+        return make_loader(mini, kind="dali", batch_size=8, transform=DataConfig(image_size=64).transform(), train=True,
+                           device=CUDA, seed=2, threads=2)
 
     straight = take(fresh(), 12)
     first = fresh()

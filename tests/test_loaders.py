@@ -11,23 +11,19 @@ import torch
 from conftest import take, write_coco
 from PIL import Image
 
+from clip.config import DataConfig
 from pipeline.errors import UserError
-from pipeline.loaders import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    center_square_box,
-    make_loader,
-    random_resized_crop_box,
-    resolve_kind,
-)
+from pipeline.loaders import make_loader, resolve_kind
 from pipeline.shard_reader import SampleIndex, open_shards
 from pipeline.shard_verify import verify_shards
 from pipeline.shards import build_shards
+from pipeline.transforms import IMAGENET_MEAN, IMAGENET_STD, center_square_box, random_resized_crop_box
 
 KINDS = ["dali", "torch"]
 CPU = torch.device("cpu")
 N_GENERATED = 23  # prime: no batch size or rank count used here divides it
 SIZE = 32
+TRANSFORM = DataConfig(image_size=SIZE).transform()
 
 
 @pytest.fixture(scope="module")
@@ -47,9 +43,9 @@ def generated(tmp_path_factory):
     return open_shards(root / "shards")
 
 
-def loader(shards, kind, *, train, batch_size=4, **options):
-    return make_loader(shards, kind=kind, batch_size=batch_size, image_size=SIZE, train=train, device=CPU,
-                       **options)
+def loader(shards, kind, *, train, batch_size=4, threads=2, **options):
+    return make_loader(shards, kind=kind, batch_size=batch_size, transform=TRANSFORM, train=train, device=CPU,
+                       threads=threads, **options)
 
 
 def unnormalise(images: torch.Tensor) -> torch.Tensor:
@@ -222,8 +218,9 @@ _STOP_SIGNALS_THEN_EXIT = """
 import multiprocessing, os, signal, sys, torch
 from pipeline.loaders import make_loader
 from pipeline.shard_reader import SampleIndex, open_shards
-ldr = make_loader(open_shards(sys.argv[1]), kind="torch", batch_size=4, image_size=16, train=True,
-                  device=torch.device("cpu"), threads=2)
+from pipeline.transforms import ImageTransform
+ldr = make_loader(open_shards(sys.argv[1]), kind="torch", batch_size=4, transform=ImageTransform(16, 0.9),
+                  train=True, device=torch.device("cpu"), threads=2)
 batches = iter(ldr)
 next(batches)
 for sig in (signal.SIGINT, signal.SIGTERM):  # noted, as clipcoco train notes them
@@ -266,7 +263,7 @@ def test_torch_loader_workers_are_freed_without_the_garbage_collector(generated)
         list(ldr)
         unfinished = iter(ldr)
         next(unfinished)
-        workers = weakref.ref(ldr._loader)
+        workers = weakref.ref(ldr._workers)
         del ldr, unfinished
         assert workers() is None
     finally:
@@ -512,3 +509,50 @@ def test_an_exif_rotated_jpeg_is_upright_in_both_loaders(tmp_path):
     for image in (dali, torch_):  # the eval crop: the center 48 x 48, red above blue
         top, bottom = image[:, : SIZE // 3].mean(dim=(1, 2)), image[:, -SIZE // 3:].mean(dim=(1, 2))
         assert top[0] > 200 and top[2] < 50 and bottom[2] > 200 and bottom[0] < 50, (top, bottom)
+
+
+_FAIL_THEN_EXIT = """
+import sys, torch
+from pipeline.loaders import make_loader
+from pipeline.shard_reader import open_shards
+from pipeline.transforms import ImageTransform
+ldr = make_loader(open_shards(sys.argv[1]), kind="torch", batch_size=4, transform=ImageTransform(16, 0.9),
+                  train=False, device=torch.device("cpu"), threads=2)
+batches = iter(ldr)  # named: a traceback keeps it, mid-pass, until the interpreter is gone
+next(batches)
+if sys.argv[2] == "dropped":  # let go of without `close` (as `clipcoco bench` does), then a normal exit
+    del batches, ldr
+    sys.exit(0)
+if sys.argv[2] == "worker":
+    list(batches)  # a JPEG of shard-000001 does not decode: the worker's error, uncaught
+raise RuntimeError("the training loop failed")  # uncaught, the workers still serving the pass
+"""
+
+
+@pytest.mark.parametrize(("end", "code", "says"), [("worker", 1, "DataLoader worker"),
+                                                   ("loop", 1, "the training loop failed"), ("dropped", 0, "")])
+def test_the_process_exits_at_once_and_takes_the_workers(generated, tmp_path, end, code, says):
+    """After a worker's error or an error in the loop that iterates the loader, left uncaught with the pass still
+    referred to (by its traceback), or after a loader let go of without `close`, the process exits at once and no
+    worker outlives it."""
+    import os
+    import signal
+    import subprocess
+    from pathlib import Path
+
+    root = _copy(generated, tmp_path)
+    jpeg = bytearray(_smallest_jpeg(generated))
+    jpeg[len(jpeg) // 3:] = bytes(len(jpeg) - len(jpeg) // 3)
+    _overwrite_jpeg(root, "shard-000001.tar", bytes(jpeg[:-1]))
+    _record_as_written(root, "shard-000001.tar")  # the shard check passes: the decoder's error is what stops it
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.Popen([sys.executable, "-c", _FAIL_THEN_EXIT, str(root), end], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+    try:
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == code and says in err, err
+    with pytest.raises(ProcessLookupError):  # nothing of its session is left: the workers went with it
+        os.killpg(proc.pid, 0)

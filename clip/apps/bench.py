@@ -20,28 +20,18 @@ import numpy as np
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from clip.config import config_from_flat
+from clip.config import DataConfig, config_from_flat
 from clip.loss import create_loss
 from clip.model import build_model
 from clip.optim import make_optimizer, make_scheduler
 from clip.step import train_step
 from pipeline.errors import UserError, require_extra
-from pipeline.loaders import (
-    ASPECT_RATIO,
-    CROP_ATTEMPTS,
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    Batch,
-    Loader,
-    check_kind,
-    make_loader,
-    random_resized_crop_box,
-    resolve_kind,
-)
+from pipeline.loaders import Batch, Loader, check_kind, make_loader, resolve_kind
 from pipeline.progress import console, rate_bar
 from pipeline.runtime import resolve_device
 from pipeline.shard_reader import SampleIndex, open_shards
 from pipeline.text_cache import TextCache
+from pipeline.transforms import CROP_ATTEMPTS, ImageTransform
 
 
 def _sync(device: torch.device) -> None:
@@ -56,14 +46,14 @@ def _check_positive(**values: int) -> None:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1 (got {value})")
 
 
-def _open_loader(shards_dir: Path, *, kind: str, batch_size: int, image_size: int, threads: int,
+def _open_loader(shards_dir: Path, *, kind: str, batch_size: int, transform: ImageTransform, threads: int,
                  device: torch.device, seed: int) -> tuple[Loader, object]:
     check_kind(kind)
     shards = open_shards(Path(shards_dir))
     if shards.n_images < batch_size:
         raise UserError(f"--batch-size {batch_size} is larger than the {shards.n_images} images in {shards_dir}: "
                         "pass a smaller --batch-size")
-    loader = make_loader(shards, kind=kind, batch_size=batch_size, image_size=image_size, train=True,
+    loader = make_loader(shards, kind=kind, batch_size=batch_size, transform=transform, train=True,
                          device=device, seed=seed, threads=threads)
     return loader, shards
 
@@ -108,12 +98,14 @@ def order_statistics(ldr: Loader) -> dict:
 def bench_loader(shards_dir: Path, *, loader: str = "auto", batch_size: int = 64, batches: int = 20,
                  warmup: int = 2, image_size: int = 224, threads: int = 2, device: str = "auto", seed: int = 0,
                  progress: bool = True) -> dict:
-    """Decode + augment throughput of one loader in training mode, cycling over the shards."""
+    """Decode + augment throughput of one loader in training mode (a run's transform at `image_size`), cycling over
+    the shards."""
     _check_positive(batch_size=batch_size, batches=batches, image_size=image_size, threads=threads)
     dev = resolve_device(device)
     loader = resolve_kind(loader, dev)
-    ldr, _ = _open_loader(shards_dir, kind=loader, batch_size=batch_size, image_size=image_size,
-                          threads=threads, device=dev, seed=seed)
+    ldr, _ = _open_loader(shards_dir, kind=loader, batch_size=batch_size,
+                          transform=DataConfig(image_size=image_size).transform(), threads=threads, device=dev,
+                          seed=seed)
     stream = cycle(ldr)
     images = 0
     with _progress(progress) as bar:
@@ -195,8 +187,8 @@ def bench_train(shards_dir: Path, *, text: Path, synthetic: bool = False, image_
     real_seconds = real_wait = None
     with _progress(progress) as bar:
         if not synthetic:
-            ldr, shards = _open_loader(shards_dir, kind=loader, batch_size=batch_size, image_size=image_size,
-                                       threads=threads, device=dev, seed=seed)
+            ldr, shards = _open_loader(shards_dir, kind=loader, batch_size=batch_size,
+                                       transform=cfg.data.transform(), threads=threads, device=dev, seed=seed)
             cache.check_matches(shards)
             real_seconds, real_wait = _timed_steps(step, cycle(ldr), warmup=warmup, steps=steps,
                                                    batch_size=batch_size, device=dev, bar=bar, label="real")
@@ -222,12 +214,11 @@ def bench_train(shards_dir: Path, *, text: Path, synthetic: bool = False, image_
     }
 
 
-CROP_SCALE = (0.9, 1.0)  # make_loader's default crop area range: what `bench loader` measures
 DALI_STAGES = ("decode", "resize", "resize_noaa", "normalise")
 TORCHVISION_STAGES = ("decode", "resize")
 
 
-def _dali_stage(tars: list[Path], indexes: list[Path], *, stage: str, size: int, batch: int):
+def _dali_stage(tars: list[Path], indexes: list[Path], *, stage: str, transform: ImageTransform, batch: int):
     """DALI's side of the train pipeline up to `stage`, on the CPU with one thread: a decode with a random crop box
     fused into it (DALI's own random crop here; the loader passes its box to `image_slice`, the same ROI decode),
     then resize and normalise. `resize_noaa` is the same resize without antialiasing: not what the loader does, it
@@ -239,14 +230,16 @@ def _dali_stage(tars: list[Path], indexes: list[Path], *, stage: str, size: int,
         jpegs = fn.readers.webdataset(paths=[str(t) for t in tars], index_paths=[str(i) for i in indexes],
                                       ext=["jpg"], random_shuffle=True)
         images = fn.decoders.image_random_crop(jpegs, device="cpu", output_type=types.RGB,
-                                               random_area=list(CROP_SCALE), random_aspect_ratio=list(ASPECT_RATIO),
+                                               random_area=list(transform.crop_scale),
+                                               random_aspect_ratio=list(transform.aspect_ratio),
                                                num_attempts=CROP_ATTEMPTS)
         if stage != "decode":
-            images = fn.resize(images, size=[size, size], antialias=stage != "resize_noaa")
+            images = fn.resize(images, size=[transform.size, transform.size],
+                               interp_type=getattr(types, transform.dali_interpolation),
+                               antialias=stage != "resize_noaa")
         if stage == "normalise":
-            images = fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="HWC",
-                                              mean=[255 * m for m in IMAGENET_MEAN],
-                                              std=[255 * s for s in IMAGENET_STD])
+            mean, std = transform.scaled_mean_std()
+            images = fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="HWC", mean=mean, std=std)
         return images
 
     p = pipe()
@@ -255,16 +248,17 @@ def _dali_stage(tars: list[Path], indexes: list[Path], *, stage: str, size: int,
 
 
 def decode_cost(shards_dir: Path, *, image_size: int = 224, images: int = 256, progress: bool = True) -> dict:
-    """CPU milliseconds per image of each step of the two loaders, one thread each: DALI decode (the fused random
-    crop) -> + resize -> + normalise (and resize without antialiasing, for comparison); torchvision decode_jpeg ->
-    + crop and antialiased uint8 resize. Steps include the ones before them.
+    """CPU milliseconds per image of each step of the two loaders, one thread each, with a run's transform at
+    `image_size`: DALI decode (the fused random crop) -> + resize -> + normalise (and resize without antialiasing,
+    for comparison); torchvision decode_jpeg -> + crop and antialiased uint8 resize. Steps include the ones before
+    them.
 
     The clock is the process's CPU time (`time.process_time`), so the split does not depend on other load.
     """
-    import torchvision.transforms.v2.functional as F
     from torchvision.io import ImageReadMode, decode_jpeg
 
     _check_positive(image_size=image_size, images=images)
+    transform = DataConfig(image_size=image_size).transform()
     require_extra("nvidia.dali", "dali", "bench decode-cost's DALI stages")  # before any work
     shards = open_shards(Path(shards_dir))
     batch = min(32, images)
@@ -278,7 +272,7 @@ def decode_cost(shards_dir: Path, *, image_size: int = 224, images: int = 256, p
     with rate_bar("decode-cost", "images", enabled=progress) as bar:
         task = bar.add_task("decode-cost", total=len(DALI_STAGES) * runs * batch + len(TORCHVISION_STAGES) * len(blobs))
         for stage in DALI_STAGES:
-            p = _dali_stage(shards.tars, shards.indexes, stage=stage, size=image_size, batch=batch)
+            p = _dali_stage(shards.tars, shards.indexes, stage=stage, transform=transform, batch=batch)
             p.run()  # warm-up: the first run allocates
             start = time.process_time()
             for _ in range(runs):
@@ -290,10 +284,8 @@ def decode_cost(shards_dir: Path, *, image_size: int = 224, images: int = 256, p
             start = time.process_time()
             for data in blobs:
                 image = decode_jpeg(data, mode=ImageReadMode.RGB)
-                if stage == "resize":  # as pipeline/loaders.py's torch loader crops and resizes
-                    top, left, h, w = random_resized_crop_box(*image.shape[1:], scale=CROP_SCALE, rng=rng)
-                    crop = image[:, top: top + h, left: left + w].permute(1, 2, 0).contiguous().permute(2, 0, 1)
-                    F.resize(crop, [image_size, image_size], antialias=True)
+                if stage == "resize":  # as the torch loader crops and resizes
+                    transform.resize(image, transform.train_box(*image.shape[1:], rng))
                 bar.advance(task)
             out[f"torchvision_{stage}_ms"] = round(1000 * (time.process_time() - start) / len(blobs), 3)
     return out

@@ -32,6 +32,7 @@ shard; the .idx files are checked against the tar layout before anything is read
 """
 
 import atexit
+import contextlib
 import functools
 import json
 import math
@@ -39,6 +40,7 @@ import multiprocessing
 import os
 import signal
 import threading
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -341,14 +343,7 @@ class TorchLoader(Loader):
         while self.batch - first < count:
             if self._workers is None:
                 self._start_pass(self.remaining_batches())
-            try:
-                images = next(self._workers.batches)
-            except BaseException as err:
-                # torch raises a worker's error (and a Ctrl-C that lands while it waits) from frames that refer to
-                # its iterator, and through it to the workers: without them, `close` ends the workers at once
-                # (a worker's error carries its own traceback in its message).
-                raise err.with_traceback(None)  # noqa: B904 (the same error, not a new one)
-            yield images
+            yield next(self._workers.batches)
 
     def close(self) -> None:
         workers, self._workers = self._workers, None
@@ -359,19 +354,23 @@ class TorchLoader(Loader):
 class _Workers:
     """The torch loader's worker processes: one DataLoader with persistent workers, serving pass after pass.
 
-    Only its loader refers to it and nothing in it refers back, so it goes as soon as the loader lets go of it
-    (`close`, or the loader itself going), and torch shuts the workers down with its iterator. A live one at
-    interpreter exit is ended by an exit hook: multiprocessing's own exit handler ends workers with the SIGTERM these
-    ignore, and would wait for them forever, so the hook has them exit first (it is registered once the workers run,
-    so after multiprocessing's handler, and atexit runs the last registered first).
+    They end however the loader ends, and never rely on what else still refers to torch's iterator (an error's
+    traceback does): each worker waits on a semaphore in a thread of its own and exits when it is released, once per
+    worker. `close` releases it (after letting torch shut the workers down, which it does at once when nothing else
+    holds its iterator), so does the loader going without `close`, and so does an exit hook while they run:
+    multiprocessing's own exit handler would end them with the SIGTERM they ignore and wait for them forever. The
+    hook is registered when the workers start, after that handler (registered when multiprocessing's semaphore
+    module is imported, which creating the semaphore needs), and atexit runs the last registered first.
     """
 
     def __init__(self, samples: "_TarSamples", *, threads: int, seed: int, pin_memory: bool) -> None:
         self.passes = _Passes()
-        # Released once per worker by the exit hook: each worker then exits. A semaphore, not an Event, whose `set`
-        # waits for every waiter to wake, forever for workers already gone (a loader dropped without `close`).
+        # A semaphore, not an Event, whose `set` waits for every waiter to wake (forever for workers already gone).
         exiting = multiprocessing.Semaphore(0)
         self.exit_hook = functools.partial(_release, exiting, times=threads)
+        # Run when this object goes (`close`, or the loader dropped): not at exit (`exit_hook` is registered for it).
+        self.end = weakref.finalize(self, _end_workers, self.exit_hook)
+        self.end.atexit = False
         self.loader = torch.utils.data.DataLoader(
             samples, batch_sampler=self.passes, num_workers=threads, persistent_workers=True, pin_memory=pin_memory,
             worker_init_fn=functools.partial(_init_worker, exiting=exiting),
@@ -383,16 +382,25 @@ class _Workers:
     def start_pass(self, items: list[list[tuple[int, int]]]) -> None:
         """Serve the (epoch, row) items of each batch of `items` next (dropping what a pass left half-read)."""
         self.passes.items = items
-        started = self.batches is not None
-        self.batches = iter(self.loader)
-        if not started:
+        if self.batches is None:
+            # The workers start (fork) here, with the stop signals blocked: a stop sent while they start stays pending
+            # in them until they ignore it (`_init_worker`), and in this process until the block ends.
+            with _stop_signals_blocked():
+                self.batches = iter(self.loader)
             atexit.register(self.exit_hook)
+        else:
+            self.batches = iter(self.loader)
 
     def close(self) -> None:
-        """End the workers: torch shuts them down as their iterator goes (unless a traceback still refers to it,
-        which `TorchLoader._images` sees to)."""
-        atexit.unregister(self.exit_hook)
+        """End the workers now: torch shuts them down as its iterator goes (joined), and any it cannot (its iterator
+        still referred to) exit once the semaphore is released."""
         self.loader = self.batches = None
+        self.end()
+
+
+def _end_workers(exit_hook: functools.partial) -> None:
+    atexit.unregister(exit_hook)
+    exit_hook()
 
 
 class _Passes:
@@ -410,14 +418,33 @@ def _release(semaphore: "multiprocessing.synchronize.Semaphore", *, times: int) 
         semaphore.release()
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def _stop_signals_blocked() -> Iterator[None]:
+    """SIGINT and SIGTERM held pending in this thread (and in the processes it forks) for the block."""
+    if not hasattr(signal, "pthread_sigmask"):  # Windows: its workers are spawned, not forked
+        yield
+        return
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
+
+
 def _init_worker(worker_id: int, *, exiting: "multiprocessing.synchronize.Semaphore") -> None:
     """A DataLoader worker ignores SIGINT and SIGTERM: a terminal's Ctrl-C reaches the whole process group, and a
     scheduler's stop (Slurm, systemd's control group) every process, while the main process is the one that acts
-    on them, finishing its step and checkpointing (clip/train.py). The workers end with their DataLoader
-    (`_Workers`), when the main process exits (`exiting`), or on their own within seconds once it is gone without
-    exiting (killed: torch's worker watchdog)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    on them, finishing its step and checkpointing (clip/train.py). Forked with them blocked (`_Workers.start_pass`),
+    it ignores them before unblocking: one sent while it started is dropped, not a KeyboardInterrupt that ends it.
+    The workers end with their DataLoader, when their semaphore is released (`_Workers`), or on their own within
+    seconds once the main process is gone without exiting (killed: torch's worker watchdog)."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     threading.Thread(target=_exit_when_released, args=(exiting,), name="exit-with-the-main-process",
                      daemon=True).start()
 

@@ -215,10 +215,14 @@ def test_close_ends_the_workers_and_the_loader_goes_on(generated):
 
 
 _STOP_SIGNALS_THEN_EXIT = """
-import multiprocessing, os, signal, sys, torch
+import multiprocessing, os, signal, sys, time, torch
+import pipeline.loaders
 from pipeline.loaders import make_loader
 from pipeline.shard_reader import SampleIndex, open_shards
 from pipeline.transforms import ImageTransform
+if sys.argv[2] == "starting":  # the second worker is still starting when the signals come (once a CI race)
+    init = pipeline.loaders._init_worker
+    pipeline.loaders._init_worker = lambda worker_id, **kw: (worker_id and time.sleep(2), init(worker_id, **kw))
 ldr = make_loader(open_shards(sys.argv[1]), kind="torch", batch_size=4, transform=ImageTransform(16, 0.9),
                   train=True, device=torch.device("cpu"), threads=2)
 batches = iter(ldr)
@@ -233,18 +237,19 @@ keep = (ldr, iter(ldr), next(iter(ldr)))  # alive at exit: the exit must end the
 """
 
 
-def test_stop_signals_spare_the_workers_and_the_exit_still_ends_them(generated):
+@pytest.mark.parametrize("workers", ["started", "starting"])
+def test_stop_signals_spare_the_workers_and_the_exit_still_ends_them(generated, workers):
     """SIGINT to the process group and SIGTERM to every process reach the main process only in effect (the workers
-    ignore them, so the main process can finish its step); a process that exits with its loader's workers still
-    alive exits at once (it once waited forever: multiprocessing's exit handler ends workers with the SIGTERM they
-    ignore, so the loader closes them first)."""
+    ignore them, so the main process can finish its step), also while a worker is still starting; a process that
+    exits with its loader's workers still alive exits at once (it once waited forever: multiprocessing's exit handler
+    ends workers with the SIGTERM they ignore, so the loader ends them first)."""
     import os
     import signal
     import subprocess
     from pathlib import Path
 
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    proc = subprocess.Popen([sys.executable, "-c", _STOP_SIGNALS_THEN_EXIT, str(generated.root)],
+    proc = subprocess.Popen([sys.executable, "-c", _STOP_SIGNALS_THEN_EXIT, str(generated.root), workers],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
     try:
         out, err = proc.communicate(timeout=60)
@@ -253,6 +258,23 @@ def test_stop_signals_spare_the_workers_and_the_exit_still_ends_them(generated):
             os.killpg(proc.pid, signal.SIGKILL)
     steps = loader(generated, "torch", train=True).steps_per_epoch
     assert proc.returncode == 0 and out.split() == ["SIGINT", "SIGTERM", str(steps)], (out, err)
+
+
+def test_close_ends_the_workers_while_torchs_iterator_is_still_held(generated):
+    """What `close` ends does not depend on what else refers to torch's iterator (an error's traceback, through its
+    frames or a chained error's: it once kept a failed pass's workers alive, and the exit waited for them)."""
+    import multiprocessing
+    import time
+
+    ldr = loader(generated, "torch", train=True, threads=2)
+    next(iter(ldr))
+    held = ldr._workers.batches
+    ldr.close()
+    deadline = time.monotonic() + 20
+    while multiprocessing.active_children() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert multiprocessing.active_children() == []
+    del held
 
 
 def test_torch_loader_workers_are_freed_without_the_garbage_collector(generated):

@@ -18,7 +18,6 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
-from clip.config import DataConfig
 from clip.model import CLIP
 from clip.retrieval import retrieval_metrics
 from pipeline.errors import UserError
@@ -28,6 +27,7 @@ from pipeline.progress import rate_bar
 from pipeline.runtime import gather_rows
 from pipeline.shard_reader import ShardSet
 from pipeline.text_cache import TextCache, schema_metadata
+from pipeline.transforms import ImageTransform
 
 
 @dataclass
@@ -42,13 +42,12 @@ class EvalEmbeddings:
 
 @torch.inference_mode()
 def embed_images(encode: Callable[[torch.Tensor], torch.Tensor], dim: int, *, shards: ShardSet, device: torch.device,
-                 loader: str, batch_size: int, image_size: int, threads: int, rank: int, world: int, progress: bool,
+                 loader: str, batch_size: int, transform: ImageTransform, threads: int, rank: int, world: int,
+                 progress: bool,
                  label: str = "scoring images") -> tuple[np.ndarray, torch.Tensor]:
     """(sorted image ids [I], `encode`(images) [I, dim] float32 on the CPU) of every image of `shards` once, with the
-    eval crop; under torchrun each rank encodes a share and every rank gets all back."""
+    eval crop of `transform`; under torchrun each rank encodes a share and every rank gets all back."""
     ids, feats = [], []
-    # The eval crop is all of the transform that applies here: the config's other values are its defaults.
-    transform = DataConfig(image_size=image_size).transform()
     with make_loader(shards, kind=loader, batch_size=batch_size, transform=transform, train=False, device=device,
                      rank=rank, world_size=world, threads=threads) as batches, \
             rate_bar(label, "images", enabled=progress and rank == 0) as bar:
@@ -84,9 +83,10 @@ def _embed_texts(model: CLIP, vectors: torch.Tensor, *, device: torch.device, ba
 
 
 def embed_split(model: CLIP, *, shards: ShardSet, text: TextCache, device: torch.device, loader: str = "auto",
-                batch_size: int = 256, image_size: int = 224, threads: int = 2, rank: int = 0, world_size: int = 1,
-                progress: bool = True) -> EvalEmbeddings:
-    """Every image of `shards` (once, deterministic crop) and every cached caption of them, through `model`.
+                batch_size: int = 256, transform: ImageTransform, threads: int = 2, rank: int = 0,
+                world_size: int = 1, progress: bool = True) -> EvalEmbeddings:
+    """Every image of `shards` (once, the eval crop of `transform`: a run's is `DataConfig.transform()`) and every
+    cached caption of them, through `model`.
 
     `model` is the bare CLIP (not a DDP wrapper). With world_size > 1 (every rank of the default
     process group calls this) each rank scores a slice of the images and every rank gets all back.
@@ -95,7 +95,7 @@ def embed_split(model: CLIP, *, shards: ShardSet, text: TextCache, device: torch
     model.eval()
     try:
         image_ids, image_feats = embed_images(model.encode_image, model.embed_dim, shards=shards, device=device,
-                                              loader=loader, batch_size=batch_size, image_size=image_size,
+                                              loader=loader, batch_size=batch_size, transform=transform,
                                               threads=threads, rank=rank, world=world_size, progress=progress)
         check_every_image_once(image_ids, shards)
         text.check_covers(image_ids)
@@ -118,14 +118,14 @@ def embed_split(model: CLIP, *, shards: ShardSet, text: TextCache, device: torch
 
 
 def score_model(model: CLIP, *, shards: ShardSet, text: TextCache, device: torch.device | str, loader: str = "auto",
-                batch_size: int = 256, image_size: int = 224, threads: int = 2, folds: int = 1,
+                batch_size: int = 256, transform: ImageTransform, threads: int = 2, folds: int = 1,
                 progress: bool = True) -> dict:
     """Retrieval metrics of `model` on `shards` (a ShardSet) with captions from `text` (a TextCache).
 
     Scores every image in this process alone (the trainer calls it on rank 0 only).
     """
     emb = embed_split(model, shards=shards, text=text, device=torch.device(device), loader=loader,
-                      batch_size=batch_size, image_size=image_size, threads=threads, progress=progress)
+                      batch_size=batch_size, transform=transform, threads=threads, progress=progress)
     return retrieval_metrics(emb.image_feats.to(device), emb.text_feats.to(device), emb.text_to_image, folds=folds)
 
 

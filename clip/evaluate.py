@@ -13,6 +13,7 @@ links) of the latest evaluated.
 """
 
 import contextlib
+import dataclasses
 import json
 from pathlib import Path
 
@@ -105,10 +106,12 @@ def _evaluate(ckpt_path: Path, ckpt: Checkpoint, *, shards: Path, text: Path, ou
     with distributed(device) as rt:
         loader = resolve_kind(loader, rt.device)
         model = ckpt.build_model().to(rt.device).to(memory_format=torch.channels_last)
-        if image_size is None:
-            image_size = ckpt.cfg.data.image_size
+        # The run's own transform (its eval crop), at --image-size when one is given.
+        transform = ckpt.cfg.data.transform()
+        if image_size is not None:
+            transform = dataclasses.replace(transform, size=image_size)
         emb = embed_split(model, shards=shard_set, text=cache, device=rt.device, loader=loader,
-                          batch_size=batch_size, image_size=image_size, threads=threads, rank=rt.rank,
+                          batch_size=batch_size, transform=transform, threads=threads, rank=rt.rank,
                           world_size=rt.world_size, progress=progress)
         if not rt.main:
             return {}
@@ -127,7 +130,7 @@ def _evaluate(ckpt_path: Path, ckpt: Checkpoint, *, shards: Path, text: Path, ou
         "shards_fingerprint": shard_set.fingerprint,
         "train_shards_fingerprint": ckpt.shards_fingerprint,
         "overlap_with_train": overlap,
-        "image_size": image_size,
+        "image_size": transform.size,
         "loader": loader,
         "clipcoco_version": __version__,
     }

@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from clip.config import Config, ModelConfig
+from clip.config import Config, DataConfig, ModelConfig
 from clip.embeddings import check_every_image_once, embed_images
 from clip.model import build_model, trunk_sha256
 from pipeline import __version__
@@ -62,7 +62,8 @@ def _embed_shards(shards: ShardSet, *, out: Path, image_model: str, image_weight
     with distributed(device) as env:
         model = model.to(env.device, memory_format=torch.channels_last).eval()
         ids, feats = embed_images(model.image_features, model.feature_dim, shards=shards, device=env.device,
-                                  loader=loader, batch_size=batch_size, image_size=image_size, threads=threads,
+                                  loader=loader, batch_size=batch_size,
+                                  transform=DataConfig(image_size=image_size).transform(), threads=threads,
                                   rank=env.rank, world=env.world_size, progress=progress, label="embedding images")
         check_every_image_once(ids, shards)
         if env.main:

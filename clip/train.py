@@ -173,7 +173,7 @@ def periodic_eval(run: Run, log: RunLog) -> dict | None:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=run.bf16):
             result = score_model(run.model, shards=run.inputs.eval_shards, text=run.inputs.eval_text, device=device,
                                  loader=cfg.data.loader, batch_size=cfg.train.batch_size,
-                                 image_size=cfg.data.image_size, threads=cfg.data.threads, progress=False)
+                                 transform=cfg.data.transform(), threads=cfg.data.threads, progress=False)
     barrier()
     if result is not None:
         log.write("eval", run.step, result)

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 import clip.embeddings as embeddings_module
 from cli.main import app
 from clip.checkpoint import Checkpoint
-from clip.config import load_config
+from clip.config import DataConfig, load_config
 from clip.embeddings import embed_split, score_model
 from clip.evaluate import evaluate
 from clip.model import build_model
@@ -217,7 +217,8 @@ def fingerprint_of(text: Path) -> dict:
 def embed(loaded, batch_size: int):
     shards, cache, model = loaded
     return embed_split(model, shards=shards, text=cache, device=torch.device("cpu"), loader="torch",
-                       batch_size=batch_size, image_size=16, threads=1, progress=False)
+                       batch_size=batch_size, transform=DataConfig(image_size=16).transform(), threads=1,
+                       progress=False)
 
 
 def test_every_image_once_with_a_batch_size_that_does_not_divide(loaded):
@@ -237,7 +238,7 @@ def test_a_cache_of_more_images_keeps_only_the_shards_captions(loaded, eval_setu
     pq.write_table(pa.concat_tables([table, extra]).replace_schema_metadata(table.schema.metadata), tmp_path / "t.pq")
     bigger = TextCache.load(tmp_path / "t.pq")
     emb = embed_split(model, shards=shards, text=bigger, device=torch.device("cpu"), loader="torch", batch_size=13,
-                      image_size=16, threads=1, progress=False)
+                      transform=DataConfig(image_size=16).transform(), threads=1, progress=False)
     assert len(bigger) == 64 and len(emb.caption_ids) == 62 and 99999 not in emb.caption_image_ids
     torch.testing.assert_close(emb.text_feats, embed(loaded, 13).text_feats)
 
@@ -257,8 +258,8 @@ def test_a_loader_that_repeats_an_image_is_refused(loaded, monkeypatch):
 
 def test_shuffled_loader_order_gives_the_same_scores(loaded, monkeypatch):
     shards, cache, model = loaded
-    kw = dict(shards=shards, text=cache, device="cpu", loader="torch", batch_size=4, image_size=16, threads=1,
-              progress=False)
+    kw = dict(shards=shards, text=cache, device="cpu", loader="torch", batch_size=4,
+              transform=DataConfig(image_size=16).transform(), threads=1, progress=False)
     want = score_model(model, **kw)
 
     def shuffled_loader(*args, **kwargs):

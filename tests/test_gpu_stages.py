@@ -11,7 +11,7 @@ import torch
 from conftest import write_coco
 
 from clip.apps.bench_data import make_captions, make_text_model
-from clip.config import load_config
+from clip.config import DataConfig, load_config
 from clip.embeddings import embed_split, score_model
 from clip.model import build_model
 from pipeline.embed_text import embed_text
@@ -52,8 +52,8 @@ def split(tmp_path_factory, text_model):
 def embed(model, shards, cache, device, loader):
     # The model as `clipcoco eval` places it: on the device, channels_last.
     model = copy.deepcopy(model).to(device, memory_format=torch.channels_last)
-    return embed_split(model, shards=shards, text=cache, device=device, loader=loader, batch_size=4, image_size=32,
-                       threads=2, progress=False)
+    return embed_split(model, shards=shards, text=cache, device=device, loader=loader, batch_size=4,
+                       transform=DataConfig(image_size=32).transform(), threads=2, progress=False)
 
 
 @pytest.mark.parametrize("loader", ["dali", "torch"])
@@ -72,7 +72,7 @@ def test_eval_on_one_gpu_scores_every_image_once(split, loader):
     assert torch.equal(cosine.argmax(1), torch.arange(N_IMAGES)) and cosine.diagonal().min() > 0.999
     cuda_model = copy.deepcopy(model).to(CUDA, memory_format=torch.channels_last)
     report = score_model(cuda_model, shards=shards, text=cache, device=CUDA, loader=loader, batch_size=4,
-                         image_size=32, threads=2, progress=False)
+                         transform=DataConfig(image_size=32).transform(), threads=2, progress=False)
     assert report["n_images"] == N_IMAGES and report["n_captions"] == 5 * N_IMAGES
 
 

@@ -19,15 +19,17 @@ import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
 
 from pipeline.errors import UserError
 from pipeline.files import sha256_file
+
+if TYPE_CHECKING:
+    import torch
 
 MEMBERS = ("id", "jpg", "json", "txt")  # a sample's members, in the order they are written (sorted, as webdataset does)
 # Version 2: the `id` member holds the key's 12 ASCII digits (version 1 held 8 binary bytes, which webdataset's
@@ -36,7 +38,6 @@ FORMAT_VERSION = 2
 ID_DIGITS = 12  # every key and `id` member has exactly this many digits: DALI batches only fixed-size members
 MAX_IMAGE_ID = 10**ID_DIGITS - 1
 TAR_BLOCK = 512  # a tar's header and padding unit
-_POWERS = 10 ** torch.arange(ID_DIGITS - 1, -1, -1, dtype=torch.int64)
 
 
 def shard_name(index: int, ext: str) -> str:
@@ -62,9 +63,12 @@ def decode_id(data: bytes) -> int:
     return int(data)
 
 
-def decode_ids(digits: torch.Tensor) -> torch.Tensor:
+def decode_ids(digits: "torch.Tensor") -> "torch.Tensor":
     """[B] int64 image ids from a batch of `id` members as DALI gives them ([B, 12] uint8 ASCII digits)."""
-    return (digits.reshape(-1, ID_DIGITS).to(torch.int64) - ord("0")) @ _POWERS.to(digits.device)
+    import torch  # here, not at the top: `clipcoco shards` reads this module and needs no torch (2 s to import)
+
+    powers = 10 ** torch.arange(ID_DIGITS - 1, -1, -1, dtype=torch.int64, device=digits.device)
+    return (digits.reshape(-1, ID_DIGITS).to(torch.int64) - ord("0")) @ powers
 
 
 def fingerprint_of(shard_sha256s: Iterable[str]) -> str:
